@@ -1,0 +1,18 @@
+"""Prefect flows: the table of contents of the product.
+
+Importing this package points Prefect's state (its home, result storage) into the project
+directory (`PIPELINE_HOME`, default: the repo) unless the environment already says otherwise,
+so caches are per project and tests get their own. This must run before Prefect is imported.
+"""
+
+import os
+
+from tasks.common import project_dir
+
+_home = project_dir() / ".prefect"
+os.environ.setdefault("PREFECT_HOME", str(_home))
+os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_home / "storage"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time by accident
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

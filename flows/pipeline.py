@@ -1,0 +1,144 @@
+"""The full pipeline flow: data -> base -> train -> merge -> quantize -> benchmark -> report ->
+register, every stage a cached Prefect task and an MLflow child run of one parent run.
+
+    python -m flows.pipeline                                # embedded default, offline, CPU
+    python -m flows.pipeline --set train.method=qlora --set base.path=/models/Qwen2.5-0.5B-Instruct
+    python -m flows.pipeline --config my_run.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.data import data_stages
+from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
+    parent_run, quantize_task, report_task, train_task
+from tasks.base_model import resolve_base_model
+from tasks.common import StageResult, read_json
+from tasks.config import PipelineConfig, load_config
+from tasks.modeling import pick_device
+from tasks.register import RegisteredVersion, register_version
+
+
+def dev_prompts(dev_json: Path, n: int) -> list[list[dict[str, str]]]:
+    """The first n dev conversations, cut before their last assistant turn."""
+    prompts = []
+    for rec in read_json(dev_json)[:n]:
+        turns = rec["conversations"]
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        prompts.append(turns[:last])
+    return prompts
+
+
+@flow(name="finetune-pipeline", log_prints=True)
+def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    """Raw Q/A text -> fine-tuned, merged, int4-quantized, benchmarked, reported and registered
+    chat model. Every stage is cached by content; every artifact and metric goes to MLflow."""
+    with parent_run(config.experiment, "pipeline", config.model_dump(mode="json")) as run:
+        return _stages(run, config)
+
+
+def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
+    _, data = data_stages(run, cfg.data)
+    if cfg.base.path:
+        base = resolve_base_model(cfg.base)
+        run.tracker.log_stage(base, cached=False, seconds=0.0, params={"path": cfg.base.path})
+        run.rows.append({"stage": "base", "cached": False, "seconds": 0.0, "from_run": ""})
+    else:
+        base = run.stage(base_model_task, data=data, cfg=cfg.base,
+                         artifacts=lambda r: {"base_model": r.path})
+    adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train,
+                        artifacts=lambda r: {"adapter": r.path, **r.files})
+    merged = run.stage(merge_task, base=base, adapter=adapter, dtype=cfg.merge.dtype,
+                       artifacts=lambda r: {"merged_model": r.path})
+    device = pick_device(cfg.benchmark.device)
+    int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
+                     artifacts=lambda r: {"int4_model": r.path})
+
+    base_spec = {"path": base.path, "digest": base.digest, "dtype": cfg.merge.dtype}
+    adapted = {**base_spec, "adapter": adapter.path, "digest": adapter.digest}
+    if cfg.train.method == "qlora":         # the adapter was trained on (and runs on) 4-bit
+        adapted["quantization"] = {"quant_type": "nf4", "double_quant": cfg.train.double_quant,
+                                   "compute_dtype": cfg.train.compute_dtype}
+    variants = {"base": base_spec, "base+adapter": adapted,
+                "merged": {"path": merged.path, "digest": merged.digest,
+                           "dtype": cfg.merge.dtype},
+                "int4": {"path": int4.path, "digest": int4.digest}}
+    bench = run.stage(benchmark_task, variants=variants,
+                      prompts=dev_prompts(data.file("dev_json"), cfg.benchmark.prompts),
+                      cfg=cfg.benchmark, device=device)
+    report = run.stage(report_task, base=base_spec, tuned=variants["merged"], data=data,
+                       probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
+                       extra_sections={"Benchmark": bench.info.get("table", "")})
+    create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
+                             description=f"Before/after report, MLflow run {run.parent_id}")
+
+    versions = _register(run, cfg, data, adapter, merged, int4, report)
+    for v in versions:
+        run.tracker.client.set_tag(run.parent_id, f"registered.{v.name}", v.version)
+    text = _summary(run, report, bench, versions)
+    print(text)
+    return {"mlflow_run_id": run.parent_id, "stages": run.rows, "report": report.files,
+            "benchmark": bench.info.get("rows", []),
+            "registered": [v.__dict__ for v in versions], "summary": text}
+
+
+def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
+              merged: StageResult, int4: StageResult, report: StageResult
+              ) -> list[RegisteredVersion]:
+    client = run.tracker.client
+    tags = {"data_digest": data.digest, "method": cfg.train.method,
+            **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **report.metrics}.items()
+               if k.startswith(("eval_loss", "tuned_", "base_"))}}
+    versions = []
+    for name, result, stage, folder in [
+            (cfg.registry.model_name, merged, "merge", "merged_model"),
+            (f"{cfg.registry.model_name}-int4", int4, "quantize", "int4_model")]:
+        origin = run.origins[stage]
+        source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
+        versions.append(register_version(
+            client, name, source=source, run_id=origin, digest=result.digest,
+            tags={**tags, "variant": folder},
+            description="Fine-tuned chat model produced by flows/pipeline.py"))
+    return versions
+
+
+def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
+             versions: list[RegisteredVersion]) -> str:
+    hits = sum(r["cached"] for r in run.rows)
+    lines = [f"Pipeline finished: {hits}/{len(run.rows)} stages were cache hits.", "",
+             "| stage | status | seconds |", "|---|---|---|"]
+    for r in run.rows:
+        status = f"cache hit (computed in MLflow run {r['from_run'][:8]})" if r["cached"] \
+            else "computed"
+        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} |")
+    lines += ["", f"Report:      {report.files.get('report_html', report.path)}",
+              f"MLflow run:  {run.parent_id}  (tracking: {run.tracker.uri})",
+              f"             {run.tracker.url(run.parent_id)}  (in the MLflow UI)"]
+    lines += [f"Registered:  {v.name} version {v.version}"
+              + ("" if v.created else " (same model as before: existing version kept)")
+              for v in versions]
+    lines += ["", "Benchmark:", bench.info.get("table", "")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields "
+                                                "(schema: schemas/pipeline_config.schema.json)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override one field, e.g. train.method=qlora")
+    args = ap.parse_args(argv)
+    pipeline(load_config(args.config, args.overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

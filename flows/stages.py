@@ -1,0 +1,167 @@
+"""Thin Prefect tasks over the plain stage cores in `tasks/`.
+
+The wrappers live here rather than beside each core so that `tasks/` never imports Prefect: the
+cores run in pytest, notebooks and on the GPU machine, where Prefect is not installed. Each task
+passes upstream `StageResult`s (not bare paths), so its cache key sees their content digests.
+Cores are imported inside the task bodies, so the data-only flow never imports torch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from prefect import Task, task
+from prefect.runtime import flow_run
+
+from flows.caching import stage_cache_policy
+from flows.tracking import Tracker
+from tasks.common import StageResult
+from tasks.config import BaseModelConfig, BenchmarkConfig, QuantizeConfig, ReportConfig, \
+    TrainConfig
+
+
+def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A model load spec minus the "digest" the flow adds only for the cache key."""
+    return {k: v for k, v in spec.items() if k != "digest"}
+
+
+def _stage(module: str, *, model_libs: bool = False) -> Callable[[Callable], Task]:
+    return task(name=module.rsplit(".", 1)[-1], persist_result=True,
+                cache_policy=stage_cache_policy(module, model_libs=model_libs))
+
+
+@_stage("tasks.ingest")
+def ingest_task(source: Path) -> StageResult:
+    from tasks import ingest
+
+    return ingest.ingest(source)
+
+
+@_stage("tasks.conversations")
+def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
+                       shuffle_seed: int | None) -> StageResult:
+    from tasks import conversations
+
+    return conversations.build_conversations(qa.file("qa_json"), system_prompt, train_ratio,
+                                             shuffle_seed)
+
+
+@_stage("tasks.validate")
+def validate_task(qa: StageResult, data: StageResult) -> StageResult:
+    from tasks import validate
+
+    return validate.validate({"qa": (qa.file("qa_json"), "qa"),
+                              "train": (data.file("train_json"), "conversation"),
+                              "dev": (data.file("dev_json"), "conversation")})
+
+
+@_stage("tasks.base_model", model_libs=True)
+def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
+    from tasks import base_model
+
+    return base_model.build_base_model(data.file("train_json"), cfg)
+
+
+@_stage("tasks.train", model_libs=True)
+def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
+    from tasks import train
+
+    return train.train_adapter(base.path, data.file("train_json"), data.file("dev_json"), cfg)
+
+
+@_stage("tasks.merge", model_libs=True)
+def merge_task(base: StageResult, adapter: StageResult, dtype: str) -> StageResult:
+    from tasks import merge
+
+    return merge.merge_adapter(base.path, adapter.path, dtype)
+
+
+@_stage("tasks.quantize", model_libs=True)
+def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str) -> StageResult:
+    from tasks import quantize
+
+    return quantize.quantize_int4(merged.path, cfg, device)
+
+
+@_stage("tasks.benchmark", model_libs=True)
+def benchmark_task(variants: dict[str, dict[str, Any]], prompts: list, cfg: BenchmarkConfig,
+                   device: str) -> StageResult:
+    from tasks import benchmark
+
+    return benchmark.run_benchmark({name: _load_spec(v) for name, v in variants.items()},
+                                   prompts, cfg.model_copy(update={"device": device}))
+
+
+@_stage("tasks.report", model_libs=True)
+def report_task(base: dict[str, Any], tuned: dict[str, Any], data: StageResult,
+                probes_file: Path, cfg: ReportConfig, extra_sections: dict[str, str]
+                ) -> StageResult:
+    from tasks import report
+
+    return report.build_report(_load_spec(base), _load_spec(tuned), data.file("dev_json"),
+                               probes_file, cfg,
+                               extra_sections=extra_sections)
+
+
+def run_cached(stage_task: Task, **kwargs: Any) -> tuple[StageResult, bool, float]:
+    """Run a stage task; return (result, served from cache?, seconds).
+
+    A cache hit whose files were deleted from disk is recomputed rather than trusted."""
+    start = time.perf_counter()
+    state = stage_task(**kwargs, return_state=True)
+    result: StageResult = state.result()
+    cached = state.name == "Cached"
+    if cached and not result.exists():
+        state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+        result, cached = state.result(), False
+    return result, cached, time.perf_counter() - start
+
+
+@dataclass
+class PipelineRun:
+    """Runs stages, logs each as an MLflow child run, and keeps the rows of the summary."""
+
+    tracker: Tracker
+    parent_id: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)    # stage -> run holding artifacts
+
+    def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
+              = lambda r: r.files, datasets: Callable[[StageResult], dict[str, Path]]
+              = lambda r: {}, params: dict[str, Any] | None = None,
+              **kwargs: Any) -> StageResult:
+        name = stage_task.name
+        try:
+            result, cached, seconds = run_cached(stage_task, **kwargs)
+        except BaseException as error:
+            self.tracker.log_failure(name, error)
+            raise
+        _, origin = self.tracker.log_stage(result, cached=cached, seconds=seconds,
+                                           params=params, artifacts=artifacts(result),
+                                           datasets=datasets(result))
+        self.origins[name] = origin
+        self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
+                          "from_run": origin})
+        return result
+
+
+@contextmanager
+def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[PipelineRun]:
+    """One MLflow parent run for this Prefect flow run (tagged with its id and UI link),
+    marked FAILED if any stage fails."""
+    tracker = Tracker(experiment)
+    parent_id = tracker.start_parent(
+        f"{kind}-{flow_run.name or 'local'}", params,
+        tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name":
+              str(flow_run.name), "prefect.flow_run_url": str(flow_run.ui_url or ""),
+              "pipeline.kind": kind})
+    try:
+        yield PipelineRun(tracker, parent_id)
+    except BaseException:
+        tracker.finish(parent_id, ok=False)
+        raise
+    tracker.finish(parent_id, ok=True)

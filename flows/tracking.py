@@ -1,0 +1,165 @@
+"""MLflow edge: one parent run per pipeline run, one child run per stage.
+
+Everything goes through `MlflowClient` with explicit run ids (no fluent active-run state, which
+is thread-local: `nested=True` from a Prefect worker thread silently makes a top-level run).
+A stage served from Prefect's cache still gets its child run: tagged `pipeline.cache=hit`, with
+its metrics, and `pipeline.reused_from_run_id` pointing at the run that computed it and holds
+the artifacts (if that run is gone, the artifacts are uploaded again from disk).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import mlflow
+import mlflow.data
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from tasks.common import StageResult, project_dir, read_json
+
+CACHE_TAG, RESULT_TAG, REUSED_TAG = "pipeline.cache", "pipeline.result_id", \
+    "pipeline.reused_from_run_id"
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else the project's sqlite DB (artifacts under mlruns/)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/"))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, ensure_ascii=False, default=str) if isinstance(
+                v, (list, tuple)) else str(v)
+    return out
+
+
+def step_metrics(result: StageResult) -> list[Metric]:
+    """Curves a stage returns in info["log_history"] / info["loss_curve"] as
+    `[{"step": n, "loss": x, ...}]`, as MLflow step metrics."""
+    out = []
+    for key in ("log_history", "loss_curve"):
+        for entry in result.info.get(key, []):
+            step = int(entry.get("step", 0))
+            out += [Metric(k, float(v), 0, step) for k, v in entry.items()
+                    if k != "step" and isinstance(v, (int, float))]
+    return out
+
+
+class Tracker:
+    def __init__(self, experiment: str):
+        self.uri = tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None
+            self.experiment_id = self.client.create_experiment(experiment, location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self.parent_id: str | None = None
+
+    # -- runs ------------------------------------------------------------------------------
+    def start_parent(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.parent_id = run.info.run_id
+        self._log(self.parent_id, params=flatten(params))
+        return self.parent_id
+
+    def _child(self, stage: str, tags: dict[str, str] | None = None) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage,
+            tags={MLFLOW_PARENT_RUN_ID: self.parent_id, "pipeline.stage": stage, **(tags or {})})
+        return run.info.run_id
+
+    def _log(self, run_id: str, *, params: dict[str, Any] | None = None,
+             metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
+             step_metrics: Iterable[Metric] = ()) -> None:
+        ms = [Metric(k, float(v), 0, 0) for k, v in (metrics or {}).items()] + list(step_metrics)
+        ps = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+        ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(ms), 1), 900):       # log_batch caps 1000 metrics a call
+            self.client.log_batch(run_id, metrics=ms[i:i + 900], params=ps if i == 0 else [],
+                                  tags=ts if i == 0 else [])
+
+    def finish(self, run_id: str, ok: bool) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def url(self, run_id: str) -> str:
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+
+    # -- stages ------------------------------------------------------------------------------
+    def origin_of(self, result: StageResult) -> str | None:
+        """The run that really computed this result (and holds its artifacts), if it exists."""
+        runs = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`{RESULT_TAG}` = '{result.result_id}' and "
+                          f"tags.`{CACHE_TAG}` = 'computed'")
+        return runs[0].info.run_id if runs else None
+
+    def log_stage(self, result: StageResult, *, cached: bool, seconds: float,
+                  params: dict[str, Any] | None = None,
+                  artifacts: dict[str, str] | None = None,
+                  datasets: dict[str, Path] | None = None) -> tuple[str, str]:
+        """Child run for a finished stage; returns (child run id, run id holding artifacts)."""
+        origin = self.origin_of(result) if cached else None
+        run_id = self._child(result.stage, {CACHE_TAG: "hit" if cached else "computed",
+                                            RESULT_TAG: result.result_id,
+                                            **({REUSED_TAG: origin} if origin else {})})
+        steps = step_metrics(result)
+        self._log(run_id, params=params, metrics={**result.metrics, "stage_seconds": seconds},
+                  tags={"pipeline.digest": result.digest, "pipeline.output_path": result.path},
+                  step_metrics=steps)
+        if datasets:
+            self._log_datasets(run_id, datasets)
+        if origin is None:                      # computed now, or its origin run was deleted
+            for name, path in (artifacts or {}).items():
+                p = Path(path)
+                if p.is_dir():
+                    self.client.log_artifacts(run_id, str(p), name)
+                elif p.is_file():
+                    self.client.log_artifact(run_id, str(p), name)
+            self.client.log_dict(run_id, {"stage": result.stage, "digest": result.digest,
+                                          "files": result.files, "metrics": result.metrics,
+                                          "info": result.info}, "stage_result.json")
+        self.finish(run_id, ok=True)
+        return run_id, origin or run_id
+
+    def log_failure(self, stage: str, error: BaseException) -> None:
+        run_id = self._child(stage, {"pipeline.error": f"{type(error).__name__}: {error}"[:5000]})
+        self.finish(run_id, ok=False)
+
+    def _log_datasets(self, run_id: str, datasets: dict[str, Path]) -> None:
+        """Log JSON record files as MLflow datasets (run inputs), context = their name."""
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        inputs = []
+        for context, path in datasets.items():
+            records = read_json(path)
+            df = pd.DataFrame({"record": [json.dumps(r, ensure_ascii=False) for r in records]})
+            ds = mlflow.data.from_pandas(df, source=str(path), name=Path(path).name)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(),
+                                       tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / name).write_text(text, encoding="utf-8")
+            self.client.log_artifact(run_id, str(Path(d) / name))

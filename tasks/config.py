@@ -1,0 +1,164 @@
+"""The one typed config of a pipeline run.
+
+Defaults are the embedded default: the bundled sample corpus and a tiny base model built
+offline, so `PipelineConfig()` runs on a CPU with no network. Field descriptions are user-facing:
+Prefect renders them as the Run form, and `schemas/pipeline_config.schema.json` is generated
+from this model (`python -m tasks.config`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from tasks.common import REPO_DIR, SCHEMA_DIR, atomic_write_text
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+#: a path; relative ones are taken relative to the repository, so defaults work from any cwd
+RepoPath = Annotated[Path, AfterValidator(lambda p: p if p.is_absolute() else REPO_DIR / p)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(_Section):
+    source: RepoPath = Field(Path("data/sample/plant_care_qa.txt"),
+                         description="Raw Q/A text file: blocks of 'question\\nanswer' separated "
+                                     "by blank lines (UTF-8).")
+    system_prompt: str | None = Field(None, description="Optional system message put at the "
+                                                        "start of every conversation.")
+    train_ratio: float = Field(0.7, gt=0, lt=1, description="Share of records in train.json; "
+                                                            "the rest go to dev.json.")
+    shuffle_seed: int | None = Field(None, description="Shuffle records with this seed before "
+                                                       "splitting; empty keeps file order.")
+
+
+class BaseModelConfig(_Section):
+    path: str | None = Field(None, description="Local Hugging Face causal-LM folder (or hub id "
+                             "on a machine with hub access). Empty: build the embedded default "
+                             "tiny model from the train split, offline.")
+    vocab_size: int = Field(1600, ge=300, description="Embedded default: sentencepiece vocab.")
+    hidden_size: int = Field(192, ge=32, description="Embedded default: hidden size.")
+    num_layers: int = Field(4, ge=1, description="Embedded default: decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Embedded default: attention heads.")
+    max_seq_len: int = Field(160, ge=32, description="Embedded default: pretraining context.")
+    pretrain_epochs: float = Field(20.0, gt=0, description="Embedded default: passes over the "
+                                                           "train split's plain text.")
+    learning_rate: float = Field(3e-3, gt=0, description="Embedded default: pretraining LR.")
+    seed: int = Field(0, description="Embedded default: init and data-order seed.")
+
+
+class TrainConfig(_Section):
+    method: Literal["lora", "qlora"] = Field("lora", description="lora: full-precision base + "
+                                             "LoRA. qlora: base loaded 4-bit nf4 "
+                                             "(bitsandbytes) + LoRA.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | None = Field(None, description="Module names to adapt; empty: "
+                                             "every linear layer except the LM head.")
+    epochs: float = Field(6.0, gt=0, description="Training epochs over train.json.")
+    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (cosine decay).")
+    batch_size: int = Field(16, ge=1, description="Per-device batch size.")
+    max_length: int = Field(160, ge=16, description="Max tokens per example (longer: truncated "
+                                                    "and counted).")
+    eval_steps: int = Field(20, ge=1, description="Evaluate dev loss every N optimizer steps.")
+    compute_dtype: Dtype = Field("float32", description="qlora: compute dtype of the 4-bit "
+                                                        "layers.")
+    double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
+    seed: int = Field(42, description="Training seed.")
+
+
+class MergeConfig(_Section):
+    dtype: Dtype = Field("float32", description="dtype the adapter is merged in and the merged "
+                         "model saved as (bfloat16 on a GPU; float32 is fastest on a CPU).")
+
+
+class QuantizeConfig(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit type.")
+    double_quant: bool = Field(True, description="Nested quantization of the scales.")
+    compute_dtype: Dtype = Field("float32", description="Compute dtype of the 4-bit layers.")
+
+
+class BenchmarkConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
+                                                   "present, else CPU.")
+    prompts: int = Field(4, ge=1, description="Dev prompts per measurement (batch of 1 each).")
+    new_tokens: int = Field(32, ge=2, description="Tokens generated per prompt (forced, no "
+                                                  "early stop), for a fair comparison.")
+    warmup: int = Field(1, ge=0, description="Untimed warm-up generations per model.")
+
+
+class ReportConfig(_Section):
+    dev_examples: int = Field(8, ge=1, description="Dev prompts shown before/after.")
+    eval_examples: int = Field(24, ge=1, description="Dev prompts scored before/after (ROUGE, "
+                               "BLEU-4); capped at the dev set size.")
+    probes_file: RepoPath = Field(Path("data/sample/ood_probes.txt"),
+                              description="Out-of-domain probe questions, one per line "
+                                          "(catastrophic-forgetting check).")
+    max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field("plant-care-chat", description="MLflow registered model name; the "
+                            "int4 model is registered as '<name>-int4'.")
+
+
+class PipelineConfig(_Section):
+    """A full pipeline run: data -> base -> train -> merge -> quantize -> benchmark -> report ->
+    register."""
+
+    data: DataConfig = Field(default_factory=DataConfig, description="Input data and split.")
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    merge: MergeConfig = Field(default_factory=MergeConfig, description="Adapter merge.")
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig,
+                                     description="int4 quantization of the merged model.")
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig,
+                                       description="Throughput benchmark.")
+    report: ReportConfig = Field(default_factory=ReportConfig,
+                                 description="Before/after generation report.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig,
+                                     description="MLflow Model Registry.")
+    experiment: str = Field("finetune-pipeline", description="MLflow experiment name.")
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Config from an optional JSON/YAML file plus dotted `key=value` overrides."""
+    data: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return PipelineConfig.model_validate(data or {})
+
+
+
+SCHEMA_PATH = SCHEMA_DIR / "pipeline_config.schema.json"
+
+
+def config_schema() -> dict:
+    schema = PipelineConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def write_schema(path: Path = SCHEMA_PATH) -> Path:
+    """Regenerate the committed JSON Schema of the config (a test checks it is current)."""
+    return atomic_write_text(path, json.dumps(config_schema(), ensure_ascii=False, indent=2,
+                                              default=str) + "\n")
+
+
+if __name__ == "__main__":
+    print(write_schema())

@@ -1,0 +1,22 @@
+"""Test isolation: every test session gets its own project home (outputs, MLflow DB, Prefect
+home and result cache), never the developer's. This runs before Prefect is imported."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+SESSION_HOME = Path(tempfile.mkdtemp(prefix="pipeline-tests-"))
+os.environ["PIPELINE_HOME"] = str(SESSION_HOME)
+os.environ["PREFECT_HOME"] = str(SESSION_HOME / ".prefect")
+os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(SESSION_HOME / ".prefect" / "storage")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+    os.environ.pop(var, None)
+
+@pytest.fixture
+def session_home() -> Path:
+    return SESSION_HOME
+

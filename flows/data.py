@@ -1,6 +1,8 @@
-"""The data stage alone: raw Q/A text -> QA JSON -> conversations -> 70/30 split -> validated.
+"""The data stage alone: any supported input -> conversations -> train/dev split -> validated,
+with a data report (counts, skipped and duplicate records, length histograms) in MLflow.
 
     python -m flows.data --set source=data/sample/plant_care_qa.txt --set shuffle_seed=7
+    python -m flows.data --set source=my_alpaca.jsonl --set on_error=skip
 """
 
 from __future__ import annotations
@@ -9,25 +11,47 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from flows.stages import PipelineRun, conversations_task, ingest_task, parent_run, \
-    validate_task
+from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
+    parent_run, validate_task
 from tasks.common import SCHEMA_DIR, StageResult
 from tasks.config import DataConfig
 
+#: inputs bigger than this are not copied into MLflow (their digest is logged instead)
+RAW_ARTIFACT_BYTES = 64 << 20
+
+
+def _with_raw(source: Path, result: StageResult) -> dict[str, str]:
+    """The ingest artifacts plus the raw input, unless it is big or a file named like one of
+    the outputs (files are logged at the artifact root)."""
+    files = [source] if source.is_file() else [p for p in source.rglob("*") if p.is_file()]
+    small = sum(p.stat().st_size for p in files) <= RAW_ARTIFACT_BYTES
+    clash = source.is_file() and source.name in {Path(f).name for f in result.files.values()}
+    return {**({"raw": str(source)} if small and not clash else {}), **result.files}
+
 
 def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageResult]:
-    """ingest -> conversations -> validate; returns (QA result, conversations result)."""
+    """ingest -> conversations -> validate -> data report; returns (ingest result, conversations
+    result). The conversations result's files include train_json and dev_json."""
     source = Path(cfg.source)
-    qa = run.stage(ingest_task, source=source,
-                   artifacts=lambda r: {"raw": str(source), **r.files},
-                   datasets=lambda r: {"qa": r.file("qa_json")})
+    qa = run.stage(ingest_task, source=source, fmt=cfg.format, on_error=cfg.on_error,
+                   max_chars=cfg.max_chars,
+                   artifacts=lambda r: _with_raw(source, r),
+                   datasets=lambda r: {"qa": r.file("qa_json")} if "qa_json" in r.files
+                   else {})
+    if qa.metrics.get("skipped_records"):
+        get_run_logger().warning(
+            "skipped %d malformed record(s) of %s (%s); see skipped.json and the data report",
+            qa.metrics["skipped_records"], source, qa.info.get("skipped"))
     data = run.stage(conversations_task, qa=qa, system_prompt=cfg.system_prompt,
                      train_ratio=cfg.train_ratio, shuffle_seed=cfg.shuffle_seed,
+                     split_by=cfg.split_by, duplicates=cfg.duplicates,
                      datasets=lambda r: {"training": r.file("train_json"),
                                          "evaluation": r.file("dev_json")})
     run.stage(validate_task, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
+    run.stage(data_report_task, qa=qa, data=data,
+              tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None)
     run.tracker.client.set_tag(run.parent_id, "data_digest", data.digest)
     return qa, data
 
@@ -35,7 +59,8 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
 @flow(name="data-pipeline", log_prints=True)
 def data_pipeline(config: DataConfig = DataConfig(),
                   experiment: str = "finetune-pipeline") -> dict[str, Any]:
-    """Data stage only: ingest, convert, split 70/30 and validate, tracked in MLflow."""
+    """Data stage only: ingest any supported format, convert, split and validate, with a data
+    report; tracked in MLflow."""
     with parent_run(experiment, "data", config.model_dump(mode="json")) as run:
         _, data = data_stages(run, config)
         print(f"train.json: {data.files['train_json']} ({data.metrics['train_records']:.0f})\n"

@@ -1,82 +1,75 @@
-"""Stage 1, ingest: raw text of `question\\nanswer\\n\\n` blocks (seed 004) -> QA JSON.
+"""Stage 1, ingest: any supported input (see `tasks.formats`) -> one table of conversations.
 
-Unlike the seed's index arithmetic, the parser never silently mis-pairs: it tolerates a BOM,
-CRLF/CR line ends, trailing white space and several blank lines between blocks, and refuses
-(file:line, plain words) anything it cannot pair.
+Outputs under outputs/ingest/<digest>/:
+    records.arrow    every usable record as a conversation, with its file, line and record
+                     number (Arrow IPC: the next stage reads it without parsing anything)
+    qa.json          `[{"q", "a"}]`, when every record is one question and one answer (always
+                     for raw Q/A text, seed 004's first step)
+    skipped.json     the malformed records skipped (on_error="skip"), counted by kind
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from tasks.common import DataError, StageResult, atomic_write_json, publish_dir, stage_root, \
-    staging_dir
+import pyarrow as pa
+import pyarrow.compute as pc
 
-QA = dict[str, str]
+from tasks.common import StageResult, atomic_write_json, publish_dir, stage_root, staging_dir
+from tasks.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
+from tasks.formats import Format, Loaded, read_source
+from tasks.sources import Issues, OnError
 
-
-def _decode(path: Path, raw: bytes) -> str:
-    if not raw.strip():
-        raise DataError(path, "the file is empty: expected blocks of a question line and an "
-                              "answer line separated by blank lines")
-    if b"\0" in raw:
-        line = raw.count(b"\n", 0, raw.index(b"\0")) + 1
-        raise DataError(path, "contains a NUL byte (binary file, or UTF-16 text?): save it as "
-                              "UTF-8 text", line=line)
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise DataError(path, f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
-                              f"{e.start}): save the file as UTF-8", line=line) from None
+log = logging.getLogger(__name__)
 
 
-def parse_qa_text(text: str, path: Path | str = "<text>") -> list[QA]:
-    """Parse Q/A blocks; each block is exactly one question line and one answer line."""
-    lines = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    pairs: list[QA] = []
-    block: list[tuple[int, str]] = []
-
-    def close_block() -> None:
-        if not block:
-            return
-        first = block[0][0]
-        if len(block) == 1:
-            raise DataError(path, f"question {block[0][1][:40]!r} has no answer line (a blank "
-                                  "line or the end of the file follows it)", line=first)
-        if len(block) > 2:
-            raise DataError(path, f"block has {len(block)} lines; expected exactly a question "
-                                  "line and an answer line (put each answer on one line, and a "
-                                  f"blank line between blocks; line {block[2][0]} is extra)",
-                            line=first)
-        pairs.append({"q": block[0][1], "a": block[1][1]})
-        block.clear()
-
-    for number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if line:
-            block.append((number, line))
-        else:
-            close_block()
-    close_block()
-    if not pairs:
-        raise DataError(path, "no Q/A blocks found")
-    return pairs
+def _relative_names(loaded: Loaded, source: Path) -> list[str]:
+    """File names as the data set knows them (relative to a source directory), so moving the
+    data elsewhere does not change the output's content address."""
+    if source.is_dir():
+        return [Path(f).relative_to(source).as_posix() for f in loaded.files]
+    return [Path(f).name for f in loaded.files]
 
 
-def read_qa_text(path: Path) -> list[QA]:
-    """Read and parse a raw Q/A text file (see `parse_qa_text`)."""
-    path = Path(path)
-    return parse_qa_text(_decode(path, path.read_bytes()), path)
-
-
-def ingest(source: Path) -> StageResult:
-    """Raw Q/A text -> `qa.json` (`[{"q", "a"}]`) under outputs/ingest/<digest>/."""
-    pairs = read_qa_text(source)
+def ingest(source: Path, fmt: Format = "auto", on_error: OnError = "fail",
+           max_chars: int = 100_000) -> StageResult:
+    """Read `source` (a file, or a directory of one format) into records.arrow (+ qa.json)."""
+    source = Path(source)
+    issues = Issues(on_error)
+    loaded = read_source(source, fmt, on_error=on_error, max_chars=max_chars, issues=issues)
+    names = _relative_names(loaded, source)
+    table = loaded.table.set_column(
+        loaded.table.schema.get_field_index("file"), "file",
+        pa.DictionaryArray.from_arrays(single(loaded.table.column("file")),
+                                       pa.array(names)))
+    qa = is_qa(table.column("conversations"))
+    if issues.skipped:
+        log.warning("%s: skipped %d malformed record(s) (%s); first: %s", source,
+                    issues.skipped, dict(issues.counts), issues.examples[0]["message"])
     with staging_dir(stage_root("ingest")) as tmp:
-        atomic_write_json(tmp / "qa.json", pairs)
+        write_arrow(tmp / "records.arrow", table)
+        if qa:
+            write_json_records(tmp / "qa.json", table.select(["conversations"]), qa_json)
+        if issues.skipped:
+            atomic_write_json(tmp / "skipped.json", {"counts": dict(issues.counts),
+                                                     "examples": issues.examples})
         out, digest = publish_dir(tmp, stage_root("ingest"))
-    return StageResult(stage="ingest", path=str(out), digest=digest,
-                       files={"qa_json": str(out / "qa.json")},
-                       metrics={"qa_pairs": len(pairs)},
-                       info={"source": str(source)})
+    files = {"records_arrow": str(out / "records.arrow")}
+    if qa:
+        files["qa_json"] = str(out / "qa.json")
+    if issues.skipped:
+        files["skipped_json"] = str(out / "skipped.json")
+    turns = pc.list_value_length(table.column("conversations"))
+    metrics = {"records": float(table.num_rows), "turns": float(pc.sum(turns).as_py()),
+               "files": float(len(loaded.files)), "skipped_records": float(issues.skipped),
+               **{f"skipped.{kind}": float(n) for kind, n in issues.counts.items()}}
+    if qa:
+        metrics["qa_pairs"] = float(table.num_rows)
+    return StageResult(stage="ingest", path=str(out), digest=digest, files=files,
+                       metrics=metrics,
+                       info={"source": str(source), "format": loaded.format, "files": names,
+                             "ignored_files": loaded.ignored_files,
+                             "ignored_fields": loaded.ignored_fields, "on_error": on_error,
+                             "skipped": dict(issues.counts),
+                             "skipped_examples": issues.examples[:20]})

@@ -15,8 +15,10 @@ from tasks.config import DataConfig
 
 def test_code_closure_follows_helper_modules():
     names = {p.name for p in code_closure("tasks.conversations")}
-    assert names == {"conversations.py", "common.py"}
-    assert "common.py" in {p.name for p in code_closure("tasks.ingest")}
+    assert names == {"conversations.py", "dataset_io.py", "common.py"}
+    assert {"formats.py", "qa_text.py", "sources.py", "dataset_io.py", "common.py"} <= \
+        {p.name for p in code_closure("tasks.ingest")}
+    assert "formats.py" not in {p.name for p in code_closure("tasks.validate")}
 
 
 def test_key_follows_file_content_not_path_or_mtime(tmp_path):
@@ -52,17 +54,32 @@ def repo_copy(tmp_path, monkeypatch) -> Path:
 
 
 def test_changed_helper_module_changes_dependent_keys_only(repo_copy):
-    before = {m: stage_key(m, {}) for m in ("tasks.ingest", "tasks.conversations",
-                                            "tasks.validate")}
-    ingest_py = repo_copy / "tasks" / "ingest.py"
-    src = ingest_py.read_text(encoding="utf-8")
-    ingest_py.write_text(src + "\n# a comment is not a code change\n", encoding="utf-8")
+    stages = ("tasks.ingest", "tasks.conversations", "tasks.validate", "tasks.data_report")
+    before = {m: stage_key(m, {}) for m in stages}
+    parser = repo_copy / "tasks" / "qa_text.py"               # a helper of ingest only
+    src = parser.read_text(encoding="utf-8")
+    parser.write_text(src + "\n# a comment is not a code change\n", encoding="utf-8")
     assert stage_key("tasks.ingest", {}) == before["tasks.ingest"]
-    ingest_py.write_text(src.replace('line = line.strip()', 'line = line.rstrip()'),
-                         encoding="utf-8")
+    parser.write_text(src.replace("size != 2", "size < 2"), encoding="utf-8")
     assert stage_key("tasks.ingest", {}) != before["tasks.ingest"]
-    assert stage_key("tasks.conversations", {}) == before["tasks.conversations"]
+    assert all(stage_key(m, {}) == before[m] for m in stages if m != "tasks.ingest")
+    io_py = repo_copy / "tasks" / "dataset_io.py"            # shared by every data stage
+    io_py.write_text(io_py.read_text(encoding="utf-8").replace("_CHUNK = 1 << 16",
+                                                              "_CHUNK = 1 << 15"))
+    assert all(stage_key(m, {}) != k for m, k in before.items())
     common = repo_copy / "tasks" / "common.py"               # a shared helper changes all
+    keys = {m: stage_key(m, {}) for m in stages}
     common.write_text(common.read_text(encoding="utf-8").replace("_CHUNK = 1 << 20",
                                                                  "_CHUNK = 1 << 19"))
-    assert all(stage_key(m, {}) != k for m, k in before.items() if m != "tasks.ingest")
+    assert all(stage_key(m, {}) != k for m, k in keys.items())
+
+
+def test_key_of_a_directory_source_follows_its_files(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"q": "Q", "a": "A"}\n', encoding="utf-8")
+    key = stage_key("tasks.ingest", {"source": d})
+    (d / "a.jsonl").touch()
+    assert stage_key("tasks.ingest", {"source": d}) == key
+    (d / "b.jsonl").write_text('{"q": "Q2", "a": "A2"}\n', encoding="utf-8")
+    assert stage_key("tasks.ingest", {"source": d}) != key

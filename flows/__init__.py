@@ -13,6 +13,8 @@ _home = project_dir() / ".prefect"
 os.environ.setdefault("PREFECT_HOME", str(_home))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_home / "storage"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the temporary server of a run without PREFECT_API_URL can need > 20 s on a busy 2-core box
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time by accident
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

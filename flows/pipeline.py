@@ -45,7 +45,10 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
 
 
 def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
-    _, data = data_stages(run, cfg.data)
+    data_cfg = cfg.data
+    if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
+        data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
+    _, data = data_stages(run, data_cfg)     # token lengths in the report: the model's tokens
     if cfg.base.path:
         base = resolve_base_model(cfg.base)
         run.tracker.log_stage(base, cached=False, seconds=0.0, params={"path": cfg.base.path})
@@ -54,7 +57,7 @@ def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
         base = run.stage(base_model_task, data=data, cfg=cfg.base,
                          artifacts=lambda r: {"base_model": r.path})
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train,
-                        artifacts=lambda r: {"adapter": r.path, **r.files})
+                        artifacts=lambda r: {"adapter": r.path})
     merged = run.stage(merge_task, base=base, adapter=adapter, dtype=cfg.merge.dtype,
                        artifacts=lambda r: {"merged_model": r.path})
     device = pick_device(cfg.benchmark.device)

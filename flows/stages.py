@@ -29,37 +29,48 @@ def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "digest"}
 
 
-def _stage(module: str, *, model_libs: bool = False) -> Callable[[Callable], Task]:
-    return task(name=module.rsplit(".", 1)[-1], persist_result=True,
+def _stage(module: str, *, name: str | None = None,
+           model_libs: bool = False) -> Callable[[Callable], Task]:
+    return task(name=name or module.rsplit(".", 1)[-1], persist_result=True,
                 cache_policy=stage_cache_policy(module, model_libs=model_libs))
 
 
 @_stage("tasks.ingest")
-def ingest_task(source: Path) -> StageResult:
+def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
+                max_chars: int = 100_000) -> StageResult:
     from tasks import ingest
 
-    return ingest.ingest(source)
+    return ingest.ingest(source, fmt, on_error, max_chars)
 
 
 @_stage("tasks.conversations")
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
-                       shuffle_seed: int | None) -> StageResult:
+                       shuffle_seed: int | None, split_by: str = "record",
+                       duplicates: str = "drop") -> StageResult:
     from tasks import conversations
 
-    return conversations.build_conversations(qa.file("qa_json"), system_prompt, train_ratio,
-                                             shuffle_seed)
+    return conversations.build_conversations(qa.file("records_arrow"), system_prompt,
+                                             train_ratio, shuffle_seed, split_by, duplicates)
 
 
 @_stage("tasks.validate")
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
     from tasks import validate
 
-    return validate.validate({"qa": (qa.file("qa_json"), "qa"),
-                              "train": (data.file("train_json"), "conversation"),
+    files = {"qa": (qa.file("qa_json"), "qa")} if "qa_json" in qa.files else {}
+    return validate.validate({**files, "train": (data.file("train_json"), "conversation"),
                               "dev": (data.file("dev_json"), "conversation")})
 
 
-@_stage("tasks.base_model", model_libs=True)
+@_stage("tasks.data_report")
+def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None = None
+                     ) -> StageResult:
+    from tasks import data_report
+
+    return data_report.build_data_report(qa, data, tokenizer)
+
+
+@_stage("tasks.base_model", name="base", model_libs=True)
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks import base_model
 

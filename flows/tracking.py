@@ -131,12 +131,12 @@ class Tracker:
         if datasets:
             self._log_datasets(run_id, datasets)
         if origin is None:                      # computed now, or its origin run was deleted
-            for name, path in (artifacts or {}).items():
-                p = Path(path)
+            for name, path in (artifacts or {}).items():   # dirs under their label,
+                p = Path(path)                                # files at the root
                 if p.is_dir():
                     self.client.log_artifacts(run_id, str(p), name)
                 elif p.is_file():
-                    self.client.log_artifact(run_id, str(p), name)
+                    self.client.log_artifact(run_id, str(p))
             self.client.log_dict(run_id, {"stage": result.stage, "digest": result.digest,
                                           "files": result.files, "metrics": result.metrics,
                                           "info": result.info}, "stage_result.json")

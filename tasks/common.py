@@ -130,6 +130,7 @@ def publish_dir(tmp: Path, parent: Path) -> tuple[Path, str]:
     """Rename a finished staging dir to `parent/<digest>` (idempotent); return (path, digest)."""
     digest = digest_path(tmp)
     final = Path(parent) / digest
+    os.chmod(tmp, 0o755)             # mkdtemp makes 0700; outputs are meant to be shared/read
     if final.exists():           # identical content produced before: keep the old copy
         shutil.rmtree(tmp)
     else:

@@ -29,14 +29,44 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     source: RepoPath = Field(Path("data/sample/plant_care_qa.txt"),
-                         description="Raw Q/A text file: blocks of 'question\\nanswer' separated "
-                                     "by blank lines (UTF-8).")
+                         description="Input data: a file, or a directory whose .txt/.json/"
+                                     ".jsonl files (in natural name order) form one data set "
+                                     "of one format.")
+    format: Literal["auto", "txt", "qa", "adgen", "alpaca", "instruct", "sharegpt",
+                    "conversation"] = Field(
+        "auto", description="auto: detected from the content. txt: blocks of 'question\\n"
+        "answer' separated by blank lines. JSON array or JSON Lines of: qa {q, a}; adgen "
+        "{content, summary}; alpaca {instruction, output[, input, system, history]}; instruct "
+        "{instruct, query, answer}; sharegpt {conversations: [{from, value}]}; conversation "
+        "(ChatGLM3) {conversations: [{role, content}]}.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="A malformed record: fail "
+                                              "(stop, naming file, line/record and problem) "
+                                              "or skip it (counted in the metrics and listed "
+                                              "in the data report). Unreadable files always "
+                                              "fail.")
+    max_chars: int = Field(100_000, ge=1, description="Longest message accepted, in "
+                           "characters; a longer one is malformed (a file without line "
+                           "breaks?).")
+    duplicates: Literal["drop", "keep", "fail"] = Field("drop", description="Records identical "
+                                                        "to an earlier one (every turn): drop "
+                                                        "them (counted and reported), keep "
+                                                        "them, or fail.")
     system_prompt: str | None = Field(None, description="Optional system message put at the "
-                                                        "start of every conversation.")
+                                                        "start of every conversation that has "
+                                                        "none.")
     train_ratio: float = Field(0.7, gt=0, lt=1, description="Share of records in train.json; "
                                                             "the rest go to dev.json.")
     shuffle_seed: int | None = Field(None, description="Shuffle records with this seed before "
                                                        "splitting; empty keeps file order.")
+    split_by: Literal["record", "question"] = Field("record", description="record: exact "
+                                                    "split. question: all records sharing a "
+                                                    "first user message go to the same side "
+                                                    "(no question in both train and dev), as "
+                                                    "close to train_ratio as whole groups "
+                                                    "allow.")
+    tokenizer: RepoPath | None = Field(None, description="Local tokenizer folder (Hugging Face "
+                                       "format) for the token lengths in the data report; "
+                                       "empty: jieba words.")
 
 
 class BaseModelConfig(_Section):
@@ -50,7 +80,7 @@ class BaseModelConfig(_Section):
     max_seq_len: int = Field(160, ge=32, description="Embedded default: pretraining context.")
     pretrain_epochs: float = Field(20.0, gt=0, description="Embedded default: passes over the "
                                                            "train split's plain text.")
-    learning_rate: float = Field(3e-3, gt=0, description="Embedded default: pretraining LR.")
+    learning_rate: float = Field(1e-3, gt=0, description="Embedded default: pretraining LR.")
     seed: int = Field(0, description="Embedded default: init and data-order seed.")
 
 
@@ -93,6 +123,10 @@ class BenchmarkConfig(_Section):
     new_tokens: int = Field(32, ge=2, description="Tokens generated per prompt (forced, no "
                                                   "early stop), for a fair comparison.")
     warmup: int = Field(1, ge=0, description="Untimed warm-up generations per model.")
+    cpu_threads: int = Field(1, ge=0, description="torch CPU threads in each benchmark process "
+                             "(0: torch's default, one per core — for a large model on a CPU). "
+                             "1 is faster and steadier for small models, on a busy machine and "
+                             "on a GPU.")
 
 
 class ReportConfig(_Section):

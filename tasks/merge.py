@@ -1,0 +1,86 @@
+"""Stage "merge": fold a LoRA adapter into the full-precision base and save a plain HF model.
+
+The adapter is always merged into the base loaded in `dtype` (float32/bfloat16/float16), also
+for a QLoRA adapter that was trained on a 4-bit base: merging into 4-bit weights drifts (peft
+warns; see DESIGN.md). The merged model is checked against base+adapter on a short input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
+from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, prompt_ids
+
+#: a short chat used to compare merged vs base+adapter logits
+PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
+         {"role": "assistant", "content": "多半是浇水过多，先检查盆土是否积水。"}]
+#: max |logit diff| allowed, relative to max(1, max |logit|) of base+adapter
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def weights_mib(folder: Path) -> float:
+    """Size of the weight files (*.safetensors / *.bin) in a model folder, MiB."""
+    files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def probe_ids(tokenizer, messages=PROBE) -> torch.Tensor:
+    """A short token sequence: the chat template when there is one, else plain text."""
+    if tokenizer.chat_template:
+        ids = prompt_ids(tokenizer, messages)
+    else:
+        ids = tokenizer(" ".join(m["content"] for m in messages))["input_ids"]
+    return torch.tensor([ids])
+
+
+def _check_inputs(base_dir: Path, adapter_dir: Path) -> None:
+    if not (base_dir / "config.json").is_file():
+        raise DataError(base_dir, "base model folder has no config.json (not a Hugging Face "
+                                  "model folder)")
+    if _is_bnb_folder(base_dir):
+        raise DataError(base_dir / "config.json", "base model is saved quantized "
+                        "(quantization_config); merge needs the full-precision base — merging "
+                        "into 4-bit weights drifts")
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError(adapter_dir, "adapter folder has no adapter_config.json (not a peft "
+                                     "adapter)")
+
+
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path,
+                  dtype: str = "float32") -> StageResult:
+    """Merge `adapter_dir` into the base at `base_dir` (loaded in `dtype`), save the merged
+    model with its tokenizer and chat template, and verify its logits against base+adapter."""
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    _check_inputs(base_dir, adapter_dir)
+    has_tok = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(adapter_dir if has_tok else base_dir)
+
+    model = load_model(base_dir, dtype=dtype, adapter=adapter_dir)
+    ids = probe_ids(tokenizer)
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits.float()
+    merged = model.merge_and_unload()
+    with torch.inference_mode():
+        got = merged(input_ids=ids).logits.float()
+    diff = (got - want).abs().max().item()
+    limit = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
+    if not diff <= limit:
+        raise RuntimeError(f"merged model disagrees with base+adapter ({adapter_dir}): max "
+                           f"|logit diff| {diff:.3g} > {limit:.3g}")
+
+    params = sum(p.numel() for p in merged.parameters())
+    with staging_dir(stage_root("merge")) as tmp:
+        merged.save_pretrained(tmp)              # safetensors, config, generation_config
+        tokenizer.save_pretrained(tmp)           # incl. chat template
+        size = weights_mib(tmp)
+        out, digest = publish_dir(tmp, stage_root("merge"))
+    return StageResult(
+        stage="merge", path=str(out), digest=digest,
+        files={"config.json": str(out / "config.json")},
+        metrics={"merge_max_abs_logit_diff": diff, "size_mb": size, "params": float(params)},
+        info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
+              "tokenizer_from": "adapter" if has_tok else "base", "probe_tokens": ids.shape[1]})

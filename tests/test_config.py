@@ -1,0 +1,40 @@
+"""The pipeline config: defaults are the embedded default, the committed schema is current."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from pydantic import ValidationError
+
+from tasks.common import REPO_DIR
+from tasks.config import SCHEMA_PATH, PipelineConfig, config_schema, load_config
+
+
+def test_committed_schema_is_generated_from_the_model():
+    committed = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    assert committed == json.loads(json.dumps(config_schema(), default=str)), \
+        "run `python -m tasks.config` to regenerate schemas/pipeline_config.schema.json"
+
+
+def test_defaults_are_the_embedded_default_and_validate_against_the_schema():
+    cfg = PipelineConfig()
+    assert cfg.base.path is None and cfg.data.source.is_file()
+    assert cfg.data.source.is_relative_to(REPO_DIR)
+    jsonschema.validate(cfg.model_dump(mode="json"), config_schema())
+
+
+def test_file_and_dotted_overrides(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  method: qlora\n  epochs: 2\n", encoding="utf-8")
+    cfg = load_config(f, ["train.lora_r=4", "data.shuffle_seed=7", "base.path=/models/x"])
+    assert (cfg.train.method, cfg.train.epochs, cfg.train.lora_r) == ("qlora", 2, 4)
+    assert (cfg.data.shuffle_seed, cfg.base.path) == (7, "/models/x")
+
+
+@pytest.mark.parametrize("override", ["train.methd=lora", "train.method=sgd",
+                                      "data.train_ratio=1.5"])
+def test_typos_and_bad_values_are_refused(override):
+    with pytest.raises(ValidationError):
+        load_config(None, [override])

@@ -1,0 +1,159 @@
+"""Stage "train": assistant-only label masking, and real LoRA / QLoRA runs on a tiny base."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tasks.base_model import build_base_model
+from tasks.common import DataError
+from tasks.config import BaseModelConfig, TrainConfig
+from tasks.conversations import qa_to_conversation, split_train_dev
+from tasks.qa_text import read_qa_text
+from tasks.modeling import generate, load_model, load_tokenizer
+from tasks.train import IGNORE, _load_for_training, encode_conversation, train_adapter
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "plant_care_qa.txt"
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MULTI_TURN = [{"role": "system", "content": "你是园艺助手。"},
+              {"role": "user", "content": "绿萝叶子发黄怎么办？"},
+              {"role": "assistant", "content": "减少浇水，放到散射光处。"},
+              {"role": "user", "content": "多久浇一次？"},
+              {"role": "assistant", "content": "见干见湿，约一周一次。"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP
+    spinning makes them several times slower: one thread for this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """A tiny embedded base model built from a slice of the sample corpus, and its split."""
+    root = tmp_path_factory.mktemp("train")
+    convs = [qa_to_conversation(r["q"], r["a"]) for r in read_qa_text(SAMPLE)]
+    train, dev = split_train_dev(convs, 0.7)
+    paths = {"train": root / "train.json", "dev": root / "dev.json"}
+    paths["train"].write_text(json.dumps(train[:96], ensure_ascii=False), encoding="utf-8")
+    paths["dev"].write_text(json.dumps(dev[:24], ensure_ascii=False), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_HOME", str(root / "home"))
+        base = build_base_model(paths["train"], BaseModelConfig(
+            vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_seq_len=64,
+            pretrain_epochs=10, learning_rate=5e-3))
+    return {**paths, "base": Path(base.path)}
+
+
+@pytest.fixture(autouse=True)
+def home(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _learned_spans(enc: dict) -> list[list[int]]:
+    spans, cur = [], []
+    for tok_id, label in zip(enc["input_ids"], enc["labels"]):
+        if label == IGNORE:
+            if cur:
+                spans.append(cur)
+            cur = []
+        else:
+            assert label == tok_id
+            cur.append(tok_id)
+    return spans + ([cur] if cur else [])
+
+
+def test_only_assistant_turns_and_their_eos_are_learned(data):
+    tok = load_tokenizer(data["base"])
+    enc = encode_conversation(tok, MULTI_TURN, max_length=512)
+    assert not enc["truncated"] and len(enc["input_ids"]) == len(enc["labels"])
+    assert enc["input_ids"] == tok.apply_chat_template(MULTI_TURN, return_dict=False)
+    spans = _learned_spans(enc)
+    assert [tok.decode(s) for s in spans] == ["减少浇水，放到散射光处。</s>",
+                                              "见干见湿，约一周一次。</s>"]
+    assert all(s[-1] == tok.eos_token_id for s in spans)
+    masked = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE]
+    assert tok.decode(masked) == ("<|system|>\n你是园艺助手。<|user|>\n绿萝叶子发黄怎么办？"
+                                  "<|assistant|>\n<|user|>\n多久浇一次？<|assistant|>\n")
+
+    cut = encode_conversation(tok, MULTI_TURN, max_length=20)
+    assert cut["truncated"] and len(cut["input_ids"]) == len(cut["labels"]) == 20
+    assert cut["labels"] == enc["labels"][:20]
+
+
+def test_masking_follows_any_chat_template(data):
+    """Another template (ChatML, as Qwen): its end-of-turn marker is learned, its headers not."""
+    tok = load_tokenizer(data["base"])
+    tok.chat_template = CHATML
+    enc = encode_conversation(tok, {"conversations": MULTI_TURN}, max_length=512)
+    assert [tok.decode(s) for s in _learned_spans(enc)] == [
+        "减少浇水，放到散射光处。<|im_end|>\n", "见干见湿，约一周一次。<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_train_adapter_lowers_dev_loss(data, home, method):
+    cfg = TrainConfig(method=method, epochs=4, batch_size=8, learning_rate=1e-2, lora_r=8,
+                      lora_alpha=16, max_length=96, eval_steps=8)
+    res = train_adapter(data["base"], data["train"], data["dev"], cfg)
+    out = Path(res.path)
+    assert res.stage == "train" and out.parent == home / "outputs" / "train" and res.exists()
+    for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
+                 "chat_template.jinja", "train_log.json"]:
+        assert (out / name).is_file(), name
+    m = res.metrics
+    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.1, m
+    assert m["perplexity_after"] < m["perplexity_before"]
+    assert 0 < m["trainable_params"] < m["total_params"] and 0 < m["trainable_percent"] < 100
+    assert m["train_tokens_per_s"] > 0 and m["train_seconds"] > 0 and m["train_loss"] > 0
+    assert m["truncated_examples"] >= 0
+    assert res.info["method"] == method
+    log = res.info["log_history"]
+    evals = [h for h in log if "eval_loss" in h]
+    assert evals[0]["step"] == 0 and len(evals) >= 3
+    assert any("loss" in h for h in log) and all(isinstance(h["step"], int) for h in log)
+
+    tok = load_tokenizer(out)
+    model = load_model(data["base"], adapter=out)
+    [answer] = generate(model, tok, [[{"role": "user", "content": "绿萝叶子发黄怎么办？"}]],
+                        max_new_tokens=16)
+    assert answer.strip()
+
+
+def test_qlora_gradients_survive_an_eval_pass(data):
+    """bitsandbytes 0.50 repacks 4-bit weights at the first CPU eval forward; training after the
+    dev eval must still backpropagate through the base layers."""
+    cfg = TrainConfig(method="qlora", lora_dropout=0.0)
+    model = _load_for_training(str(data["base"]), cfg, "cpu")
+    x = torch.tensor([[5, 7, 40, 41, 42, 43, 6, 7, 44, 45, 2]])
+
+    def grads() -> torch.Tensor:
+        model.train()
+        model.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        return torch.cat([p.grad.flatten() for n, p in model.named_parameters()
+                          if p.requires_grad and "layers.0." in n and "lora_B" in n])
+
+    before = grads()
+    assert before.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    torch.testing.assert_close(grads(), before, rtol=1e-3, atol=1e-6)
+
+
+def test_train_refuses_a_bad_dev_file(data, tmp_path):
+    bad = tmp_path / "dev.json"
+    bad.write_text(json.dumps([{"conversations": [{"role": "user", "content": "只有问题"}]}],
+                              ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="dev.json"):
+        train_adapter(data["base"], data["train"], bad, TrainConfig())

@@ -18,3 +18,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time by accident
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+if "PREFECT_API_URL" not in os.environ:
+    # a shell run while `make stack` is up reports to the stack's server (and shows in its UI)
+    # instead of starting a temporary server on the same database
+    from flows.stack import running_api_url
+
+    if _url := running_api_url():
+        os.environ["PREFECT_API_URL"] = _url

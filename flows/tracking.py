@@ -71,7 +71,9 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None
-            self.experiment_id = self.client.create_experiment(experiment, location)
+            self.experiment_id = self.client.create_experiment(
+                experiment, location,
+                tags={"mlflow.experimentKind": "custom_model_development"})  # runs view in UI
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None

@@ -20,3 +20,13 @@ for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
 def session_home() -> Path:
     return SESSION_HOME
 
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop Prefect's temporary server while pytest's streams are still open (its own atexit
+    hook logs after they are closed, and prints a 'closed file' traceback)."""
+    import sys
+    if "prefect.server.api.server" in sys.modules:
+        from prefect.server.api.server import SubprocessASGIServer
+        for server in list(SubprocessASGIServer._instances.values()):
+            server.stop()

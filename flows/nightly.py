@@ -1,0 +1,242 @@
+"""Nightly retraining with a champion gate (deployment `nightly-retrain`, cron 02:00 local time).
+
+    python -m flows.nightly                                  # what the schedule runs
+    python -m flows.nightly --set data.source=data/incoming --gate metric=bleu_4
+
+1. The whole pipeline runs again. Every stage is cached by content, so unchanged data (and code
+   and config) means every stage is a cache hit and registration finds the existing version:
+   no new model version. New or changed input files change the digests and recompute what
+   depends on them.
+2. Before anything is registered, the new merged model (challenger) and the model under the
+   registry alias `champion` are evaluated on the same, current dev set, plus the out-of-domain
+   probes (tasks/gate.py). A failure here fails the run like any other stage: nothing registered.
+3. The pipeline registers the challenger as a version (idempotent by digest); it takes the alias
+   only if the gate says so. The first model ever becomes champion.
+4. The decision and both scores go to an MLflow child run `gate` (params, metrics, tags,
+   gate_decision.json), to tags on the model version and the parent run, and to the Prefect
+   artifact `champion-gate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from flows.caching import stage_cache_policy
+from flows.pipeline import _stages
+from flows.stages import PipelineRun, parent_run
+from flows.tracking import Tracker
+from tasks.common import StageResult, project_dir
+from tasks.config import PipelineConfig, load_config
+from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
+
+
+@task(name="evaluate", persist_result=True,
+      cache_policy=stage_cache_policy("tasks.gate", model_libs=True))
+def evaluate_task(role: str, spec: dict[str, Any], dev_json: Path | None, probes_file: Path,
+                  eval_examples: int, max_new_tokens: int) -> StageResult:
+    """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
+    from tasks.gate import evaluate_model
+
+    result = evaluate_model({k: v for k, v in spec.items() if k != "digest"}, dev_json,
+                            probes_file, eval_examples, max_new_tokens)
+    return replace(result, stage=f"evaluate_{role}")
+
+
+@dataclass
+class GatedRun(PipelineRun):
+    """A PipelineRun that keeps every stage's result (by `StageResult.stage`) and calls
+    `after_report` as soon as the report stage is done -- i.e. after the model is built and
+    before the pipeline registers it."""
+
+    results: dict[str, StageResult] = field(default_factory=dict)
+    after_report: Callable[["GatedRun"], None] | None = None
+
+    def stage(self, stage_task, **kwargs: Any) -> StageResult:
+        result = super().stage(stage_task, **kwargs)
+        self.results[result.stage] = result
+        if result.stage == "report" and self.after_report:
+            hook, self.after_report = self.after_report, None
+            hook(self)
+        return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Registry edge
+# ------------------------------------------------------------------------------------------------
+def champion_version(client, name: str, alias: str):
+    """The model version under `alias`, or None (no registered model or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def local_model(version, tracking_uri: str) -> Path:
+    """A local folder of a registered merged model: the content-addressed output of the merge
+    stage if this machine built it, else downloaded once from the artifact store."""
+    digest = version.tags.get("model_digest", "")
+    built = project_dir() / "outputs" / "merge" / digest
+    if digest and (built / "config.json").is_file():
+        return built
+    import mlflow.artifacts
+
+    dst = project_dir() / "outputs" / "champion" / (digest or f"v{version.version}")
+    if not dst.is_dir():
+        dst.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(dst),
+                                            tracking_uri=tracking_uri)
+    found = [p.parent for p in dst.rglob("config.json")]
+    if not found:
+        raise FileNotFoundError(f"champion {version.name} v{version.version}: no model folder "
+                                f"(config.json) under {version.source}")
+    return found[0]
+
+
+def _scores_from_tags(version, cfg: GateConfig, digest: str) -> Candidate:
+    tags = version.tags
+    num = lambda key: float(tags[key]) if key in tags else None  # noqa: E731
+    return Candidate(str(version.version), digest, num(f"gate.{cfg.metric}"),
+                     num("gate.ood_retention"))
+
+
+# ------------------------------------------------------------------------------------------------
+# The gate
+# ------------------------------------------------------------------------------------------------
+def evaluate_candidates(run: GatedRun, cfg: PipelineConfig, gate: GateConfig
+                        ) -> tuple[Candidate, Candidate | None]:
+    """Evaluate challenger (the merge stage's model) and champion on the same dev set."""
+    client = run.tracker.client
+    merged = run.results["merge"]
+    champ = champion_version(client, cfg.registry.model_name, gate.alias)
+    if champ is not None and champ.tags.get("model_digest") == merged.digest:
+        same = _scores_from_tags(champ, gate, merged.digest)
+        return replace(same, version=None), same          # unchanged: nothing to evaluate
+
+    base = run.results.get("base")
+    if base is None:                                      # a user-given base model folder
+        from tasks.base_model import resolve_base_model
+        base = resolve_base_model(cfg.base)
+    if base is None:
+        raise RuntimeError("champion gate: the pipeline produced no base model result")
+    dev_json = run.results["conversations"].file("dev_json")
+    common = {"probes_file": Path(cfg.report.probes_file), "eval_examples": gate.eval_examples,
+              "max_new_tokens": gate.max_new_tokens}
+
+    def evaluate(who: str, path: str | Path, digest: str, dev: Path | None) -> StageResult:
+        return run.stage(evaluate_task.with_options(name=f"evaluate_{who}"), role=who,
+                         spec={"path": str(path), "digest": digest, "dtype": cfg.merge.dtype},
+                         dev_json=dev, **common)
+
+    base_answers = probe_answers(evaluate("base", base.path, base.digest, None))
+    ch = evaluate("challenger", merged.path, merged.digest, dev_json)
+    challenger = Candidate(None, merged.digest, ch.metrics[gate.metric],
+                           ood_retention(probe_answers(ch), base_answers))
+    if champ is None:
+        return challenger, None
+    digest = champ.tags.get("model_digest", "")
+    cp = evaluate("champion", local_model(champ, run.tracker.uri), digest, dev_json)
+    return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
+                                 ood_retention(probe_answers(cp), base_answers))
+
+
+def record_decision(tracker: Tracker, parent_id: str, decision: GateDecision,
+                    gate: GateConfig) -> str:
+    """The gate's child run (params, both scores, decision) + tags on the parent run."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    client = tracker.client
+    child = client.create_run(tracker.experiment_id, run_name="gate", tags={
+        MLFLOW_PARENT_RUN_ID: parent_id, "pipeline.stage": "gate",
+        "gate.decision": decision.outcome, "gate.reason": decision.reason[:5000]}).info.run_id
+    tracker._log(child, params=gate.model_dump(), metrics=decision.metrics())
+    client.log_dict(child, decision.as_dict(), "gate_decision.json")
+    tracker.log_text(child, decision.markdown(), "gate_decision.md")
+    tracker.finish(child, ok=True)
+    tracker._log(parent_id, metrics={f"gate_{k}": v for k, v in decision.metrics().items()},
+                 tags={"gate.decision": decision.outcome, "gate.reason": decision.reason[:5000],
+                       "gate.run_id": child})
+    return child
+
+
+def apply_decision(client, decision: GateDecision, registered: list[dict[str, Any]],
+                   gate: GateConfig, parent_id: str) -> dict[str, str]:
+    """Tag the challenger's versions with the verdict; on promote, move the alias to them (the
+    merged model and its int4 sibling). Returns {model name: champion version}."""
+    champions = {}
+    for v in registered:
+        tags = {"gate.decision": decision.outcome, "gate.metric": decision.metric,
+                "gate.run_id": parent_id}
+        c = decision.challenger
+        if c.score is not None:
+            tags[f"gate.{decision.metric}"] = f"{c.score:.4f}"
+        if c.ood is not None:
+            tags["gate.ood_retention"] = f"{c.ood:.4f}"
+        if decision.champion is None or decision.champion.digest != c.digest:
+            for k, val in tags.items():
+                client.set_model_version_tag(v["name"], v["version"], k, val)
+        if decision.promote:
+            client.set_registered_model_alias(v["name"], gate.alias, v["version"])
+        current = champion_version(client, v["name"], gate.alias)
+        if current is not None:
+            champions[v["name"]] = str(current.version)
+    return champions
+
+
+@flow(name="nightly-retrain", log_prints=True)
+def nightly(config: PipelineConfig = PipelineConfig(),
+            gate: GateConfig = GateConfig()) -> dict[str, Any]:
+    """Retrain on the configured data (cache hits where nothing changed) and promote the new
+    model to the registry alias `champion` only if it beats the current champion on the same
+    dev set without forgetting more than the bound on out-of-domain probes."""
+    evaluated: dict[str, Any] = {}
+    params = {**config.model_dump(mode="json"), "gate": gate.model_dump(mode="json")}
+    with parent_run(config.experiment, "nightly", params) as outer:
+        run = GatedRun(outer.tracker, outer.parent_id, after_report=lambda r: evaluated.update(
+            zip(("challenger", "champion"), evaluate_candidates(r, config, gate))))
+        out = _stages(run, config)
+        if not evaluated:                     # the pipeline changed shape: gate after all
+            evaluated.update(zip(("challenger", "champion"),
+                                 evaluate_candidates(run, config, gate)))
+        mine = [v for v in out["registered"] if v["name"].startswith(config.registry.model_name)]
+        merged = next(v for v in mine if v["name"] == config.registry.model_name)
+        decision = decide(replace(evaluated["challenger"], version=str(merged["version"])),
+                          evaluated["champion"], gate)
+        gate_run = record_decision(run.tracker, run.parent_id, decision, gate)
+        champions = apply_decision(run.tracker.client, decision, mine, gate, run.parent_id)
+    create_markdown_artifact(key="champion-gate", markdown=decision.markdown(),
+                             description=f"Champion gate, MLflow run {run.parent_id}")
+    print(decision.markdown())
+    return {"mlflow_run_id": run.parent_id, "gate_run_id": gate_run,
+            "decision": decision.as_dict(), "champions": champions, "stages": run.rows,
+            "registered": out["registered"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="override a PipelineConfig field")
+    ap.add_argument("--gate", dest="gate", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a GateConfig field, e.g. metric=bleu_4")
+    args = ap.parse_args(argv)
+    import yaml
+    gate = GateConfig.model_validate({k: yaml.safe_load(v) for k, _, v in
+                                      (g.partition("=") for g in args.gate)})
+    result = nightly(load_config(args.config, args.overrides), gate)
+    print(json.dumps(result["decision"], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The tiny pipeline config of the operations tests (nightly gate, stack + browser): the real
+flows end to end, small enough for CI's 2 cores (about two minutes for a cold full run)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY: dict[str, Any] = {
+    "base": {"vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
+             "max_seq_len": 64, "pretrain_epochs": 4, "learning_rate": 0.005},
+    "train": {"epochs": 1, "batch_size": 16, "max_length": 64, "eval_steps": 50},
+    "benchmark": {"prompts": 1, "new_tokens": 2, "warmup": 0, "cpu_threads": 1},
+    "report": {"dev_examples": 1, "eval_examples": 2, "max_new_tokens": 8},
+}
+#: the gate scores 4 dev prompts per model (answers of at most 8 tokens)
+TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
+
+PIPELINE_STAGES = {"ingest", "conversations", "validate", "base", "train", "merge",
+                   "quantize", "benchmark", "report"}
+
+
+def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
+    """TINY with some fields changed, e.g. tiny(train={"seed": 7})."""
+    out = {k: dict(v) for k, v in TINY.items()}
+    for section, fields in sections.items():
+        if isinstance(fields, dict):
+            out.setdefault(section, {}).update(fields)
+        else:
+            out[section] = fields
+    return out

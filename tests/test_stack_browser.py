@@ -1,0 +1,350 @@
+"""The local stack for real, driven like a user in headless Chromium (Debian's, via Playwright):
+
+1. start the stack, deploy, open the Prefect UI, open the full-pipeline deployment, change one
+   parameter in the Run form, start the run by clicking, wait in the UI until it completes; then
+   check through MLflow's API: a parent run with every stage as a child run, their artifacts, and
+   the changed parameter;
+2. open the MLflow UI, navigate to that run, open the artifacts tree and the HTML report;
+3. the nightly deployment shows its schedule (02:00, local zone) in the UI;
+plus: deploying twice changes nothing, starting twice starts nothing, two nightly runs at once ->
+the second is cancelled (collision strategy), and stopping leaves no process behind.
+
+Every page visited is saved as a screenshot in test-artifacts/. Select with `-m browser`.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows.stack import Stack, local_timezone
+from tasks.common import REPO_DIR
+from tests._ops_config import PIPELINE_STAGES, TINY_GATE, tiny
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = REPO_DIR / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+CHANGED_SEED = 7                                  # the parameter changed in the Run form
+RUN_TIMEOUT_S = 20 * 60                           # a cold tiny pipeline: ~2-3 min here
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shot(page, name: str) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fixtures: the stack, its deployments, a browser
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """A stack of its own (own home, free ports), stopped at the end -- and checked to leave no
+    process behind."""
+    stack = Stack(home=tmp_path_factory.mktemp("stack-home"), prefect_port=free_port(),
+                  mlflow_port=free_port())
+    stack.start(timeout=300)
+    try:
+        yield stack
+    finally:
+        logs = SHOTS / "stack-logs"              # kept for CI: the services' own logs
+        logs.mkdir(parents=True, exist_ok=True)
+        for log in stack.dir.glob("*.log"):
+            shutil.copy(log, logs / log.name)
+        tree = []
+        for service in ("prefect-server", "mlflow-server", "prefect-worker"):
+            if (proc := stack.process(service)) is not None:
+                tree += [proc] + proc.children(recursive=True)
+        assert set(stack.stop()) == {"prefect-server", "mlflow-server", "prefect-worker"}
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        assert not alive, f"left running after stop: {alive}"
+        assert stack.stop() == []                             # idempotent
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", stack.prefect_port)) != 0
+
+
+class Api:
+    def __init__(self, stack: Stack):
+        self.http = httpx.Client(base_url=stack.api_url, timeout=30)
+
+    def __call__(self, method: str, path: str, **kw) -> Any:
+        for attempt in range(6):          # like Prefect's own client: retry a busy server
+            r = self.http.request(method, path, **kw)
+            if r.status_code not in (429, 502, 503) or attempt == 5:
+                break
+            time.sleep(2 ** attempt)
+        r.raise_for_status()
+        return r.json() if r.content else None
+
+    def deployment(self, flow: str, name: str) -> dict:
+        return self("GET", f"/deployments/name/{flow}/{name}")
+
+    def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S) -> dict:
+        deadline = time.monotonic() + timeout
+        while (run := self("GET", f"/flow_runs/{flow_run_id}"))["state_type"] not in TERMINAL:
+            assert time.monotonic() < deadline, f"flow run still {run['state_name']}"
+            time.sleep(3)
+        return run
+
+
+@pytest.fixture(scope="module")
+def api(stack) -> Api:
+    return Api(stack)
+
+
+@pytest.fixture(scope="module")
+def deployments(stack, api) -> dict[str, dict]:
+    """`make deploy` twice (must be idempotent); then the tiny test parameters are set as the
+    deployments' defaults, as an operator would in the UI."""
+    first = stack.deploy()
+    assert "full-pipeline" in first and "nightly-retrain" in first
+    names = {"full-pipeline": "finetune-pipeline", "data-only": "data-pipeline",
+             "nightly-retrain": "nightly-retrain"}
+    before = {d: api.deployment(f, d) for d, f in names.items()}
+    stack.deploy()
+    after = {d: api.deployment(f, d) for d, f in names.items()}
+    assert {d: v["id"] for d, v in after.items()} == {d: v["id"] for d, v in before.items()}
+    assert len(api("POST", "/deployments/filter", json={})) == 3
+    assert len(after["nightly-retrain"]["schedules"]) == 1
+
+    api("PATCH", f"/deployments/{after['full-pipeline']['id']}",
+        json={"parameters": {"config": tiny()}})
+    # the nightly run will retrain exactly what the UI run builds: all cache hits, then the gate
+    api("PATCH", f"/deployments/{after['nightly-retrain']['id']}",
+        json={"parameters": {"config": tiny(train={"seed": CHANGED_SEED}), "gate": TINY_GATE}})
+    return after
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():                       # `make test` installs it first (`browsers`)
+        subprocess.run(["make", "browsers"], cwd=REPO_DIR, check=True)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    yield page
+    context.close()
+
+
+def prefect_state(page) -> str:
+    """The state badge in the header of a Prefect flow-run page."""
+    badge = page.locator("span[class*='bg-state-']").first
+    return badge.inner_text().strip() if badge.count() else ""
+
+
+def artifact_files(mlflow: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Names of all artifact files of a run, at any depth."""
+    out = set()
+    for a in mlflow.list_artifacts(run_id, path):
+        out |= artifact_files(mlflow, run_id, a.path) if a.is_dir else {Path(a.path).name}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Run the full pipeline from the Prefect UI
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ui_run(stack, api, deployments, browser) -> dict:
+    """Deployments -> full-pipeline -> Run -> Custom run -> change the training seed -> Submit ->
+    View run -> wait on the flow-run page until it says Completed."""
+    context = browser.new_context(viewport={"width": 1440, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(stack.prefect_url + "/")
+    page.get_by_role("link", name="Deployments").first.click()
+    page.get_by_role("link", name="full-pipeline").first.click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/"))
+    shot(page, "prefect-1-deployment")
+
+    page.get_by_role("button", name="Run").first.click()
+    page.get_by_role("menuitem", name="Custom run").click()
+    # the Run form is PipelineConfig: find the field by its description, "Training seed."
+    field = page.locator("div.group").filter(
+        has=page.get_by_text("Training seed.", exact=True)).last
+    seed = field.locator("input").first
+    assert seed.input_value() == "42"
+    seed.fill(str(CHANGED_SEED))
+    assert seed.input_value() == str(CHANGED_SEED)
+    shot(page, "prefect-2-run-form")
+    page.get_by_role("button", name="Submit").click()
+
+    page.get_by_role("link", name="View run").first.click()
+    page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
+    flow_run_id = re.search(r"/flow-run/([0-9a-f-]{36})", page.url).group(1)
+    deadline, last_reload, state = time.monotonic() + RUN_TIMEOUT_S, time.monotonic(), ""
+    while state not in {"Completed", "Failed", "Crashed", "Cancelled"}:
+        assert time.monotonic() < deadline, f"the UI still shows {state!r} after the timeout"
+        page.wait_for_timeout(3000)
+        if time.monotonic() - last_reload > 30:        # the page polls; reload now and then
+            page.reload()
+            last_reload = time.monotonic()
+        state = prefect_state(page)
+    shot(page, "prefect-3-flow-run")
+    context.close()
+    run = api("GET", f"/flow_runs/{flow_run_id}")
+    assert state == "Completed", f"flow run {flow_run_id} ended {state}: see " \
+                                 f"{stack.log('prefect-worker')}"
+    return run
+
+
+def test_stack_start_is_idempotent_and_healthy(stack):
+    pids = {s: v["pid"] for s, v in stack.status().items()}
+    assert all(pids.values())
+    t = time.monotonic()
+    stack.start(timeout=60)
+    assert time.monotonic() - t < 30 and {s: v["pid"] for s, v in stack.status().items()} == pids
+    assert stack.health() == dict.fromkeys(
+        ["prefect_api", "prefect_ui", "mlflow_api", "mlflow_ui", "worker"], True)
+    assert (stack.home / ".stack" / "prefect-server.log").is_file()
+
+
+def test_1_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
+    assert ui_run["state_type"] == "COMPLETED"
+    assert ui_run["parameters"]["config"]["train"]["seed"] == CHANGED_SEED
+    mlflow = MlflowClient(stack.mlflow_url)               # MLflow's API, through the server
+    exp = mlflow.get_experiment_by_name("finetune-pipeline")
+    parents = mlflow.search_runs([exp.experiment_id],
+                                 f"tags.`prefect.flow_run_id` = '{ui_run['id']}'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.seed"] == str(CHANGED_SEED)
+    assert parent.data.tags["prefect.flow_run_url"].startswith(stack.prefect_url)
+    kids = {r.info.run_name: r for r in mlflow.search_runs(
+        [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert PIPELINE_STAGES <= set(kids), sorted(kids)
+    assert all(k.info.status == "FINISHED" for k in kids.values())
+    for name in PIPELINE_STAGES:                        # a fresh stack: every stage computed
+        arts = {a.path for a in mlflow.list_artifacts(kids[name].info.run_id)}
+        assert "stage_result.json" in arts, (name, arts)
+    assert "report.html" in artifact_files(mlflow, kids["report"].info.run_id)
+    assert "config.json" in artifact_files(mlflow, kids["merge"].info.run_id)  # the model
+    versions = mlflow.search_model_versions("name = 'plant-care-chat'")
+    assert [v.run_id for v in versions] == [kids["merge"].info.run_id]
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Browse it in the MLflow UI
+# ------------------------------------------------------------------------------------------------
+def close_assistant(page) -> None:
+    """Close MLflow's chat side panel if it is open (more room for the run in screenshots)."""
+    close = page.locator("button[data-component-id='mlflow.assistant.chat_panel.close']")
+    if close.count():
+        close.first.click()
+
+
+def test_2_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
+    page.goto(stack.mlflow_url + "/")
+    page.get_by_text("Model training", exact=True).first.click()
+    page.get_by_role("link", name="finetune-pipeline").first.click()
+    page.wait_for_url(re.compile(r"#/experiments/\d+"))
+    run_link = page.get_by_role("link", name=f"pipeline-{ui_run['name']}")
+    run_link.first.wait_for()
+    shot(page, "mlflow-1-experiment")
+    run_link.first.click()
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f]{32}"))
+    close_assistant(page)
+    seed = page.get_by_text("train.seed", exact=True).first
+    seed.scroll_into_view_if_needed()          # the changed parameter, in the params table
+    shot(page, "mlflow-2-run")
+
+    page.get_by_role("link", name="report", exact=True).first.click()    # its child run
+    page.wait_for_url(re.compile(r"/runs/[0-9a-f]{32}"))
+    page.get_by_role("tab", name="Artifacts").first.click()
+    page.get_by_text("stage_result.json", exact=True).first.wait_for()     # the tree is there
+    folder = page.get_by_text("report_html", exact=True)
+    if folder.count():                                   # the report in a folder of its own
+        folder.first.click()
+    page.get_by_text("report.html", exact=True).first.wait_for()
+    shot(page, "mlflow-3-artifacts")
+    page.get_by_text("report.html", exact=True).first.click()
+    report = page.frame_locator("iframe").first
+    report.get_by_text("Fine-tuning report").first.wait_for()
+    shot(page, "mlflow-4-report")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The nightly schedule, and what happens when two nightly runs collide
+# ------------------------------------------------------------------------------------------------
+def test_3_nightly_deployment_shows_its_schedule(stack, deployments, page):
+    page.goto(stack.prefect_url + "/")
+    page.get_by_role("link", name="Deployments").first.click()
+    page.get_by_role("link", name="nightly-retrain").first.click()
+    page.wait_for_url(re.compile(r"/deployments/deployment/"))
+    page.get_by_text(re.compile(r"At 02:00 AM", re.I)).first.wait_for()   # the schedule card
+    shot(page, "prefect-4-nightly-schedule")
+    # its menu -> Edit shows the cron expression and the time zone it is evaluated in
+    page.get_by_role("button", name="Open menu").last.click()
+    page.locator("[role=menu]").get_by_text("Edit", exact=True).click()
+    dialog = page.get_by_role("dialog")
+    dialog.wait_for()
+    assert "0 2 * * *" in [i.input_value() for i in dialog.locator("input").all()]
+    tz = local_timezone()
+    assert tz in dialog.inner_text() or tz.split("/")[-1] in dialog.inner_text()
+    shot(page, "prefect-5-nightly-schedule-edit")
+    dialog.get_by_role("button", name="Close").first.click()
+    cron = deployments["nightly-retrain"]["schedules"][0]["schedule"]
+    assert cron["cron"] == "0 2 * * *" and cron["timezone"] == local_timezone()
+    assert deployments["nightly-retrain"]["global_concurrency_limit"]["limit"] == 1
+    assert deployments["nightly-retrain"]["concurrency_options"]["collision_strategy"] == \
+        "CANCEL_NEW"
+
+
+def test_nightly_collision_cancels_the_new_run_and_the_gate_crowns_a_champion(
+        stack, api, deployments, ui_run, page):
+    dep = deployments["nightly-retrain"]["id"]
+    runs = [api("POST", f"/deployments/{dep}/create_flow_run", json={}) for _ in range(2)]
+    done = {r["id"]: api.wait(r["id"]) for r in runs}
+    states = sorted(r["state_type"] for r in done.values())
+    assert states == ["CANCELLED", "COMPLETED"], states
+    cancelled = next(r for r in done.values() if r["state_type"] == "CANCELLED")
+    assert "Deployment concurrency limit reached" in cancelled["state"]["message"]
+    completed = next(r for r in done.values() if r["state_type"] == "COMPLETED")
+
+    mlflow = MlflowClient(stack.mlflow_url)
+    champion = mlflow.get_model_version_by_alias("plant-care-chat", "champion")
+    assert str(champion.version) == "1"              # the UI run's model, first champion ever
+    assert len(mlflow.search_model_versions("name = 'plant-care-chat'")) == 1
+    arts = api("POST", "/artifacts/filter", json={"artifacts": {
+        "key": {"any_": ["champion-gate"]}, "flow_run_id": {"any_": [completed["id"]]}}})
+    assert len(arts) == 1 and "PROMOTE" in arts[0]["data"]
+
+    page.goto(stack.prefect_url + "/")
+    page.get_by_role("link", name="Runs").first.click()
+    page.get_by_role("link", name=completed["name"]).first.click()
+    page.get_by_role("tab", name="Artifacts").first.click()
+    page.get_by_text("champion-gate").first.click()              # the key's history ...
+    page.get_by_role("link", name=re.compile(r"^[0-9a-f]{8}$")).first.click()  # ... this one
+    page.get_by_text(re.compile(r"Champion gate: PROMOTE")).first.wait_for()
+    assert "out-of-domain retention" in page.inner_text("body")
+    shot(page, "prefect-6-nightly-gate-artifact")

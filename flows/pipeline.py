@@ -58,25 +58,33 @@ def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
                          artifacts=lambda r: {"base_model": r.path})
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train,
                         artifacts=lambda r: {"adapter": r.path})
-    merged = run.stage(merge_task, base=base, adapter=adapter, dtype=cfg.merge.dtype,
-                       artifacts=lambda r: {"merged_model": r.path})
     device = pick_device(cfg.benchmark.device)
-    int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
-                     artifacts=lambda r: {"int4_model": r.path})
+    merged = int4 = None
+    if cfg.train.method == "ptuning":       # a prefix is not a weight delta: nothing to merge
+        print("train.method=ptuning: the P-Tuning v2 prefix cannot be merged into the weights; "
+              "merge and int4 are skipped, base + prefix adapter is benchmarked, reported and "
+              "registered (the adapter folder; load it with peft on the base).")
+    else:
+        merged = run.stage(merge_task, base=base, adapter=adapter, dtype=cfg.merge.dtype,
+                           artifacts=lambda r: {"merged_model": r.path})
+        int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
+                         artifacts=lambda r: {"int4_model": r.path})
 
     base_spec = {"path": base.path, "digest": base.digest, "dtype": cfg.merge.dtype}
     adapted = {**base_spec, "adapter": adapter.path, "digest": adapter.digest}
     if cfg.train.method == "qlora":         # the adapter was trained on (and runs on) 4-bit
         adapted["quantization"] = {"quant_type": "nf4", "double_quant": cfg.train.double_quant,
                                    "compute_dtype": cfg.train.compute_dtype}
-    variants = {"base": base_spec, "base+adapter": adapted,
-                "merged": {"path": merged.path, "digest": merged.digest,
-                           "dtype": cfg.merge.dtype},
-                "int4": {"path": int4.path, "digest": int4.digest}}
+    variants = {"base": base_spec, "base+adapter": adapted}
+    if merged is not None:
+        variants |= {"merged": {"path": merged.path, "digest": merged.digest,
+                                "dtype": cfg.merge.dtype},
+                     "int4": {"path": int4.path, "digest": int4.digest}}
     bench = run.stage(benchmark_task, variants=variants,
                       prompts=dev_prompts(data.file("dev_json"), cfg.benchmark.prompts),
                       cfg=cfg.benchmark, device=device)
-    report = run.stage(report_task, base=base_spec, tuned=variants["merged"], data=data,
+    report = run.stage(report_task, base=base_spec, tuned=variants.get("merged", adapted),
+                       data=data,
                        probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
                        extra_sections={"Benchmark": bench.info.get("table", "")})
     create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
@@ -93,16 +101,18 @@ def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
-              merged: StageResult, int4: StageResult, report: StageResult
+              merged: StageResult | None, int4: StageResult | None, report: StageResult
               ) -> list[RegisteredVersion]:
     client = run.tracker.client
     tags = {"data_digest": data.digest, "method": cfg.train.method,
             **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **report.metrics}.items()
                if k.startswith(("eval_loss", "tuned_", "base_"))}}
     versions = []
-    for name, result, stage, folder in [
-            (cfg.registry.model_name, merged, "merge", "merged_model"),
-            (f"{cfg.registry.model_name}-int4", int4, "quantize", "int4_model")]:
+    entries = [(cfg.registry.model_name, merged, "merge", "merged_model"),
+               (f"{cfg.registry.model_name}-int4", int4, "quantize", "int4_model")]
+    if merged is None:                      # ptuning: the prefix adapter (needs the base)
+        entries = [(f"{cfg.registry.model_name}-prefix", adapter, "train", "adapter")]
+    for name, result, stage, folder in entries:
         origin = run.origins[stage]
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
         versions.append(register_version(

@@ -85,16 +85,19 @@ class BaseModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["lora", "qlora"] = Field("lora", description="lora: full-precision base + "
-                                             "LoRA. qlora: base loaded 4-bit nf4 "
-                                             "(bitsandbytes) + LoRA.")
+    method: Literal["lora", "qlora", "ptuning"] = Field(
+        "lora", description="lora: full-precision base + LoRA. qlora: base loaded 4-bit nf4 "
+        "(bitsandbytes) + LoRA. ptuning: P-Tuning v2 (peft prefix tuning: trained key/value "
+        "prefixes in every layer; cannot be merged into the weights, so merge/int4 are skipped "
+        "and the base + prefix adapter is what is reported).")
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | None = Field(None, description="Module names to adapt; empty: "
                                              "every linear layer except the LM head.")
     epochs: float = Field(6.0, gt=0, description="Training epochs over train.json.")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate (cosine decay).")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (cosine "
+                                        "decay); empty: 2e-3 for lora/qlora, 2e-2 for ptuning.")
     batch_size: int = Field(16, ge=1, description="Per-device batch size.")
     max_length: int = Field(160, ge=16, description="Max tokens per example (longer: truncated "
                                                     "and counted).")
@@ -103,6 +106,23 @@ class TrainConfig(_Section):
                                                         "layers.")
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
     seed: int = Field(42, description="Training seed.")
+    num_virtual_tokens: int = Field(16, ge=1, description="ptuning: prefix length (virtual "
+                                    "tokens per layer).")
+    prefix_projection: bool = Field(False, description="ptuning: reparameterize the prefix "
+                                    "through a 2-layer MLP (P-Tuning v2's projection).")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="ptuning with "
+                                            "prefix_projection: MLP width (empty: the model's "
+                                            "hidden size).")
+    save_steps: int = Field(50, ge=1, description="Checkpoint (adapter, optimizer, scheduler, "
+                            "RNG) every N steps under outputs/train-checkpoints/<inputs hash>/; "
+                            "a re-run of the same inputs resumes from the last one.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (older ones pruned).")
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same "
+                         "inputs when one exists.")
+    sanity_examples: int = Field(3, ge=0, description="Training examples dumped token by token "
+                                 "with their labels (sanity_check.md) to show what is learned.")
+    num_gpus: int = Field(0, ge=0, description="Data-parallel GPUs (torchrun DDP): 0 = all "
+                          "visible CUDA devices; 1 = no launcher. Ignored on a CPU.")
 
 
 class MergeConfig(_Section):

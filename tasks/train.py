@@ -1,104 +1,96 @@
-"""Stage "train": LoRA / QLoRA fine-tuning of any Hugging Face causal LM with a chat template.
-
-One code path for the embedded default and a user's Qwen or Llama: conversations are rendered
-with the model's own chat template, and only the assistant turns are learned (their content and
-the template's closing eos / end-of-turn token, so the model learns to stop). Assistant spans are
-found by prefix difference, so multi-turn conversations learn every assistant turn.
+"""Stage "train": LoRA / QLoRA / P-Tuning v2 fine-tuning of any Hugging Face causal LM with a
+chat template, through one code path (peft + HF Trainer).
 
 lora: the base in full precision + peft LoRA. qlora: the base loaded 4-bit nf4 (bitsandbytes,
-also on a CPU) + `prepare_model_for_kbit_training` + LoRA. HF Trainer does the loop: dev loss
-before training, every `eval_steps` and at the end; cosine schedule with 5% warmup.
+also on a CPU) + `prepare_model_for_kbit_training` + LoRA. ptuning: P-Tuning v2 = peft prefix
+tuning (trained key/value prefixes in every layer, optionally through a projection MLP).
+Only assistant turns are learned (tasks.train_data). HF Trainer does the loop: dev loss before
+training, every `eval_steps` and at the end; cosine schedule with 5% warmup.
+
+Resume: checkpoints (adapter + optimizer + scheduler + RNG, HF Trainer's format) go to
+outputs/train-checkpoints/<hash of base, data files and config>/ every `save_steps`, so a
+killed run of the same inputs resumes from the last one and its loss curve continues.
+
+Multi-GPU: with more than one CUDA device (or `num_gpus`), the stage re-launches itself through
+torchrun (`python -m tasks.train --worker spec.json`, DDP) and waits; the caller (a Prefect task)
+stays one process.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
-import tempfile
+import os
+import subprocess
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, PrinterCallback, \
-    Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
 
-from tasks.base_model import read_conversations
-from tasks.common import DataError, StageResult, atomic_write_json, publish_dir, stage_root, \
-    staging_dir
+from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes, digest_path, \
+    project_dir, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import TrainConfig
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
+from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss_curve, \
+    write_sanity
 
-IGNORE = -100
-
-
-def _render(tok: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool) -> list[int]:
-    return list(tok.apply_chat_template(messages, tokenize=True, return_dict=False,
-                                        add_generation_prompt=generation_prompt))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+__all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "learning_rate"]
+DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "ptuning": 2e-2}
+#: config fields that do not change what is trained (left out of the checkpoint key)
+NOT_IN_KEY = {"resume", "save_total_limit", "sanity_examples"}
 
 
-def encode_conversation(tokenizer: PreTrainedTokenizerBase, conversation: list[dict],
-                        max_length: int) -> dict[str, Any]:
-    """Token ids of a conversation (the model's chat template) with assistant-only labels.
-
-    For each assistant turn i, its span in the full rendering starts where the rendering of
-    turns[:i] + generation prompt stops agreeing with it, and ends where turns[:i+1] does: the
-    content and the template's end-of-turn tokens are learned, everything else is -100.
-    Returns input_ids, attention_mask, labels (cut to `max_length`) and `truncated`."""
-    if isinstance(conversation, dict):
-        conversation = conversation["conversations"]
-    turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError("the tokenizer has no chat template: a base model for fine-tuning "
-                         "needs one (tokenizer_config.json or chat_template.jinja)")
-    ids = _render(tokenizer, turns, False)
-    labels = [IGNORE] * len(ids)
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
-        start = _common_prefix(_render(tokenizer, turns[:i], True), ids)
-        end = _common_prefix(_render(tokenizer, turns[:i + 1], False), ids)
-        labels[start:end] = ids[start:end]
-    truncated = len(ids) > max_length
-    ids, labels = ids[:max_length], labels[:max_length]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels,
-            "truncated": truncated}
+def learning_rate(cfg: TrainConfig) -> float:
+    return cfg.learning_rate or DEFAULT_LR[cfg.method]
 
 
-def _encode_file(tok: PreTrainedTokenizerBase, path: Path, max_length: int) -> tuple[list, int, int]:
-    """Encoded examples of a conversation file; (examples, #truncated, #dropped: nothing left
-    to learn after truncation)."""
-    examples, truncated, dropped = [], 0, 0
-    for turns in read_conversations(path):
-        enc = encode_conversation(tok, turns, max_length)
-        truncated += enc.pop("truncated")
-        if all(x == IGNORE for x in enc["labels"]):
-            dropped += 1
-            continue
-        examples.append(enc)
-    if not examples:
-        raise DataError(path, f"no example has an assistant token within train.max_length="
-                              f"{max_length}: raise max_length")
-    return examples, truncated, dropped
+def checkpoint_dir(base_dir: str | Path, train_json: Path, dev_json: Path,
+                   cfg: TrainConfig) -> Path:
+    """outputs/train-checkpoints/<hash>: deterministic in the base model, data and config, so a
+    re-run of the same stage finds the checkpoints of a killed run."""
+    key = {"base": digest_path(Path(base_dir)), "train": digest_path(Path(train_json)),
+           "dev": digest_path(Path(dev_json)),
+           "cfg": cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}
+    return project_dir() / "outputs" / "train-checkpoints" / digest_bytes(
+        json.dumps(key, sort_keys=True).encode())
 
 
-def _load_for_training(base_dir: str, cfg: TrainConfig, device: str):
-    """The base with LoRA adapters attached (4-bit base for qlora)."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+@torch.no_grad()
+def _init_prefix(model, ids: list[int]) -> None:
+    """Start the P-Tuning v2 prefix as the keys/values the base computes for real text.
 
+    peft's default prefix is N(0, 1) noise in every layer's keys and values: it swamps the
+    attention of a small model from the first step (seed 003's `<UNK>` soup at loss 7). The
+    base's own cache for a real token sequence is a prefix it already handles, and positions
+    agree (the prefix is positions 0..n-1, the input continues from n)."""
+    emb = model.prompt_encoder["default"].embedding.weight
+    n = emb.shape[0]
+    ids = (ids * (n // max(len(ids), 1) + 1))[:n]
+    base = model.get_base_model()
+    cache = base(input_ids=torch.tensor([ids], device=emb.device), use_cache=True).past_key_values
+    kv = [t for layer in cache.layers for t in (layer.keys, layer.values)]   # (1, H, n, hd)
+    stacked = torch.stack([t[0] for t in kv])                                # (L*2, H, n, hd)
+    emb.copy_(stacked.permute(2, 0, 1, 3).reshape(n, -1).to(emb.dtype))
+
+
+def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
+                       init_ids: list[int] | None = None):
+    """The base with a peft adapter attached: LoRA (on a 4-bit base for qlora) or a prefix
+    (ptuning; initialised from the base's keys/values for `init_ids` when given)."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, \
+        prepare_model_for_kbit_training
+
+    cuda = device.startswith("cuda")
     if cfg.method == "qlora":
         model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
                            quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
-        model = prepare_model_for_kbit_training(model,
-                                                use_gradient_checkpointing=device == "cuda")
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cuda,   # non-reentrant: works under DDP
+            gradient_checkpointing_kwargs={"use_reentrant": False})
         # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights for inference at the
         # first eval-mode forward (the dev eval) and never back: later training forwards then
         # take a kernel without autograd and silently drop gradients through the base layers.
@@ -106,12 +98,24 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str):
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     else:
-        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         model = load_model(base_dir, device=device, dtype=dtype)
     model.config.use_cache = False
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules or "all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    if cfg.method == "ptuning":
+        peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM",
+                                      num_virtual_tokens=cfg.num_virtual_tokens,
+                                      prefix_projection=cfg.prefix_projection,
+                                      encoder_hidden_size=cfg.encoder_hidden_size
+                                      or model.config.hidden_size)
+    else:
+        peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                              lora_dropout=cfg.lora_dropout,
+                              target_modules=cfg.target_modules or "all-linear",
+                              task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    if cfg.method == "ptuning" and init_ids and not cfg.prefix_projection:
+        _init_prefix(model, init_ids)
+    return model
 
 
 def _log_history(history: list[dict]) -> list[dict]:
@@ -125,52 +129,132 @@ def _log_history(history: list[dict]) -> list[dict]:
     return out
 
 
+def _checkpoints(ckpt_dir: Path) -> list[dict]:
+    out = []
+    for p in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1])):
+        out.append({"name": p.name, "step": int(p.name.split("-")[1]), "path": str(p)})
+    return out
+
+
+def last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint (its trainer_state.json, written last, parses): a run
+    killed while saving leaves a partial one, which is skipped."""
+    for c in reversed(_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []):
+        try:
+            read_json(Path(c["path"]) / "trainer_state.json")
+        except (OSError, ValueError):
+            continue
+        return c["path"]
+    return None
+
+
+def _num_gpus(cfg: TrainConfig) -> int:
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.num_gpus > have:
+        raise RuntimeError(f"train.num_gpus={cfg.num_gpus} but torch sees {have} CUDA devices")
+    return cfg.num_gpus or have
+
+
 def train_adapter(base_dir: str | Path, train_json: Path, dev_json: Path,
                   cfg: TrainConfig) -> StageResult:
-    """Fine-tune a LoRA (or QLoRA) adapter on train.json, evaluating dev loss before, during and
-    after; publish adapter + tokenizer under outputs/train/<digest>/."""
-    base_dir = str(base_dir)
+    """Fine-tune a LoRA / QLoRA / P-Tuning v2 adapter on train.json, evaluating dev loss before,
+    during and after; resume from the checkpoints of an interrupted run of the same inputs;
+    publish adapter + tokenizer + train_log.json + loss_curve.png + sanity_check.* under
+    outputs/train/<digest>/. More than one GPU: data-parallel through torchrun."""
+    ckpt = checkpoint_dir(base_dir, train_json, dev_json, cfg)
+    gpus = _num_gpus(cfg)
+    # also one GPU of several goes through torchrun: in one plain process HF Trainer would
+    # spread the batch over every visible GPU with nn.DataParallel
+    if (gpus > 1 or torch.cuda.device_count() > 1) and "LOCAL_RANK" not in os.environ:
+        return _launch(gpus, base_dir, train_json, dev_json, cfg, ckpt)
+    result = _train(str(base_dir), Path(train_json), Path(dev_json), cfg, ckpt)
+    assert result is not None
+    return result
+
+
+def _launch(gpus: int, base_dir, train_json, dev_json, cfg: TrainConfig, ckpt: Path
+            ) -> StageResult:
+    """Run the worker on `gpus` processes with torchrun and return rank 0's StageResult."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    spec, result = ckpt / "launch_spec.json", ckpt / "launch_result.json"
+    result.unlink(missing_ok=True)
+    atomic_write_json(spec, {"base_dir": str(base_dir), "train_json": str(train_json),
+                             "dev_json": str(dev_json), "cfg": cfg.model_dump(mode="json"),
+                             "result": str(result)})
+    env = {**os.environ, "PIPELINE_HOME": str(project_dir()),
+           "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={gpus}", "-m", "tasks.train", "--worker", str(spec)]
+    proc = subprocess.run(cmd, cwd=REPO_DIR, env=env)
+    if proc.returncode != 0 or not result.is_file():
+        raise RuntimeError(f"multi-GPU training failed (exit {proc.returncode}): "
+                           f"{' '.join(cmd)}")
+    return StageResult(**read_json(result))
+
+
+def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ckpt: Path
+           ) -> StageResult | None:
+    """The training itself, in this process (one rank under torchrun: only rank 0 publishes
+    and returns a result)."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = pick_device("auto")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
     tok = load_tokenizer(base_dir)
     padding_side, tok.padding_side = tok.padding_side, "right"
-    train, truncated, dropped = _encode_file(tok, Path(train_json), cfg.max_length)
-    dev, dev_truncated, dev_dropped = _encode_file(tok, Path(dev_json), cfg.max_length)
+    train, truncated, dropped = encode_file(tok, train_json, cfg.max_length)
+    dev, dev_truncated, dev_dropped = encode_file(tok, dev_json, cfg.max_length)
 
     torch.manual_seed(cfg.seed)
-    model = _load_for_training(base_dir, cfg, device)
+    model = _load_for_training(base_dir, cfg, device, init_ids=train[0]["input_ids"])
     trainable, total = model.get_nb_trainable_parameters()
-    steps = math.ceil(len(train) / cfg.batch_size) * cfg.epochs
-    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-    with tempfile.TemporaryDirectory(prefix="trainer-") as work:
-        args = TrainingArguments(
-            output_dir=work, num_train_epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-            lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-            eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=True,
-            logging_strategy="steps", logging_steps=max(1, round(steps / 50)),
-            save_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
-            use_cpu=device == "cpu", bf16=bf16, dataloader_num_workers=0,
-            remove_unused_columns=False, disable_tqdm=True)
-        trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                          data_collator=DataCollatorForSeq2Seq(tok, padding=True,
-                                                               label_pad_token_id=IGNORE))
-        trainer.remove_callback(PrinterCallback)      # the log history is returned instead
-        t0 = time.perf_counter()
-        result = trainer.train()
-        train_seconds = time.perf_counter() - t0
-        eval_after = trainer.evaluate()["eval_loss"]
+    steps = math.ceil(len(train) / (cfg.batch_size * world)) * cfg.epochs
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    last = last_checkpoint(ckpt) if cfg.resume else None
+    args = TrainingArguments(
+        output_dir=str(ckpt), num_train_epochs=cfg.epochs, learning_rate=learning_rate(cfg),
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+        eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=last is None,
+        logging_strategy="steps", logging_steps=max(1, round(steps / 50)),
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=device == "cpu", bf16=bf16, dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        remove_unused_columns=False, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True,
+                                                           label_pad_token_id=IGNORE))
+    trainer.remove_callback(PrinterCallback)      # the log history is returned instead
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    train_seconds = time.perf_counter() - t0
+    eval_after = trainer.evaluate()["eval_loss"]
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
+    if rank != 0:
+        return None
+
     history = trainer.state.log_history
     evals = [h for h in history if "eval_loss" in h]
     eval_before = evals[0]["eval_loss"]
-    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals[:-1])
-    tokens = sum(len(e["input_ids"]) for e in train) * cfg.epochs
+    resumed_step = int(last.rsplit("-", 1)[1]) if last else 0
+    done = (trainer.state.global_step - resumed_step) / max(trainer.state.global_step, 1)
+    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals[:-1]
+                       if h["step"] >= resumed_step and (last is None or h["step"] > 0))
+    tokens = sum(len(e["input_ids"]) for e in train) * cfg.epochs * done   # non-pad tokens
     log = _log_history(history)
+    checkpoints = _checkpoints(ckpt)
 
     tok.padding_side = padding_side
     with staging_dir(stage_root("train")) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "train_log.json", log)
+        plot_loss_curve(log, tmp / "loss_curve.png", f"{cfg.method}: train / dev loss")
+        write_sanity(tmp, tok, train, cfg.sanity_examples)
         out, digest = publish_dir(tmp, stage_root("train"))
     metrics = {
         "eval_loss_before": eval_before, "eval_loss_after": eval_after,
@@ -183,12 +267,37 @@ def train_adapter(base_dir: str | Path, train_json: Path, dev_json: Path,
         "truncated_examples": float(truncated), "dev_truncated_examples": float(dev_truncated),
         "dropped_examples": float(dropped + dev_dropped),
         "train_examples": float(len(train)), "dev_examples": float(len(dev)),
+        "global_step": float(trainer.state.global_step),
+        "resumed_from_step": float(resumed_step), "checkpoints": float(len(checkpoints)),
+        "num_processes": float(world), "peak_gpu_memory_gib": peak_gib,
     }
+    files = {"adapter": str(out / "adapter_model.safetensors"),
+             "adapter_config": str(out / "adapter_config.json"),
+             "train_log": str(out / "train_log.json"), "loss_curve": str(out / "loss_curve.png")}
+    if cfg.sanity_examples:
+        files |= {"sanity_check": str(out / "sanity_check.md"),
+                  "sanity_check_tsv": str(out / "sanity_check.tsv")}
+    peft_cfg = model.peft_config["default"]
     return StageResult(
-        stage="train", path=str(out), digest=digest,
-        files={"adapter": str(out / "adapter_model.safetensors"),
-               "adapter_config": str(out / "adapter_config.json"),
-               "train_log": str(out / "train_log.json")},
+        stage="train", path=str(out), digest=digest, files=files,
         metrics={k: float(v) for k, v in metrics.items()},
         info={"log_history": log, "method": cfg.method, "base_dir": base_dir, "device": device,
-              "target_modules": sorted(model.peft_config["default"].target_modules)})
+              "learning_rate": learning_rate(cfg), "checkpoint_dir": str(ckpt),
+              "checkpoints": checkpoints, "resumed_from": last,
+              "target_modules": sorted(getattr(peft_cfg, "target_modules", None) or [])})
+
+
+def _worker(spec_path: Path) -> None:
+    spec = read_json(spec_path)
+    cfg = TrainConfig.model_validate(spec["cfg"])
+    ckpt = checkpoint_dir(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]),
+                          cfg)
+    res = _train(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]), cfg, ckpt)
+    if res is not None:
+        atomic_write_json(Path(spec["result"]), asdict(res))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="train stage worker (one torchrun rank)")
+    ap.add_argument("--worker", type=Path, required=True, help="launch spec JSON")
+    _worker(ap.parse_args().worker)

@@ -1,0 +1,43 @@
+"""The full pipeline flow with train.method=ptuning on a tiny config: a P-Tuning v2 prefix cannot
+be merged into the weights, so merge and int4 are skipped, base + prefix adapter is benchmarked
+and reported, and the prefix adapter is what gets registered."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from flows.tracking import tracking_uri
+from tasks.common import REPO_DIR
+from tasks.config import PipelineConfig
+from tests._ops_config import tiny
+
+pytestmark = pytest.mark.slow
+
+
+def test_ptuning_pipeline_skips_merge_and_registers_the_prefix(tmp_path):
+    corpus = tmp_path / "plant_care_qa.txt"
+    shutil.copy(REPO_DIR / "data" / "sample" / "plant_care_qa.txt", corpus)
+    cfg = PipelineConfig.model_validate(tiny(data={"source": str(corpus)},
+                                             train={"method": "ptuning", "save_steps": 5},
+                                             experiment="ptuning-pipeline"))
+    out = pipeline(cfg)
+    stages = [r["stage"] for r in out["stages"]]
+    assert "train" in stages and "merge" not in stages and "quantize" not in stages
+    assert {r["variant"] for r in out["benchmark"]} == {"base", "base+adapter"}
+    assert [v["name"] for v in out["registered"]] == ["plant-care-chat-prefix"]
+    assert Path(out["report"]["report_html"]).is_file()
+
+    client = MlflowClient(tracking_uri())
+    exp = client.get_experiment_by_name("ptuning-pipeline")
+    train_run = next(r for r in client.search_runs([exp.experiment_id])
+                     if r.info.run_name == "train")
+    names = {a.path for a in client.list_artifacts(train_run.info.run_id, "adapter")}
+    assert {"adapter/adapter_config.json", "adapter/loss_curve.png",
+            "adapter/sanity_check.md"} <= names
+    assert train_run.data.metrics["eval_loss_after"] < train_run.data.metrics["eval_loss_before"]
+    assert train_run.data.metrics["checkpoints"] >= 1

@@ -15,7 +15,6 @@ Standalone (e.g. on the GPU machine, no Prefect/MLflow needed):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import resource

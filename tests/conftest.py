@@ -22,6 +22,18 @@ def session_home() -> Path:
 
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spinning
+    makes them several times slower: one torch thread for the module that asks for it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Stop Prefect's temporary server while pytest's streams are still open (its own atexit
     hook logs after they are closed, and prints a 'closed file' traceback)."""

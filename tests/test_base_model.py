@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.base_model import CHAT_TEMPLATE, ROLE_TOKENS, build_base_model, make_tokenizer, \
     resolve_base_model, train_sentencepiece
@@ -21,14 +20,7 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "plant_car
 CJK = re.compile(r"[\u4e00-\u9fff]")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP
-    spinning makes them several times slower: one thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

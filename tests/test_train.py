@@ -27,14 +27,7 @@ MULTI_TURN = [{"role": "system", "content": "你是园艺助手。"},
               {"role": "assistant", "content": "见干见湿，约一周一次。"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP
-    spinning makes them several times slower: one thread for this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

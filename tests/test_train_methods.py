@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.base_model import build_base_model
 from tasks.common import REPO_DIR
@@ -29,12 +28,7 @@ CONFIGS = {"lora": TrainConfig(method="lora", learning_rate=1e-2, lora_r=8, lora
            "ptuning": TrainConfig(method="ptuning", **COMMON)}    # its default LR (2e-2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from tasks.base_model import build_base_model
 from tasks.common import REPO_DIR, read_json
@@ -30,12 +29,7 @@ CHILD = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path;
          "TrainConfig.model_validate_json(sys.argv[4]))")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -1,0 +1,138 @@
+"""The full pipeline on the embedded default, for real: Prefect flow, MLflow runs and registry,
+models trained on CPU. One module-scoped first run is shared by the assertions; a second run
+must be all cache hits, and one changed Q/A pair must recompute every stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from flows.tracking import tracking_uri
+from tasks.common import REPO_DIR
+from tasks.config import PipelineConfig
+
+pytestmark = pytest.mark.slow
+STAGES = ["ingest", "conversations", "validate", "data_report", "base", "train", "merge", "quantize",
+          "benchmark", "report"]
+ARTIFACTS = {                      # child run -> artifacts it must hold (dirs and files)
+    "ingest": {"plant_care_qa.txt", "qa.json"},
+    "conversations": {"train.json", "dev.json"},
+    "validate": {"schemas"},
+    "data_report": {"data_report.md"},
+    "base": {"base_model"},
+    "train": {"adapter"},
+    "merge": {"merged_model"},
+    "quantize": {"int4_model"},
+    "benchmark": {"benchmark.json", "benchmark.md"},
+    "report": {"report.html", "report.md", "generations.json"},
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "plant_care_qa.txt"
+    shutil.copy(REPO_DIR / "data" / "sample" / "plant_care_qa.txt", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first(corpus) -> dict:
+    return pipeline(PipelineConfig(data={"source": corpus}))
+
+
+@pytest.fixture(scope="module")
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri())
+
+
+def child_runs(client: MlflowClient, parent_id: str) -> dict:
+    exp = client.get_run(parent_id).info.experiment_id
+    return {r.info.run_name: r for r in client.search_runs(
+        [exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
+
+
+def test_first_run_computes_every_stage(first):
+    assert [r["stage"] for r in first["stages"]] == STAGES
+    assert not any(r["cached"] for r in first["stages"])
+
+
+def test_every_artifact_is_in_mlflow(first, client):
+    parent = client.get_run(first["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["train.method"] == "lora"
+    kids = child_runs(client, parent.info.run_id)
+    assert set(ARTIFACTS) <= set(kids)
+    for stage, expected in ARTIFACTS.items():
+        listed = {Path(a.path).name for a in client.list_artifacts(kids[stage].info.run_id)}
+        assert expected <= listed, (stage, listed)
+    merged = {a.path for a in client.list_artifacts(kids["merge"].info.run_id, "merged_model")}
+    assert {"merged_model/config.json", "merged_model/model.safetensors",
+            "merged_model/tokenizer.json"} <= merged
+    assert kids["conversations"].inputs.dataset_inputs, "datasets are logged as run inputs"
+    history = client.get_metric_history(kids["train"].info.run_id, "loss")
+    assert len(history) > 3 and len({m.step for m in history}) == len(history)
+
+
+def test_training_lowers_dev_loss_and_raises_dev_rouge(first, client):
+    kids = child_runs(client, first["mlflow_run_id"])
+    train, report = kids["train"].data.metrics, kids["report"].data.metrics
+    assert train["eval_loss_after"] < train["eval_loss_before"]
+    # base and tuned answer the same dev prompts (ROUGE-L on jieba-segmented Chinese)
+    assert report["tuned_rouge_l"] > report["base_rouge_l"]
+
+
+def test_registry_has_a_version_of_merged_and_int4(first, client):
+    regs = {r["name"]: r for r in first["registered"]}
+    assert set(regs) == {"plant-care-chat", "plant-care-chat-int4"}
+    for name, reg in regs.items():
+        assert reg["created"]
+        mv = client.get_model_version(name, reg["version"])
+        assert mv.tags["method"] == "lora" and mv.tags["data_digest"]
+        assert "eval_loss_after" in mv.tags
+        assert client.list_artifacts(mv.run_id), "the version's run holds the model"
+
+
+def test_report_shows_before_and_after(first):
+    report_md = Path(first["report"]["report_md"]).read_text(encoding="utf-8")
+    gens = json.loads(Path(first["report"]["generations_json"]).read_text(encoding="utf-8"))
+    for g in gens["dev"][:3] + gens["probes"]:          # side by side, with the references
+        assert g["before"].strip() in report_md and g["after"].strip() in report_md
+    for g in gens["dev"][:3]:
+        assert g["reference"] in report_md
+    assert any(g["before"] != g["after"] for g in gens["dev"]), "fine-tuning changed nothing"
+    assert "Benchmark" in report_md
+    html = Path(first["report"]["report_html"]).read_text(encoding="utf-8")
+    assert "<html" in html and "int4" in html
+
+
+def test_benchmark_measures_four_variants(first):
+    rows = {r["variant"]: r for r in first["benchmark"]}
+    assert set(rows) == {"base", "base+adapter", "merged", "int4"}
+    assert all(r["decode_tok_s"] > 0 and r["peak_rss_mib"] > 0 for r in rows.values())
+
+
+def test_second_run_is_all_cache_hits(first, corpus, client):
+    second = pipeline(PipelineConfig(data={"source": corpus}))
+    assert all(r["cached"] for r in second["stages"]), second["stages"]
+    assert "10/10 stages were cache hits" in second["summary"]
+    assert [r["version"] for r in second["registered"]] == \
+        [r["version"] for r in first["registered"]]
+    assert not any(r["created"] for r in second["registered"])
+    kids = child_runs(client, second["mlflow_run_id"])
+    assert kids["train"].data.tags["pipeline.cache"] == "hit"
+    first_train = child_runs(client, first["mlflow_run_id"])["train"].info.run_id
+    assert kids["train"].data.tags["pipeline.reused_from_run_id"] == first_train
+
+
+def test_one_changed_pair_recomputes_everything_downstream(first, corpus):
+    lines = corpus.read_text(encoding="utf-8").split("\n")
+    lines[1] += "（修订）"                                # the first answer changes
+    corpus.write_text("\n".join(lines), encoding="utf-8")
+    third = pipeline(PipelineConfig(data={"source": corpus}))
+    assert [r["stage"] for r in third["stages"] if r["cached"]] == []
+    assert all(r["created"] for r in third["registered"])

@@ -5,6 +5,7 @@ directory (`PIPELINE_HOME`, default: the repo) unless the environment already sa
 so caches are per project and tests get their own. This must run before Prefect is imported.
 """
 
+import logging
 import os
 
 from tasks.common import project_dir
@@ -16,6 +17,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # the temporary server of a run without PREFECT_API_URL can need > 20 s on a busy 2-core box
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# the stage cores log through `logging` (e.g. train progress): show it in the task-run logs
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+logging.getLogger("tasks").setLevel(logging.INFO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time by accident
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 

@@ -13,7 +13,6 @@ function's own source. Our key covers what really determines a stage's output:
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.metadata
 import json
@@ -24,57 +23,10 @@ from typing import Any
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
-from tasks.common import REPO_DIR, StageResult, digest_path
+from tasks.code_version import code_digest
+from tasks.common import StageResult, digest_path
 
 MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
-
-
-def _module_file(name: str) -> Path | None:
-    parts = name.split(".")
-    if parts[0] != "tasks":
-        return None
-    path = REPO_DIR.joinpath(*parts).with_suffix(".py")
-    return path if path.is_file() else None
-
-
-def _local_imports(path: Path) -> set[str]:
-    """`tasks.*` modules imported by a module (absolute or relative imports, any depth)."""
-    found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:                                  # from . import x / from .x import y
-                base = ".".join(["tasks"] + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-    return {m for m in found if _module_file(m)}
-
-
-def code_closure(module: str) -> list[Path]:
-    """Source files of `module` and every `tasks.*` module it imports, transitively."""
-    seen: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if name in seen or path is None:
-            continue
-        seen[name] = path
-        todo.extend(_local_imports(path))
-    return sorted(seen.values())
-
-
-def code_digest(module: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for path in code_closure(module):
-        tree = ast.dump(ast.parse(path.read_text(encoding="utf-8")))  # comments don't count
-        h.update(path.relative_to(REPO_DIR).as_posix().encode() + b"\0" + tree.encode())
-        # sibling templates/data a module reads (e.g. report_template.html) count as code too
-        for extra in sorted(path.parent.glob(f"{path.stem}_*.html")):
-            h.update(extra.read_bytes())
-    return h.hexdigest()
 
 
 @lru_cache(maxsize=None)

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import REPO_DIR, SCHEMA_DIR, atomic_write_text
 
@@ -102,6 +102,11 @@ class TrainConfig(_Section):
     max_length: int = Field(160, ge=16, description="Max tokens per example (longer: truncated "
                                                     "and counted).")
     eval_steps: int = Field(20, ge=1, description="Evaluate dev loss every N optimizer steps.")
+    packing: bool = Field(False, description="Padding-free batches (lora/qlora): each batch "
+                          "is one row of its examples back to back, position ids restarting per "
+                          "example, attention kept within each example (transformers "
+                          "DataCollatorWithFlattening). Same loss as padded batches; no compute "
+                          "spent on pad tokens.")
     compute_dtype: Dtype = Field("float32", description="qlora: compute dtype of the 4-bit "
                                                         "layers.")
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
@@ -123,6 +128,14 @@ class TrainConfig(_Section):
                                  "with their labels (sanity_check.md) to show what is learned.")
     num_gpus: int = Field(0, ge=0, description="Data-parallel GPUs (torchrun DDP): 0 = all "
                           "visible CUDA devices; 1 = no launcher. Ignored on a CPU.")
+
+    @model_validator(mode="after")
+    def _packing_needs_lora(self) -> "TrainConfig":
+        if self.packing and self.method == "ptuning":
+            raise ValueError("train.packing works with lora/qlora only: a P-Tuning v2 prefix "
+                             "is prepended once per row, so packed examples after the first "
+                             "would not see it")
+        return self
 
 
 class MergeConfig(_Section):

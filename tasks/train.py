@@ -7,9 +7,16 @@ tuning (trained key/value prefixes in every layer, optionally through a projecti
 Only assistant turns are learned (tasks.train_data). HF Trainer does the loop: dev loss before
 training, every `eval_steps` and at the end; cosine schedule with 5% warmup.
 
+Packing (`packing`, lora/qlora): padding-free batches through transformers'
+DataCollatorWithFlattening; transformers keeps attention within each example from the restarting
+position ids. Useful (non-pad) tokens/s and the share of pad tokens are reported either way.
+
 Resume: checkpoints (adapter + optimizer + scheduler + RNG, HF Trainer's format) go to
-outputs/train-checkpoints/<hash of base, data files and config>/ every `save_steps`, so a
-killed run of the same inputs resumes from the last one and its loss curve continues.
+outputs/train-checkpoints/<hash of base, data files, config and this stage's code>/ every
+`save_steps`, so a killed run of the same inputs resumes from the last one and its loss curve
+continues. SIGTERM (preemption, `kill`, a cancelled flow run) is not a crash: the step in
+flight finishes, a checkpoint is saved at that step, and the process then dies of the signal
+as it would have (or the previous handler runs).
 
 Multi-GPU: with more than one CUDA device (or `num_gpus`), the stage re-launches itself through
 torchrun (`python -m tasks.train --worker spec.json`, DDP) and waits; the caller (a Prefect task)
@@ -20,17 +27,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PrinterCallback, \
+    Trainer, TrainerCallback, TrainingArguments
 
+from tasks.code_version import code_digest
 from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes, digest_path, \
     project_dir, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import TrainConfig
@@ -39,6 +51,7 @@ from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss
     write_sanity
 
 __all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "learning_rate"]
+log = logging.getLogger("tasks.train")      # also when run as __main__ (torchrun)
 DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "ptuning": 2e-2}
 #: config fields that do not change what is trained (left out of the checkpoint key)
 NOT_IN_KEY = {"resume", "save_total_limit", "sanity_examples"}
@@ -50,10 +63,11 @@ def learning_rate(cfg: TrainConfig) -> float:
 
 def checkpoint_dir(base_dir: str | Path, train_json: Path, dev_json: Path,
                    cfg: TrainConfig) -> Path:
-    """outputs/train-checkpoints/<hash>: deterministic in the base model, data and config, so a
-    re-run of the same stage finds the checkpoints of a killed run."""
+    """outputs/train-checkpoints/<hash>: deterministic in the base model, data, config and the
+    stage's code, so a re-run of the same stage finds the checkpoints of a killed run (and a
+    run of changed code does not resume from the old code's checkpoints)."""
     key = {"base": digest_path(Path(base_dir)), "train": digest_path(Path(train_json)),
-           "dev": digest_path(Path(dev_json)),
+           "dev": digest_path(Path(dev_json)), "code": code_digest("tasks.train"),
            "cfg": cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}
     return project_dir() / "outputs" / "train-checkpoints" / digest_bytes(
         json.dumps(key, sort_keys=True).encode())
@@ -127,6 +141,54 @@ def _log_history(history: list[dict]) -> list[dict]:
                 seen.add((h["step"], key))
                 out.append({"step": int(h["step"]), key: round(float(h[key]), 5)})
     return out
+
+
+class _ProgressLog(TrainerCallback):
+    """One log line per logging step (train loss, dev loss, LR), e.g. in the Prefect task log."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        shown = {k: round(v, 5) for k, v in (logs or {}).items()
+                 if k in ("loss", "eval_loss", "learning_rate")}
+        if shown and state.is_world_process_zero:
+            log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class _CheckpointOnSigterm(TrainerCallback):
+    """SIGTERM while training: finish the step in flight, checkpoint at it and stop; on leaving
+    the `with` block, re-deliver the signal to whatever handled it before (the default: the
+    process dies of it), so a stopped run never publishes a half-trained adapter.
+
+    Python handles signals in the main thread only; elsewhere this does nothing (a kill then
+    resumes from the last periodic checkpoint). Under DDP the ranks agree on the stop step."""
+
+    def __init__(self) -> None:
+        self.received, self._previous = False, None
+
+    def __enter__(self) -> "_CheckpointOnSigterm":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM,
+                                           lambda *_: setattr(self, "received", True))
+        return self
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received
+        if args.world_size > 1:
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = self.received = bool(flag.item())
+        if stop:
+            log.warning("SIGTERM: saving a checkpoint at step %d and stopping",
+                        state.global_step)
+            control.should_save = control.should_training_stop = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is None:
+            return
+        signal.signal(signal.SIGTERM, self._previous)
+        if self.received and exc[0] is None:
+            signal.raise_signal(signal.SIGTERM)
+            raise RuntimeError("training stopped by SIGTERM after saving a checkpoint; run the "
+                               "stage again to resume")
 
 
 def _checkpoints(ckpt_dir: Path) -> list[dict]:
@@ -222,15 +284,19 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         use_cpu=device == "cpu", bf16=bf16, dataloader_num_workers=0,
         ddp_find_unused_parameters=False if world > 1 else None,
-        remove_unused_columns=False, disable_tqdm=True)
+        remove_unused_columns=False, disable_tqdm=True,
+        include_num_input_tokens_seen="all")       # pads included: the padding share below
+    collator = (DataCollatorWithFlattening(separator_id=IGNORE) if cfg.packing
+                else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE))
+    stopper = _CheckpointOnSigterm()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True,
-                                                           label_pad_token_id=IGNORE))
+                      data_collator=collator, callbacks=[_ProgressLog(), stopper])
     trainer.remove_callback(PrinterCallback)      # the log history is returned instead
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last)
+    with stopper:
+        result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - t0
     eval_after = trainer.evaluate()["eval_loss"]
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
@@ -244,7 +310,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     done = (trainer.state.global_step - resumed_step) / max(trainer.state.global_step, 1)
     eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals[:-1]
                        if h["step"] >= resumed_step and (last is None or h["step"] > 0))
-    tokens = sum(len(e["input_ids"]) for e in train) * cfg.epochs * done   # non-pad tokens
+    useful = sum(len(e["input_ids"]) for e in train) * cfg.epochs    # the whole run, no pads
+    seen = trainer.state.num_input_tokens_seen or useful             # ... and with its pads
     log = _log_history(history)
     checkpoints = _checkpoints(ckpt)
 
@@ -263,7 +330,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         "train_loss": float(result.training_loss), "trainable_params": float(trainable),
         "total_params": float(total), "trainable_percent": 100.0 * trainable / total,
         "train_seconds": round(train_seconds, 2),
-        "train_tokens_per_s": tokens / max(train_seconds - eval_seconds, 1e-9),
+        "train_tokens_per_s": useful * done / max(train_seconds - eval_seconds, 1e-9),
+        "padding_fraction": max(0.0, 1.0 - useful / seen), "packing": float(cfg.packing),
         "truncated_examples": float(truncated), "dev_truncated_examples": float(dev_truncated),
         "dropped_examples": float(dropped + dev_dropped),
         "train_examples": float(len(train)), "dev_examples": float(len(dev)),

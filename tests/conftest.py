@@ -21,6 +21,34 @@ def session_home() -> Path:
     return SESSION_HOME
 
 
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory):
+    """A tiny embedded base (180k parameters, a 300-token vocab) built from the first 96/24
+    records of the sample split, for training tests that need a real but fast model.
+
+    Returns {"train", "dev", "base"} paths; built once per session."""
+    import json
+
+    from tasks.base_model import build_base_model
+    from tasks.common import DATA_DIR
+    from tasks.config import BaseModelConfig
+    from tasks.conversations import qa_to_conversation, split_train_dev
+    from tasks.qa_text import read_qa_text
+
+    root = tmp_path_factory.mktemp("tiny-base")
+    convs = [qa_to_conversation(r["q"], r["a"])
+             for r in read_qa_text(DATA_DIR / "sample" / "plant_care_qa.txt")]
+    train, dev = split_train_dev(convs, 0.7)
+    paths = {"train": root / "train.json", "dev": root / "dev.json"}
+    paths["train"].write_text(json.dumps(train[:96], ensure_ascii=False), encoding="utf-8")
+    paths["dev"].write_text(json.dumps(dev[:24], ensure_ascii=False), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PIPELINE_HOME", str(root / "home"))
+        base = build_base_model(paths["train"], BaseModelConfig(
+            vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_seq_len=64,
+            pretrain_epochs=10, learning_rate=5e-3))
+    return {**paths, "base": Path(base.path)}
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
@@ -38,6 +66,11 @@ def pytest_sessionfinish(session, exitstatus):
     """Stop Prefect's temporary server while pytest's streams are still open (its own atexit
     hook logs after they are closed, and prints a 'closed file' traceback)."""
     import sys
+    if "prefect.logging.handlers" in sys.modules:      # send queued logs/events while the
+        from prefect.events.worker import EventsWorker  # server is still up (else the workers
+        from prefect.logging.handlers import APILogWorker   # retry a stopped server at exit)
+        APILogWorker.drain_all(timeout=15)
+        EventsWorker.drain_all(timeout=15)
     if "prefect.server.api.server" in sys.modules:
         from prefect.server.api.server import SubprocessASGIServer
         for server in list(SubprocessASGIServer._instances.values()):

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import flows.caching as caching
-from flows.caching import code_closure, stage_key
+import tasks.code_version as code_version
+from flows.caching import stage_key
+from tasks.code_version import code_closure
 from tasks.common import StageResult
 from tasks.config import DataConfig
 
@@ -48,8 +49,8 @@ def test_key_follows_config_and_upstream_digest():
 
 @pytest.fixture
 def repo_copy(tmp_path, monkeypatch) -> Path:
-    shutil.copytree(caching.REPO_DIR / "tasks", tmp_path / "tasks")
-    monkeypatch.setattr(caching, "REPO_DIR", tmp_path)
+    shutil.copytree(code_version.REPO_DIR / "tasks", tmp_path / "tasks")
+    monkeypatch.setattr(code_version, "REPO_DIR", tmp_path)
     return tmp_path
 
 

@@ -1,4 +1,5 @@
-"""Stage "train": assistant-only label masking, and real LoRA / QLoRA runs on a tiny base."""
+"""Stage "train": assistant-only label masking, padding-free packing, and real LoRA / QLoRA runs
+on a tiny base."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.base_model import build_base_model
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
 from tasks.common import DataError
-from tasks.config import BaseModelConfig, TrainConfig
-from tasks.conversations import qa_to_conversation, split_train_dev
-from tasks.qa_text import read_qa_text
+from tasks.config import TrainConfig
 from tasks.modeling import generate, load_model, load_tokenizer
 from tasks.train import IGNORE, _load_for_training, encode_conversation, train_adapter
-
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample" / "plant_care_qa.txt"
+from tasks.train_data import encode_file
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -31,20 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, Path]:
-    """A tiny embedded base model built from a slice of the sample corpus, and its split."""
-    root = tmp_path_factory.mktemp("train")
-    convs = [qa_to_conversation(r["q"], r["a"]) for r in read_qa_text(SAMPLE)]
-    train, dev = split_train_dev(convs, 0.7)
-    paths = {"train": root / "train.json", "dev": root / "dev.json"}
-    paths["train"].write_text(json.dumps(train[:96], ensure_ascii=False), encoding="utf-8")
-    paths["dev"].write_text(json.dumps(dev[:24], ensure_ascii=False), encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PIPELINE_HOME", str(root / "home"))
-        base = build_base_model(paths["train"], BaseModelConfig(
-            vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_seq_len=64,
-            pretrain_epochs=10, learning_rate=5e-3))
-    return {**paths, "base": Path(base.path)}
+def data(tiny_base) -> dict[str, Path]:
+    return tiny_base
 
 
 @pytest.fixture(autouse=True)
@@ -93,10 +80,40 @@ def test_masking_follows_any_chat_template(data):
         "减少浇水，放到散射光处。<|im_end|>\n", "见干见湿，约一周一次。<|im_end|>\n"]
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_train_adapter_lowers_dev_loss(data, home, method):
+def test_packed_batch_has_the_loss_of_the_padded_batch(data):
+    """Padding-free packing is only a layout: one row of examples back to back, with position
+    ids restarting per example, must give the padded batch's loss -- transformers keeps the
+    attention within each example. Without the position ids it would not (examples would see
+    each other), which is what this test would catch."""
+    tok = load_tokenizer(data["base"])
+    tok.padding_side = "right"
+    examples, _, _ = encode_file(tok, data["train"], max_length=96)
+    batch = sorted(examples[:8], key=lambda e: len(e["input_ids"]))[::3]   # unequal lengths
+    assert len({len(e["input_ids"]) for e in batch}) > 1
+    model = load_model(data["base"]).eval()
+    model.config.use_cache = False  # as train.py does: with a KV cache, packed rows go unseen
+    padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE)(batch)
+    packed = DataCollatorWithFlattening(separator_id=IGNORE)(batch)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert packed["input_ids"].numel() == sum(len(e["input_ids"]) for e in batch) \
+        < padded["input_ids"].numel()
+    with torch.no_grad():
+        loss_padded = model(**padded).loss
+        loss_packed = model(**packed).loss
+        leaky = model(input_ids=packed["input_ids"], labels=packed["labels"]).loss
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-5)
+    assert abs(leaky - loss_padded) > 1e-3
+
+
+def test_packing_is_refused_for_ptuning():
+    with pytest.raises(ValueError, match="packing works with lora/qlora only"):
+        TrainConfig(method="ptuning", packing=True)
+
+
+@pytest.mark.parametrize("method,packing", [("lora", False), ("qlora", False), ("lora", True)])
+def test_train_adapter_lowers_dev_loss(data, home, method, packing):
     cfg = TrainConfig(method=method, epochs=4, batch_size=8, learning_rate=1e-2, lora_r=8,
-                      lora_alpha=16, max_length=96, eval_steps=8)
+                      lora_alpha=16, max_length=96, eval_steps=8, packing=packing)
     res = train_adapter(data["base"], data["train"], data["dev"], cfg)
     out = Path(res.path)
     assert res.stage == "train" and out.parent == home / "outputs" / "train" and res.exists()
@@ -108,7 +125,11 @@ def test_train_adapter_lowers_dev_loss(data, home, method):
     assert m["perplexity_after"] < m["perplexity_before"]
     assert 0 < m["trainable_params"] < m["total_params"] and 0 < m["trainable_percent"] < 100
     assert m["train_tokens_per_s"] > 0 and m["train_seconds"] > 0 and m["train_loss"] > 0
-    assert m["truncated_examples"] >= 0
+    assert m["truncated_examples"] >= 0 and m["packing"] == packing
+    if packing:                 # no pad token trained on (up to the last partial epoch)
+        assert m["padding_fraction"] < 0.01, m
+    else:                       # 96 chats of unequal length, padded per batch of 8
+        assert 0.05 < m["padding_fraction"] < 0.9, m
     assert res.info["method"] == method
     log = res.info["log_history"]
     evals = [h for h in log if "eval_loss" in h]

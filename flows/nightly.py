@@ -30,7 +30,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows.caching import stage_cache_policy
-from flows.pipeline import _stages
+from flows.pipeline import run_stages
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.common import StageResult, project_dir
@@ -198,12 +198,16 @@ def nightly(config: PipelineConfig = PipelineConfig(),
     """Retrain on the configured data (cache hits where nothing changed) and promote the new
     model to the registry alias `champion` only if it beats the current champion on the same
     dev set without forgetting more than the bound on out-of-domain probes."""
+    if config.train.method == "ptuning":
+        raise ValueError("nightly-retrain gates merged models (champion vs challenger, both "
+                         "standalone); train.method=ptuning yields a prefix adapter that cannot "
+                         "be merged: use lora or qlora, or run the full-pipeline deployment")
     evaluated: dict[str, Any] = {}
     params = {**config.model_dump(mode="json"), "gate": gate.model_dump(mode="json")}
     with parent_run(config.experiment, "nightly", params) as outer:
         run = GatedRun(outer.tracker, outer.parent_id, after_report=lambda r: evaluated.update(
             zip(("challenger", "champion"), evaluate_candidates(r, config, gate))))
-        out = _stages(run, config)
+        out = run_stages(run, config)
         if not evaluated:                     # the pipeline changed shape: gate after all
             evaluated.update(zip(("challenger", "champion"),
                                  evaluate_candidates(run, config, gate)))

@@ -18,22 +18,12 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_stages
 from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
-    parent_run, quantize_task, report_task, train_task
-from tasks.base_model import resolve_base_model
-from tasks.common import StageResult, read_json
+    parent_run, quantize_task, report_task, resolve_base_task, train_task
+from tasks.common import StageResult
 from tasks.config import PipelineConfig, load_config
 from tasks.modeling import pick_device
 from tasks.register import RegisteredVersion, register_version
-
-
-def dev_prompts(dev_json: Path, n: int) -> list[list[dict[str, str]]]:
-    """The first n dev conversations, cut before their last assistant turn."""
-    prompts = []
-    for rec in read_json(dev_json)[:n]:
-        turns = rec["conversations"]
-        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-        prompts.append(turns[:last])
-    return prompts
+from tasks.report import read_dev_prompts
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -41,18 +31,19 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Raw Q/A text -> fine-tuned, merged, int4-quantized, benchmarked, reported and registered
     chat model. Every stage is cached by content; every artifact and metric goes to MLflow."""
     with parent_run(config.experiment, "pipeline", config.model_dump(mode="json")) as run:
-        return _stages(run, config)
+        return run_stages(run, config)
 
 
-def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
+def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage of the pipeline inside an open parent run (the body of `pipeline`; the nightly
+    flow runs it too, with a PipelineRun that gates registration)."""
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
     _, data = data_stages(run, data_cfg)     # token lengths in the report: the model's tokens
     if cfg.base.path:
-        base = resolve_base_model(cfg.base)
-        run.tracker.log_stage(base, cached=False, seconds=0.0, params={"path": cfg.base.path})
-        run.rows.append({"stage": "base", "cached": False, "seconds": 0.0, "from_run": ""})
+        base = run.stage(resolve_base_task, cfg=cfg.base, params={"path": cfg.base.path},
+                         artifacts=lambda r: {})
     else:
         base = run.stage(base_model_task, data=data, cfg=cfg.base,
                          artifacts=lambda r: {"base_model": r.path})
@@ -81,7 +72,8 @@ def _stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
                                 "dtype": cfg.merge.dtype},
                      "int4": {"path": int4.path, "digest": int4.digest}}
     bench = run.stage(benchmark_task, variants=variants,
-                      prompts=dev_prompts(data.file("dev_json"), cfg.benchmark.prompts),
+                      prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
+                               [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
     report = run.stage(report_task, base=base_spec, tuned=variants.get("merged", adapted),
                        data=data,

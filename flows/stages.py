@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.caching import stage_cache_policy
@@ -68,6 +69,14 @@ def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None 
     from tasks import data_report
 
     return data_report.build_data_report(qa, data, tokenizer)
+
+
+@task(name="base", cache_policy=NO_CACHE)
+def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
+    """base.path set: the user's model, used where it is (nothing computed, nothing cached)."""
+    from tasks import base_model
+
+    return base_model.resolve_base_model(cfg)
 
 
 @_stage("tasks.base_model", name="base", model_libs=True)

@@ -51,12 +51,12 @@ def evaluate_model(spec: dict[str, Any], dev_json: Path | None, probes_file: Pat
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
     model (`spec` as for tasks.modeling.load_model: "path", optional "adapter", "dtype", ...);
     score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
-    from tasks.report import SCORES, _answer_all, read_dev_prompts, read_probes, score_answer
+    from tasks.report import SCORES, answer_prompts, read_dev_prompts, read_probes, score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
     probes = read_probes(Path(probes_file))
     prompts = [p for p, _ in dev] + [[{"role": "user", "content": q}] for q in probes]
-    answers = _answer_all(spec, prompts, max_new_tokens)["answers"]
+    answers = answer_prompts(spec, prompts, max_new_tokens)["answers"]
     dev_answers, probe_answers = answers[:len(dev)], answers[len(dev):]
     per_prompt = [score_answer(a, ref) for a, (_, ref) in zip(dev_answers, dev)]
     metrics = {k: sum(s[k] for s in per_prompt) / len(per_prompt) for k in SCORES} if dev else {}

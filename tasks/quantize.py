@@ -8,6 +8,7 @@ full-precision merged model (top-1 agreement), so a broken quantization shows up
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,12 +55,14 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         if not _is_bnb_folder(tmp) or not any(
                 type(m).__name__ == "Linear4bit" for m in reloaded.modules()):
             raise RuntimeError(f"{tmp}: saved model did not reload as 4-bit")
+        # it must generate (an empty answer -- eos first -- is an answer; a crash is not) and
+        # predict like the merged model it came from
         sample = generate(reloaded, tokenizer, [sample_prompt or SAMPLE_PROMPT],
                           max_new_tokens=32)[0]
-        if not sample:
-            raise RuntimeError(f"reloaded int4 model from {merged_dir} generated no text")
         full = load_model(merged_dir, dtype=cfg.compute_dtype, device=device)
         agree, logit_diff = top1_agreement(full, reloaded, probe_ids(tokenizer, PROBE))
+        if not math.isfinite(logit_diff):
+            raise RuntimeError(f"reloaded int4 model from {merged_dir} gives non-finite logits")
         size, merged_size = weights_mib(tmp), weights_mib(merged_dir)
         out, digest = publish_dir(tmp, stage_root("quantize"))
     return StageResult(

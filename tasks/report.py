@@ -111,7 +111,7 @@ def read_probes(probes_file: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-def _answer_all(spec: dict, prompts: list[list[Message]], max_new_tokens: int) -> dict[str, Any]:
+def answer_prompts(spec: dict, prompts: list[list[Message]], max_new_tokens: int) -> dict[str, Any]:
     """Load one model from its spec, answer every prompt greedily, free it again.
 
     Tokens generated per prompt are counted with a hook on the LM head (one call per decoding
@@ -219,8 +219,8 @@ def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg
     used = dev[:max(n_show, n_eval)]
     prompts = [p for p, _ in used] + [[{"role": "user", "content": q}] for q in probes]
 
-    runs = {"base": _answer_all(base, prompts, cfg.max_new_tokens),
-            "tuned": _answer_all(tuned, prompts, cfg.max_new_tokens)}
+    runs = {"base": answer_prompts(base, prompts, cfg.max_new_tokens),
+            "tuned": answer_prompts(tuned, prompts, cfg.max_new_tokens)}
     dev_ans = {k: r["answers"][:len(used)] for k, r in runs.items()}
     probe_ans = {k: r["answers"][len(used):] for k, r in runs.items()}
     refs = [r for _, r in used]

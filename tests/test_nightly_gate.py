@@ -228,3 +228,12 @@ def test_nightly_failed_stage_fails_both_runs_and_registers_nothing(client, firs
     kids = children(client, last.info.run_id)
     assert kids["ingest"].info.status == "FAILED" and "gate" not in kids
     assert versions(client) == before and champion(client) == alias
+
+
+def test_nightly_refuses_ptuning_before_anything_runs(client, first):
+    runs_before = len(client.search_runs([client.get_experiment_by_name(EXPERIMENT)
+                                          .experiment_id]))
+    with pytest.raises(ValueError, match="ptuning yields a prefix adapter"):
+        nightly(config(train={"method": "ptuning"}), gate())
+    assert len(client.search_runs([client.get_experiment_by_name(EXPERIMENT)
+                                   .experiment_id])) == runs_before

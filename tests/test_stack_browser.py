@@ -198,9 +198,15 @@ def ui_run(stack, api, deployments, browser) -> dict:
     shot(page, "prefect-2-run-form")
     page.get_by_role("button", name="Submit").click()
 
-    page.get_by_role("link", name="View run").first.click()
-    page.wait_for_url(re.compile(r"/runs/flow-run/[0-9a-f-]{36}"))
-    flow_run_id = re.search(r"/flow-run/([0-9a-f-]{36})", page.url).group(1)
+    # the run the form created, seen through the API (the UI's "View run" toast is brief: on a
+    # loaded machine it has been gone before it could be clicked)
+    flow_run_id = _created_run(api, deployments["full-pipeline"]["id"], page)
+    view_run = page.get_by_role("link", name="View run").first
+    if view_run.is_visible():
+        view_run.click()
+    else:
+        page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
+    page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
     deadline, last_reload, state = time.monotonic() + RUN_TIMEOUT_S, time.monotonic(), ""
     while state not in {"Completed", "Failed", "Crashed", "Cancelled"}:
         assert time.monotonic() < deadline, f"the UI still shows {state!r} after the timeout"
@@ -215,6 +221,20 @@ def ui_run(stack, api, deployments, browser) -> dict:
     assert state == "Completed", f"flow run {flow_run_id} ended {state}: see " \
                                  f"{stack.log('prefect-worker')}"
     return run
+
+
+def _created_run(api: Api, deployment_id: str, page, timeout: float = 90) -> str:
+    """Id of the one flow run of `deployment_id`, waiting for the UI's submit to create it."""
+    deadline = time.monotonic() + timeout
+    while not (runs := api("POST", "/flow_runs/filter", json={
+            "flow_runs": {"deployment_id": {"any_": [deployment_id]}}})):
+        if time.monotonic() > deadline:
+            shot(page, "prefect-2-after-submit")
+            pytest.fail(f"Submit in the Run form created no flow run within {timeout:.0f} s "
+                        f"(screenshot prefect-2-after-submit.png)")
+        time.sleep(1)
+    assert len(runs) == 1, [r["name"] for r in runs]
+    return runs[0]["id"]
 
 
 def test_stack_start_is_idempotent_and_healthy(stack):

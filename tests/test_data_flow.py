@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-import flows.caching as caching
+import tasks.code_version as code_version
 from flows.data import data_pipeline
 from flows.tracking import tracking_uri
 from tasks.common import REPO_DIR, DataError
@@ -84,7 +84,7 @@ def test_changed_parser_helper_recomputes_ingest_only(tmp_path, monkeypatch):
     parser = tmp_path / "repo" / "tasks" / "qa_text.py"
     parser.write_text(parser.read_text(encoding="utf-8").replace(
         "bad = size != 2", "bad = (size != 2) | (size > 2)"), encoding="utf-8")
-    monkeypatch.setattr(caching, "REPO_DIR", tmp_path / "repo")
+    monkeypatch.setattr(code_version, "REPO_DIR", tmp_path / "repo")
     again = data_pipeline(DataConfig(source=corpus))
     # ingest re-ran; its output did not change, so everything downstream was a cache hit
     assert statuses(again) == {"ingest": False, "conversations": True, "validate": True,

@@ -25,6 +25,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
 from tasks.common import DataError, StageResult, atomic_write_bytes, atomic_write_json, \
     digest_bytes, digest_path, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import BaseModelConfig
+from tasks.modeling import DEFAULT_CHAT_TEMPLATE
 from tasks.validate import validate_file
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -36,17 +37,7 @@ USER_SYMBOLS = [*ROLE_TOKENS, "\n"]
 #: ASCII is always in the vocabulary (units, pH, numbers), spaces included ("▁" in sentencepiece)
 REQUIRED_CHARS = "▁" + string.ascii_letters + string.digits + string.punctuation
 
-#: ChatGLM3-like: `<|role|>\n content`, an assistant turn closed by eos; prefix-consistent.
-CHAT_TEMPLATE = (
-    "{%- for m in messages -%}"
-    "{%- if m['role'] not in ['system', 'user', 'assistant'] -%}"
-    "{{ raise_exception('unknown role ' ~ m['role'] ~ ': expected system, user or assistant') }}"
-    "{%- endif -%}"
-    "{{ '<|' ~ m['role'] ~ '|>\n' ~ m['content'] }}"
-    "{%- if m['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
-)
+CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE          # the embedded default's, saved with it
 PRETRAIN_BATCH = 4
 
 

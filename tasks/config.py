@@ -110,6 +110,10 @@ class TrainConfig(_Section):
     compute_dtype: Dtype = Field("float32", description="qlora: compute dtype of the 4-bit "
                                                         "layers.")
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in "
+                                                "the backward pass (less memory, ~30% slower; "
+                                                "lora/qlora); empty: on for qlora on a GPU, off "
+                                                "otherwise.")
     seed: int = Field(42, description="Training seed.")
     num_virtual_tokens: int = Field(16, ge=1, description="ptuning: prefix length (virtual "
                                     "tokens per layer).")
@@ -130,11 +134,14 @@ class TrainConfig(_Section):
                           "visible CUDA devices; 1 = no launcher. Ignored on a CPU.")
 
     @model_validator(mode="after")
-    def _packing_needs_lora(self) -> "TrainConfig":
+    def _lora_only_options(self) -> "TrainConfig":
         if self.packing and self.method == "ptuning":
             raise ValueError("train.packing works with lora/qlora only: a P-Tuning v2 prefix "
                              "is prepended once per row, so packed examples after the first "
                              "would not see it")
+        if self.gradient_checkpointing and self.method == "ptuning":
+            raise ValueError("train.gradient_checkpointing works with lora/qlora only (peft "
+                             "prefix tuning does not support it)")
         return self
 
 

@@ -6,6 +6,7 @@ Pure transformers/peft/bitsandbytes: no Prefect, no MLflow (this runs on the GPU
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -15,6 +16,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 Message = dict[str, str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+log = logging.getLogger(__name__)
+
+#: For models that ship no chat template (base, not chat, models) and for the embedded default:
+#: ChatGLM3-like `<|role|>\n content`, an assistant turn closed by the model's eos (so the
+#: model learns to stop); prefix-consistent, as assistant-only masking needs.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('unknown role ' ~ m['role'] ~ ': expected system, user or assistant') }}"
+    "{%- endif -%}"
+    "{{ '<|' ~ m['role'] ~ '|>\n' ~ m['content'] }}"
+    "{%- if m['role'] == 'assistant' -%}{{ eos_token }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
 
 
 def pick_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> str:
@@ -34,9 +50,17 @@ def bnb_config(quant_type: str = "nf4", double_quant: bool = True,
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model folder, with a pad token (its eos if it has none) and a chat
+    template (DEFAULT_CHAT_TEMPLATE if it has none; saved with the adapter and merged model, so
+    what was trained is what is served)."""
     tok = AutoTokenizer.from_pretrained(str(path))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        log.warning("%s has no chat template: using the default one (tasks.modeling."
+                    "DEFAULT_CHAT_TEMPLATE: <|system|>/<|user|>/<|assistant|> turns, eos after "
+                    "each answer)", path)
+        tok.chat_template = DEFAULT_CHAT_TEMPLATE
     return tok
 
 

@@ -16,7 +16,8 @@ outputs/train-checkpoints/<hash of base, data files, config and this stage's cod
 `save_steps`, so a killed run of the same inputs resumes from the last one and its loss curve
 continues. SIGTERM (preemption, `kill`, a cancelled flow run) is not a crash: the step in
 flight finishes, a checkpoint is saved at that step, and the process then dies of the signal
-as it would have (or the previous handler runs).
+as it would have (or the previous handler runs). Under torchrun the launching process passes
+SIGTERM on, and the ranks agree on the step.
 
 Multi-GPU: with more than one CUDA device (or `num_gpus`), the stage re-launches itself through
 torchrun (`python -m tasks.train --worker spec.json`, DDP) and waits; the caller (a Prefect task)
@@ -33,25 +34,26 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PrinterCallback, \
-    Trainer, TrainerCallback, TrainingArguments
+    Trainer, TrainingArguments
 
 from tasks.code_version import code_digest
 from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes, digest_path, \
     project_dir, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import TrainConfig
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
+from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, ProgressLog, \
+    last_checkpoint, list_checkpoints, log_history
 from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss_curve, \
     write_sanity
 
-__all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "learning_rate"]
-log = logging.getLogger("tasks.train")      # also when run as __main__ (torchrun)
+__all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "last_checkpoint",
+           "learning_rate"]
 DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "ptuning": 2e-2}
 #: config fields that do not change what is trained (left out of the checkpoint key)
 NOT_IN_KEY = {"resume", "save_total_limit", "sanity_examples"}
@@ -91,6 +93,13 @@ def _init_prefix(model, ids: list[int]) -> None:
     emb.copy_(stacked.permute(2, 0, 1, 3).reshape(n, -1).to(emb.dtype))
 
 
+def gradient_checkpointing(cfg: TrainConfig, device: str) -> bool:
+    """`train.gradient_checkpointing`, or by default: on for qlora on a GPU (as seed 001)."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    return cfg.method == "qlora" and device.startswith("cuda")
+
+
 def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
                        init_ids: list[int] | None = None):
     """The base with a peft adapter attached: LoRA (on a 4-bit base for qlora) or a prefix
@@ -99,12 +108,13 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
         prepare_model_for_kbit_training
 
     cuda = device.startswith("cuda")
+    checkpointing = gradient_checkpointing(cfg, device)
     if cfg.method == "qlora":
         model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
                            quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cuda,   # non-reentrant: works under DDP
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})   # works under DDP
         # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights for inference at the
         # first eval-mode forward (the dev eval) and never back: later training forwards then
         # take a kernel without autograd and silently drop gradients through the base layers.
@@ -114,6 +124,8 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
     else:
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         model = load_model(base_dir, device=device, dtype=dtype)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
     if cfg.method == "ptuning":
         peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM",
@@ -130,84 +142,6 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
     if cfg.method == "ptuning" and init_ids and not cfg.prefix_projection:
         _init_prefix(model, init_ids)
     return model
-
-
-def _log_history(history: list[dict]) -> list[dict]:
-    """Trainer's log history reduced to {"step", "loss"} / {"step", "eval_loss"} entries."""
-    out, seen = [], set()
-    for h in history:
-        for key in ("loss", "eval_loss"):
-            if key in h and (h["step"], key) not in seen:
-                seen.add((h["step"], key))
-                out.append({"step": int(h["step"]), key: round(float(h[key]), 5)})
-    return out
-
-
-class _ProgressLog(TrainerCallback):
-    """One log line per logging step (train loss, dev loss, LR), e.g. in the Prefect task log."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {k: round(v, 5) for k, v in (logs or {}).items()
-                 if k in ("loss", "eval_loss", "learning_rate")}
-        if shown and state.is_world_process_zero:
-            log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
-
-
-class _CheckpointOnSigterm(TrainerCallback):
-    """SIGTERM while training: finish the step in flight, checkpoint at it and stop; on leaving
-    the `with` block, re-deliver the signal to whatever handled it before (the default: the
-    process dies of it), so a stopped run never publishes a half-trained adapter.
-
-    Python handles signals in the main thread only; elsewhere this does nothing (a kill then
-    resumes from the last periodic checkpoint). Under DDP the ranks agree on the stop step."""
-
-    def __init__(self) -> None:
-        self.received, self._previous = False, None
-
-    def __enter__(self) -> "_CheckpointOnSigterm":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM,
-                                           lambda *_: setattr(self, "received", True))
-        return self
-
-    def on_step_end(self, args, state, control, **kwargs):
-        stop = self.received
-        if args.world_size > 1:
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = self.received = bool(flag.item())
-        if stop:
-            log.warning("SIGTERM: saving a checkpoint at step %d and stopping",
-                        state.global_step)
-            control.should_save = control.should_training_stop = True
-
-    def __exit__(self, *exc) -> None:
-        if self._previous is None:
-            return
-        signal.signal(signal.SIGTERM, self._previous)
-        if self.received and exc[0] is None:
-            signal.raise_signal(signal.SIGTERM)
-            raise RuntimeError("training stopped by SIGTERM after saving a checkpoint; run the "
-                               "stage again to resume")
-
-
-def _checkpoints(ckpt_dir: Path) -> list[dict]:
-    out = []
-    for p in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1])):
-        out.append({"name": p.name, "step": int(p.name.split("-")[1]), "path": str(p)})
-    return out
-
-
-def last_checkpoint(ckpt_dir: Path) -> str | None:
-    """The newest complete checkpoint (its trainer_state.json, written last, parses): a run
-    killed while saving leaves a partial one, which is skipped."""
-    for c in reversed(_checkpoints(ckpt_dir) if ckpt_dir.is_dir() else []):
-        try:
-            read_json(Path(c["path"]) / "trainer_state.json")
-        except (OSError, ValueError):
-            continue
-        return c["path"]
-    return None
 
 
 def _num_gpus(cfg: TrainConfig) -> int:
@@ -247,10 +181,13 @@ def _launch(gpus: int, base_dir, train_json, dev_json, cfg: TrainConfig, ckpt: P
            "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc_per_node={gpus}", "-m", "tasks.train", "--worker", str(spec)]
-    proc = subprocess.run(cmd, cwd=REPO_DIR, env=env)
-    if proc.returncode != 0 or not result.is_file():
-        raise RuntimeError(f"multi-GPU training failed (exit {proc.returncode}): "
-                           f"{' '.join(cmd)}")
+    proc = subprocess.Popen(cmd, cwd=REPO_DIR, env=env)
+    # SIGTERM here goes on to torchrun, which passes it to every rank: they checkpoint the
+    # same step and exit; then this process dies of the signal too
+    with DeferredSigterm(on_signal=lambda: proc.send_signal(signal.SIGTERM)):
+        returncode = proc.wait()
+    if returncode != 0 or not result.is_file():
+        raise RuntimeError(f"multi-GPU training failed (exit {returncode}): {' '.join(cmd)}")
     return StageResult(**read_json(result))
 
 
@@ -288,14 +225,15 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         include_num_input_tokens_seen="all")       # pads included: the padding share below
     collator = (DataCollatorWithFlattening(separator_id=IGNORE) if cfg.packing
                 else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE))
-    stopper = _CheckpointOnSigterm()
+    sigterm = DeferredSigterm()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
-                      data_collator=collator, callbacks=[_ProgressLog(), stopper])
+                      data_collator=collator,
+                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm)])
     trainer.remove_callback(PrinterCallback)      # the log history is returned instead
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with stopper:
+    with sigterm:
         result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - t0
     eval_after = trainer.evaluate()["eval_loss"]
@@ -312,8 +250,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
                        if h["step"] >= resumed_step and (last is None or h["step"] > 0))
     useful = sum(len(e["input_ids"]) for e in train) * cfg.epochs    # the whole run, no pads
     seen = trainer.state.num_input_tokens_seen or useful             # ... and with its pads
-    log = _log_history(history)
-    checkpoints = _checkpoints(ckpt)
+    log = log_history(history)
+    checkpoints = list_checkpoints(ckpt)
 
     tok.padding_side = padding_side
     with staging_dir(stage_root("train")) as tmp:
@@ -350,6 +288,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         stage="train", path=str(out), digest=digest, files=files,
         metrics={k: float(v) for k, v in metrics.items()},
         info={"log_history": log, "method": cfg.method, "base_dir": base_dir, "device": device,
+              "gradient_checkpointing": gradient_checkpointing(cfg, device),
               "learning_rate": learning_rate(cfg), "checkpoint_dir": str(ckpt),
               "checkpoints": checkpoints, "resumed_from": last,
               "target_modules": sorted(getattr(peft_cfg, "target_modules", None) or [])})
@@ -368,4 +307,5 @@ def _worker(spec_path: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="train stage worker (one torchrun rank)")
     ap.add_argument("--worker", type=Path, required=True, help="launch spec JSON")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")   # rank 0's progress lines
     _worker(ap.parse_args().worker)

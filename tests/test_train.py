@@ -4,16 +4,17 @@ on a tiny base."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
 from tasks.common import DataError
 from tasks.config import TrainConfig
-from tasks.modeling import generate, load_model, load_tokenizer
+from tasks.modeling import DEFAULT_CHAT_TEMPLATE, generate, load_model, load_tokenizer
 from tasks.train import IGNORE, _load_for_training, encode_conversation, train_adapter
 from tasks.train_data import encode_file
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
@@ -105,9 +106,11 @@ def test_packed_batch_has_the_loss_of_the_padded_batch(data):
     assert abs(leaky - loss_padded) > 1e-3
 
 
-def test_packing_is_refused_for_ptuning():
+def test_packing_and_checkpointing_are_refused_for_ptuning():
     with pytest.raises(ValueError, match="packing works with lora/qlora only"):
         TrainConfig(method="ptuning", packing=True)
+    with pytest.raises(ValueError, match="gradient_checkpointing works with lora/qlora only"):
+        TrainConfig(method="ptuning", gradient_checkpointing=True)
 
 
 @pytest.mark.parametrize("method,packing", [("lora", False), ("qlora", False), ("lora", True)])
@@ -171,3 +174,43 @@ def test_train_refuses_a_bad_dev_file(data, tmp_path):
                               ensure_ascii=False), encoding="utf-8")
     with pytest.raises(DataError, match="dev.json"):
         train_adapter(data["base"], data["train"], bad, TrainConfig())
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(data, method):
+    """train.gradient_checkpointing recomputes activations instead of storing them: the
+    gradients of the trained parameters must not change."""
+    x = torch.tensor([[5, 7, 40, 41, 42, 43, 6, 7, 44, 45, 2]])
+    grads = {}
+    for on in (False, True):
+        torch.manual_seed(0)
+        cfg = TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=on)
+        model = _load_for_training(str(data["base"]), cfg, "cpu")
+        assert model.get_base_model().is_gradient_checkpointing == on
+        model.train()
+        model(input_ids=x, labels=x).loss.backward()
+        grads[on] = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+    assert grads[False].abs().sum() > 0
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_without_chat_template_gets_the_default_one(data, tmp_path, home):
+    """A base (not chat) model ships no template: the stage uses DEFAULT_CHAT_TEMPLATE, still
+    learns only the answers, and saves the template with the adapter."""
+    plain = tmp_path / "plain-base"
+    shutil.copytree(data["base"], plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_file = plain / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg.pop("chat_template", None)
+    cfg_file.write_text(json.dumps(cfg), encoding="utf-8")
+    assert not AutoTokenizer.from_pretrained(str(plain)).chat_template
+
+    tok = load_tokenizer(plain)
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    enc = encode_conversation(tok, {"conversations": MULTI_TURN}, max_length=512)
+    assert [tok.decode(s).strip() for s in _learned_spans(enc)] == [
+        "减少浇水，放到散射光处。</s>", "见干见湿，约一周一次。</s>"]
+    res = train_adapter(plain, data["train"], data["dev"], TrainConfig(
+        epochs=1, batch_size=16, max_length=96, eval_steps=50, sanity_examples=1))
+    assert AutoTokenizer.from_pretrained(res.path).chat_template == DEFAULT_CHAT_TEMPLATE

@@ -91,6 +91,7 @@ class CheckpointOnSigterm(TrainerCallback):
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[dict]:
+    """{"name", "step", "path"} of every checkpoint-<step> folder, oldest first."""
     out = []
     for p in sorted(ckpt_dir.glob("checkpoint-*"), key=lambda q: int(q.name.split("-")[1])):
         out.append({"name": p.name, "step": int(p.name.split("-")[1]), "path": str(p)})

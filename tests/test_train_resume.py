@@ -14,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -41,14 +43,22 @@ def data(tiny_base, tmp_path, monkeypatch) -> dict[str, Path]:
     return tiny_base
 
 
-def _start(data, cfg: TrainConfig, **kwargs) -> subprocess.Popen:
-    """The train stage in a child process of its own (the process that gets killed)."""
+@contextmanager
+def _training_process(data, cfg: TrainConfig, **kwargs) -> Iterator[subprocess.Popen]:
+    """The train stage in a child process of its own (the process that gets killed); killed
+    after 300 s at the latest, so a hung child fails the test, not the session."""
     env = {**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data["base"]), str(data["train"]),
                              str(data["dev"]), cfg.model_dump_json()], cwd=REPO_DIR, env=env,
                             **kwargs)
-    threading.Timer(300, proc.kill).start()     # a hung child fails the test, not the session
-    return proc
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        yield proc
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
 
 
 def _resume_and_check(data, cfg: TrainConfig, killed_at: int, eval_loss_at_start: float):
@@ -65,15 +75,13 @@ def _resume_and_check(data, cfg: TrainConfig, killed_at: int, eval_loss_at_start
 
 def test_sigkilled_run_resumes_from_its_last_checkpoint(data):
     ckpt = checkpoint_dir(data["base"], data["train"], data["dev"], CFG)
-    proc = _start(data, CFG, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with _training_process(data, CFG, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL) as proc:
         while last_checkpoint(ckpt) is None:
             assert proc.poll() is None, "training exited before its first checkpoint"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    finally:
-        proc.kill()
     assert proc.returncode == -signal.SIGKILL
     killed_at = int(Path(last_checkpoint(ckpt)).name.split("-")[1])
     assert 0 < killed_at < TOTAL
@@ -90,9 +98,9 @@ def test_sigkilled_run_resumes_from_its_last_checkpoint(data):
 def test_sigterm_checkpoints_the_step_in_flight_then_resumes(data):
     cfg = CFG.model_copy(update={"save_steps": 1000})   # no periodic checkpoint at all
     ckpt = checkpoint_dir(data["base"], data["train"], data["dev"], cfg)
-    proc = _start(data, cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen, lines = 0, []
-    try:
+    with _training_process(data, cfg, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True) as proc:
         for line in proc.stderr:                # the stage logs "step N/96 {...}" as it goes
             lines.append(line)
             if (match := re.match(r"step (\d+)/(\d+) ", line)):
@@ -103,8 +111,6 @@ def test_sigterm_checkpoints_the_step_in_flight_then_resumes(data):
                     break
         lines += proc.stderr.readlines()
         proc.wait(timeout=60)
-    finally:
-        proc.kill()
     assert seen >= 10, "".join(lines[-20:])
     assert proc.returncode == -signal.SIGTERM, "".join(lines[-20:])
     [saved] = [Path(c) for c in ckpt.glob("checkpoint-*")]

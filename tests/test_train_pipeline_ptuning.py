@@ -4,6 +4,7 @@ and reported, and the prefix adapter is what gets registered."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -40,4 +41,13 @@ def test_ptuning_pipeline_skips_merge_and_registers_the_prefix(tmp_path):
     assert {"adapter/adapter_config.json", "adapter/loss_curve.png",
             "adapter/sanity_check.md"} <= names
     assert train_run.data.metrics["eval_loss_after"] < train_run.data.metrics["eval_loss_before"]
-    assert train_run.data.metrics["checkpoints"] >= 1
+    # the run's checkpoints are listed in MLflow (stage_result.json), pruned to the limit
+    result = json.loads(Path(client.download_artifacts(train_run.info.run_id, "stage_result.json",
+                                                       str(tmp_path))).read_text())
+    checkpoints = result["info"]["checkpoints"]
+    saved = int(train_run.data.metrics["global_step"]) // cfg.train.save_steps
+    assert saved > cfg.train.save_total_limit == len(checkpoints)      # older ones pruned
+    assert len(checkpoints) == train_run.data.metrics["checkpoints"]
+    assert [c["name"] for c in checkpoints] == [f"checkpoint-{c['step']}" for c in checkpoints]
+    assert all(Path(c["path"], "adapter_model.safetensors").is_file() for c in checkpoints)
+    assert checkpoints[-1]["step"] == train_run.data.metrics["global_step"]

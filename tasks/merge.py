@@ -29,12 +29,8 @@ def weights_mib(folder: Path) -> float:
 
 
 def probe_ids(tokenizer, messages=PROBE) -> torch.Tensor:
-    """A short token sequence: the chat template when there is one, else plain text."""
-    if tokenizer.chat_template:
-        ids = prompt_ids(tokenizer, messages)
-    else:
-        ids = tokenizer(" ".join(m["content"] for m in messages))["input_ids"]
-    return torch.tensor([ids])
+    """A short chat prompt as a (1, n) tensor (load_tokenizer guarantees a chat template)."""
+    return torch.tensor([prompt_ids(tokenizer, messages)])
 
 
 def _check_inputs(base_dir: Path, adapter_dir: Path) -> None:

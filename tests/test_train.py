@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWith
 
 from tasks.common import DataError
 from tasks.config import TrainConfig
+from tasks.merge import merge_adapter
 from tasks.modeling import DEFAULT_CHAT_TEMPLATE, generate, load_model, load_tokenizer
 from tasks.train import IGNORE, _load_for_training, encode_conversation, train_adapter
 from tasks.train_data import encode_file
@@ -214,3 +215,5 @@ def test_a_model_without_chat_template_gets_the_default_one(data, tmp_path, home
     res = train_adapter(plain, data["train"], data["dev"], TrainConfig(
         epochs=1, batch_size=16, max_length=96, eval_steps=50, sanity_examples=1))
     assert AutoTokenizer.from_pretrained(res.path).chat_template == DEFAULT_CHAT_TEMPLATE
+    merged = merge_adapter(plain, res.path, "float32")          # served as it was trained
+    assert AutoTokenizer.from_pretrained(merged.path).chat_template == DEFAULT_CHAT_TEMPLATE

@@ -50,4 +50,17 @@ def test_ptuning_pipeline_skips_merge_and_registers_the_prefix(tmp_path):
     assert len(checkpoints) == train_run.data.metrics["checkpoints"]
     assert [c["name"] for c in checkpoints] == [f"checkpoint-{c['step']}" for c in checkpoints]
     assert all(Path(c["path"], "adapter_model.safetensors").is_file() for c in checkpoints)
+
+    # the train stage's progress lines reach the Prefect task-run log (the UI's Logs tab)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+    parent = client.get_run(train_run.data.tags["mlflow.parentRunId"])
+    with get_client(sync_client=True) as prefect:
+        logs = prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[parent.data.tags["prefect.flow_run_id"]])))
+    steps = [log for log in logs if log.name == "tasks.train" and log.message.startswith("step ")]
+    assert steps and all(log.task_run_id for log in steps), [log.message for log in logs][-20:]
     assert checkpoints[-1]["step"] == train_run.data.metrics["global_step"]

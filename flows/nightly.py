@@ -122,12 +122,7 @@ def evaluate_candidates(run: GatedRun, cfg: PipelineConfig, gate: GateConfig
         same = _scores_from_tags(champ, gate, merged.digest)
         return replace(same, version=None), same          # unchanged: nothing to evaluate
 
-    base = run.results.get("base")
-    if base is None:                                      # a user-given base model folder
-        from tasks.base_model import resolve_base_model
-        base = resolve_base_model(cfg.base)
-    if base is None:
-        raise RuntimeError("champion gate: the pipeline produced no base model result")
+    base = run.results["base"]              # built, or the user's base.path (a stage too)
     dev_json = run.results["conversations"].file("dev_json")
     common = {"probes_file": Path(cfg.report.probes_file), "eval_examples": gate.eval_examples,
               "max_new_tokens": gate.max_new_tokens}

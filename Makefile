@@ -1,25 +1,56 @@
 # One command each:  `make run`  (set up + run the pipeline on the embedded default)
 #                    `make test` (set up + run the test suite; this is what .ci/run calls)
-# Setup is idempotent: a fresh machine needs only Python 3.11+ and pip.
+# Setup is idempotent: a fresh machine needs only Python 3.11+ and pip. It installs the exact
+# versions of requirements.lock (every package, transitive ones included) and resolves nothing.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch is installed first on purpose: an unpinned torch pulls a multi-GB CUDA
-# build. On a GPU machine: `make run TORCH="torch --index-url <your CUDA wheel index>"`.
-TORCH  ?= torch==2.13.0
+LOCK   := requirements.lock
+# The CPU wheel of torch is pinned here, not in the lock: an unpinned torch pulls a multi-GB CUDA
+# build. On a GPU machine: `make run TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"`.
+TORCH_PIN := torch==2.13.0
+TORCH  ?= $(TORCH_PIN)
 STAMP  := $(VENV)/.installed
+HF_OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup run data test browsers clean-state
+.PHONY: setup run data test test-fast test-latest lock browsers clean-state
 
-$(STAMP): pyproject.toml
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# ---- The lock (README "Dependencies") -----------------------------------------------------------
+# `make lock` re-resolves pyproject.toml's ranges to the newest releases, for Python 3.11 on
+# Linux x86-64, with uv (itself locked). torch stays at TORCH_PIN: its CPU wheel is looked up in
+# TORCH_WHEELS so that the lock holds torch's CPU dependencies, not a CUDA build's.
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels/torch-*),/opt/wheels,https://download.pytorch.org/whl/torch/)
+lock:                  ## regenerate requirements.lock (then `make test` and commit both)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/python -m pip install -q "$$(grep -sE '^uv==' $(LOCK) || echo uv)"
+	echo "$(TORCH_PIN)" > $(VENV)/torch-pin.txt
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --upgrade --quiet \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(TORCH_WHEELS) --constraint $(VENV)/torch-pin.txt --no-emit-package torch \
+	  --custom-compile-command "make lock" -o $(LOCK)
+
+# An early warning for the next upstream release (not part of CI): a separate venv with the
+# newest versions pyproject.toml allows, the fast tests, and what differs from the lock.
+LATEST ?= .venv-latest
+test-latest:           ## newest allowed versions + the fast tests; run before every `make lock`
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q $(TORCH)
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST)/bin/python -m pip check
+	$(LATEST)/bin/python .ci/lock_diff.py $(LOCK)
+	$(HF_OFFLINE) $(LATEST)/bin/python -m pytest $(FAST) $(PYTEST_ARGS)
 
 run: setup             ## full pipeline, embedded default (ARGS="--set train.method=qlora")
 	$(BIN)/python -m flows.pipeline $(ARGS)
@@ -28,7 +59,12 @@ data: setup            ## data stage only
 	$(BIN)/python -m flows.data $(ARGS)
 
 test: setup            ## the whole test suite (what CI runs)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(HF_OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the inner loop: no servers, no browser, no training beyond tiny models (README "Tests")
+FAST := -m "not slow and not browser and not server"
+test-fast: setup       ## the fast tests only
+	$(HF_OFFLINE) $(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
 
 clean-state:           ## forget all runs, caches and outputs of this project (keeps .venv)
 	rm -rf outputs .prefect mlflow.db mlruns/[!.]*

@@ -80,8 +80,8 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
     from transformers.generation.streamers import BaseStreamer
 
     from tasks.merge import TOKENIZER_FILES
-    from tasks.modeling import _is_bnb_folder, bnb_config, load_model, load_tokenizer, \
-        prompt_ids
+    from tasks.modeling import _is_bnb_folder, bnb_config, generate_ids, load_model, \
+        load_tokenizer, prompt_ids
 
     class Stamps(BaseStreamer):
         """Records the wall time of every `put` (the prompt first, then each new token)."""
@@ -122,9 +122,9 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
         stamps = Stamps()
         sync()
         start = time.perf_counter()
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
-                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             pad_token_id=tokenizer.pad_token_id, streamer=stamps)
+        out = generate_ids(model, x, do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
+                           streamer=stamps)
         sync()
         end = time.perf_counter()
         if out.shape[1] - x.shape[1] != new_tokens or len(stamps.times) != new_tokens + 1:

@@ -6,6 +6,7 @@ Pure transformers/peft/bitsandbytes: no Prefect, no MLflow (this runs on the GPU
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Literal, Sequence
@@ -17,6 +18,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 Message = dict[str, str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 log = logging.getLogger(__name__)
+#: what bitsandbytes logs on AVX512-BF16 CPUs when the optional `kernels` package is absent
+NO_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named " \
+    "'kernels'"
+
+
+def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    """bitsandbytes (backends/cpu/ops.py) tries to fetch a CPU 4-bit matmul from the Hugging Face
+    Hub through the `kernels` package and warns at every import when the package is missing. We
+    never load code from the Hub at run time, so that absence is by design (README
+    "Dependencies"); any other failure of that loader is still shown."""
+    return not record.getMessage().startswith(NO_HUB_KERNEL)
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_notice)
 
 #: For models that ship no chat template (base, not chat, models) and for the embedded default:
 #: ChatGLM3-like `<|role|>\n content`, an assistant turn closed by the model's eos (so the
@@ -94,6 +109,43 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) 
                                          tokenize=True, return_dict=False)
 
 
+def prefix_length(model: PreTrainedModel) -> int:
+    """Virtual tokens of a peft prefix-tuning (P-Tuning v2) model; 0 for any other model."""
+    config = getattr(model, "active_peft_config", None)
+    return getattr(config, "num_virtual_tokens", 0) if getattr(
+        config, "peft_type", None) == "PREFIX_TUNING" else 0
+
+
+@torch.inference_mode()
+def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor, **kwargs):
+    """`model.generate(input_ids=..., **kwargs)`: prompt + new ids (or generate's output object),
+    correct for every model we make, P-Tuning v2 prefixes included.
+
+    A prefix model generates through its base, with the trained prefix as the initial KV cache
+    (`get_prompt`) and `n` placeholder ids in front of the prompt that the cache already covers,
+    so prompt positions start at `n` as in training. peft's own `generate` injects the prefix as
+    `past_key_values`, which transformers 5.24 (where the argument became `cache`) drops in favour
+    of the empty cache `generate` creates: the prefix never reached generation
+    (https://github.com/huggingface/peft/blob/main/src/peft/peft_model.py,
+    `PeftModelForCausalLM.prepare_inputs_for_generation`). This path works before and after."""
+    mask = torch.ones_like(input_ids)
+    n = prefix_length(model)
+    if not n:
+        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    base = model.get_base_model()
+    prefix = model.get_prompt(batch_size=input_ids.shape[0])          # a Cache of n positions
+    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters \
+        else "past_key_values"
+    placeholders = torch.zeros_like(input_ids[:, :1]).expand(-1, n)
+    out = base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1),
+                        attention_mask=torch.cat([torch.ones_like(placeholders), mask], dim=1),
+                        **{cache_arg: prefix}, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out[:, n:]
+    out.sequences = out.sequences[:, n:]                  # return_dict_in_generate=True
+    return out
+
+
 @torch.inference_mode()
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[Sequence[Message]], max_new_tokens: int = 64) -> list[str]:
@@ -102,8 +154,7 @@ def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     answers = []
     for messages in prompts:
         ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = generate_ids(model, ids, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
         answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     return answers

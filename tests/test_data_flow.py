@@ -19,6 +19,7 @@ from tasks.config import DataConfig
 SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 BAD = Path(__file__).parent / "data" / "bad"
 STAGES = ("ingest", "conversations", "validate", "data_report")
+pytestmark = pytest.mark.server             # each test runs the flow on a Prefect server
 
 
 def children(client: MlflowClient, parent_id: str) -> dict[str, object]:

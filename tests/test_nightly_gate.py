@@ -126,6 +126,7 @@ def gate_artifact(parent_run) -> str:
     return arts[0].data
 
 
+@pytest.mark.server
 def test_nightly_first_model_becomes_champion(client, first):
     d = first["decision"]
     assert d["outcome"] == "promote" and d["champion"] is None
@@ -146,6 +147,7 @@ def test_nightly_first_model_becomes_champion(client, first):
     assert "Champion gate: **PROMOTE**" in gate_artifact(parent)
 
 
+@pytest.mark.server
 def test_nightly_unchanged_data_is_all_cache_hits_and_no_new_version(client, first):
     before = versions(client)
     again = nightly(config(), gate())
@@ -170,6 +172,7 @@ def new_data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.server
 def test_nightly_new_data_retrains_and_the_gate_keeps_a_champion_not_beaten(client, first,
                                                                             new_data):
     # New data: everything recomputes, and the gate compares the new model with the champion on
@@ -196,6 +199,7 @@ def test_nightly_new_data_retrains_and_the_gate_keeps_a_champion_not_beaten(clie
     assert "Champion gate: **KEEP**" in gate_artifact(parent)
 
 
+@pytest.mark.server
 def test_nightly_promotes_a_challenger_that_passes_the_gate(client, first, new_data):
     # The same new model (all cache hits, its evaluations too), under a gate it passes.
     out = nightly(config(data={"source": str(new_data)}),
@@ -212,6 +216,7 @@ def test_nightly_promotes_a_challenger_that_passes_the_gate(client, first, new_d
     assert decision.tags["gate.decision"] == "promote" and decision.metrics["promoted"] == 1.0
 
 
+@pytest.mark.server
 def test_nightly_failed_stage_fails_both_runs_and_registers_nothing(client, first, tmp_path):
     bad = tmp_path / "incoming.txt"
     shutil.copy(REPO_DIR / "data" / "sample" / "plant_care_qa.txt", bad)
@@ -230,6 +235,7 @@ def test_nightly_failed_stage_fails_both_runs_and_registers_nothing(client, firs
     assert versions(client) == before and champion(client) == alias
 
 
+@pytest.mark.server
 def test_nightly_refuses_ptuning_before_anything_runs(client, first):
     runs_before = len(client.search_runs([client.get_experiment_by_name(EXPERIMENT)
                                           .experiment_id]))

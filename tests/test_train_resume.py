@@ -34,7 +34,7 @@ CHILD = ("import logging, sys, torch; torch.set_num_threads(1); from pathlib imp
          "TrainConfig.model_validate_json(sys.argv[4]))")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture

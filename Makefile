@@ -6,7 +6,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-LOCK   := requirements.lock
+# GPU=1: the GPU lock (the same pins + torchao for the fast int4 model)
+LOCK   := $(if $(GPU),requirements-gpu.lock,requirements.lock)
 # The CPU wheel of torch is pinned here, not in the lock: an unpinned torch pulls a multi-GB CUDA
 # build. On a GPU machine: `make run TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"`.
 TORCH_PIN := torch==2.13.0
@@ -38,7 +39,12 @@ lock:                  ## regenerate requirements.lock (then `make test` and com
 	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --upgrade --quiet \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	  --find-links $(TORCH_WHEELS) --constraint $(VENV)/torch-pin.txt --no-emit-package torch \
-	  --custom-compile-command "make lock" -o $(LOCK)
+	  --custom-compile-command "make lock" -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra dev --extra gpu --quiet \
+	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --find-links $(TORCH_WHEELS) --constraint $(VENV)/torch-pin.txt --no-emit-package torch \
+	  --constraint requirements.lock --custom-compile-command "make lock" \
+	  -o requirements-gpu.lock
 
 # An early warning for the next upstream release (not part of CI): a separate venv with the
 # newest versions pyproject.toml allows, the fast tests, and what differs from the lock.

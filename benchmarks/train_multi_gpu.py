@@ -1,6 +1,6 @@
 """Train-stage throughput on 1 vs N GPUs (data-parallel through the stage's own torchrun launch).
 
-The ~0.49 B random-weights Llama of benchmarks/gpu_pipeline.py (embedded tokenizer), the sample
+The ~0.49 B random-weights Llama of benchmarks/models.py ("0.5b", sample tokenizer), the sample
 train split repeated `--repeat` times, each method trained with `num_gpus=1` (in this process)
 and `num_gpus=N` (train_adapter re-launches itself with torchrun). Reports useful (non-pad)
 tokens/s and rank 0's peak CUDA memory. No Prefect/MLflow needed:
@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_pipeline import big_base
-from tasks.base_model import build_base_model
+from benchmarks.models import build_random_model
 from tasks.common import DATA_DIR, atomic_write_json
-from tasks.config import BaseModelConfig, TrainConfig
+from tasks.config import TrainConfig
 from tasks.conversations import qa_to_conversation, split_train_dev
 from tasks.qa_text import read_qa_text
 from tasks.train import train_adapter
@@ -42,8 +41,7 @@ def main() -> None:
     train, dev = split_train_dev([qa_to_conversation(p["q"], p["a"]) for p in pairs])
     train_json = atomic_write_json(args.out / "train.json", train * args.repeat)
     dev_json = atomic_write_json(args.out / "dev.json", dev[:32])
-    tiny = build_base_model(args.out / "train.json", BaseModelConfig(pretrain_epochs=1))
-    base_dir, params = big_base(Path(tiny.path), args.out / "home" / "big_base")
+    base_dir, params = build_random_model("0.5b", args.out / "home" / "big_base", "cuda")
     rows = []
     summary = {"device": torch.cuda.get_device_name(0), "gpus_visible": torch.cuda.device_count(),
                "torch": torch.__version__, "params": params, "train_examples": len(train) *

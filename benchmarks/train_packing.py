@@ -8,7 +8,7 @@ loss of the same examples padded (packing must be only a layout).
     PYTHONPATH=. python benchmarks/train_packing.py --model embedded          # CPU, ~2 M params
     PYTHONPATH=. python benchmarks/train_packing.py --model big --out results  # GPU, ~0.5 B params
 
-`big` is gpu_pipeline.py's random-init Llama (speed and memory, not quality).
+`big` is benchmarks/models.py's random-init "0.5b" Llama (speed and memory, not quality).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -31,8 +30,7 @@ from tasks.qa_text import read_qa_text
 from tasks.train import IGNORE, train_adapter
 from tasks.train_data import encode_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_pipeline import big_base  # noqa: E402
+from benchmarks.models import build_random_model
 
 
 def packed_vs_padded_loss(base: Path, train_json: Path, device: str) -> dict[str, float]:
@@ -76,7 +74,8 @@ def main() -> None:
     base = Path(build_base_model(train_json, BaseModelConfig(
         pretrain_epochs=1 if args.model == "big" else 20)).path)
     if args.model == "big":
-        base, _ = big_base(base, Path(os.environ["PIPELINE_HOME"]) / "big_base")
+        base, _ = build_random_model("0.5b", Path(os.environ["PIPELINE_HOME"]) / "big_base",
+                                     device)
     check = packed_vs_padded_loss(base, train_json, device)
     print(f"loss of 8 examples, padded {check['padded']:.6f} vs packed {check['packed']:.6f} "
           f"(|diff| {check['abs_diff']:.2e})", flush=True)

@@ -9,6 +9,7 @@ register, every stage a cached Prefect task and an MLflow child run of one paren
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_stages
 from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
-    parent_run, quantize_task, report_task, resolve_base_task, train_task
+    parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
 from tasks.common import StageResult
 from tasks.config import PipelineConfig, load_config
-from tasks.modeling import pick_device
+from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, register_version
 from tasks.report import read_dev_prompts
 
@@ -50,27 +51,32 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train,
                         artifacts=lambda r: {"adapter": r.path})
     device = pick_device(cfg.benchmark.device)
-    merged = int4 = None
+    merged = int4 = fast_int4 = None
     if cfg.train.method == "ptuning":       # a prefix is not a weight delta: nothing to merge
         print("train.method=ptuning: the P-Tuning v2 prefix cannot be merged into the weights; "
               "merge and int4 are skipped, base + prefix adapter is benchmarked, reported and "
               "registered (the adapter folder; load it with peft on the base).")
     else:
-        merged = run.stage(merge_task, base=base, adapter=adapter, dtype=cfg.merge.dtype,
+        merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge,
                            artifacts=lambda r: {"merged_model": r.path})
         int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
-                         artifacts=lambda r: {"int4_model": r.path})
+                         fmt="bnb", artifacts=lambda r: {"int4_model": r.path})
+        if torchao_int4(cfg, device):
+            fast_int4 = run.stage(quantize_torchao_task, merged=merged, cfg=cfg.quantize,
+                                  device=device, fmt="torchao",
+                                  artifacts=lambda r: {"int4_torchao_model": r.path})
 
-    base_spec = {"path": base.path, "digest": base.digest, "dtype": cfg.merge.dtype}
+    dtype = resolve_dtype(cfg.merge.dtype, device)
+    base_spec = {"path": base.path, "digest": base.digest, "dtype": dtype}
     adapted = {**base_spec, "adapter": adapter.path, "digest": adapter.digest}
     if cfg.train.method == "qlora":         # the adapter was trained on (and runs on) 4-bit
         adapted["quantization"] = {"quant_type": "nf4", "double_quant": cfg.train.double_quant,
                                    "compute_dtype": cfg.train.compute_dtype}
     variants = {"base": base_spec, "base+adapter": adapted}
-    if merged is not None:
-        variants |= {"merged": {"path": merged.path, "digest": merged.digest,
-                                "dtype": cfg.merge.dtype},
-                     "int4": {"path": int4.path, "digest": int4.digest}}
+    for name, result in (("merged", merged), ("int4", int4), ("int4-torchao", fast_int4)):
+        if result is not None:
+            variants[name] = {"path": result.path, "digest": result.digest,
+                              "dtype": result.info.get("compute_dtype") or result.info["dtype"]}
     bench = run.stage(benchmark_task, variants=variants,
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],
@@ -82,19 +88,35 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
     create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
                              description=f"Before/after report, MLflow run {run.parent_id}")
 
-    versions = _register(run, cfg, data, adapter, merged, int4, report)
+    versions = run.step("register", lambda: _register(run, cfg, data, adapter, merged, int4,
+                                                      fast_int4, report))
     for v in versions:
         run.tracker.client.set_tag(run.parent_id, f"registered.{v.name}", v.version)
     text = _summary(run, report, bench, versions)
     print(text)
-    return {"mlflow_run_id": run.parent_id, "stages": run.rows, "report": report.files,
+    return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
+            "report": report.files,
             "benchmark": bench.info.get("rows", []),
             "registered": [v.__dict__ for v in versions], "summary": text}
 
 
+def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
+    """Whether this run makes the torchao int4 model (`quantize.torchao`; auto: on a GPU)."""
+    if cfg.quantize.torchao == "on" and not device.startswith("cuda"):
+        raise ValueError("quantize.torchao=on needs a CUDA GPU (the tinygemm int4 layout is made "
+                         f"and served there); this run's device is {device!r}")
+    if cfg.quantize.torchao != "auto":
+        return cfg.quantize.torchao == "on"
+    if device.startswith("cuda") and importlib.util.find_spec("torchao") is None:
+        print("quantize.torchao=auto: torchao is not installed (`make setup GPU=1` installs it), "
+              "so no torchao int4 model is made")
+        return False
+    return device.startswith("cuda")
+
+
 def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
-              merged: StageResult | None, int4: StageResult | None, report: StageResult
-              ) -> list[RegisteredVersion]:
+              merged: StageResult | None, int4: StageResult | None,
+              fast_int4: StageResult | None, report: StageResult) -> list[RegisteredVersion]:
     client = run.tracker.client
     tags = {"data_digest": data.digest, "method": cfg.train.method,
             **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **report.metrics}.items()
@@ -102,6 +124,9 @@ def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter:
     versions = []
     entries = [(cfg.registry.model_name, merged, "merge", "merged_model"),
                (f"{cfg.registry.model_name}-int4", int4, "quantize", "int4_model")]
+    if fast_int4 is not None:
+        entries.append((f"{cfg.registry.model_name}-int4-torchao", fast_int4, "quantize_torchao",
+                        "int4_torchao_model"))
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
         entries = [(f"{cfg.registry.model_name}-prefix", adapter, "train", "adapter")]
     for name, result, stage, folder in entries:
@@ -118,11 +143,14 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
              versions: list[RegisteredVersion]) -> str:
     hits = sum(r["cached"] for r in run.rows)
     lines = [f"Pipeline finished: {hits}/{len(run.rows)} stages were cache hits.", "",
-             "| stage | status | seconds |", "|---|---|---|"]
-    for r in run.rows:
+             "| stage | status | seconds | device | peak RSS MiB | peak CUDA MiB |",
+             "|---|---|---:|---|---:|---:|"]
+    for r in run.rows + run.steps:
         status = f"cache hit (computed in MLflow run {r['from_run'][:8]})" if r["cached"] \
-            else "computed"
-        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} |")
+            else "computed" if r in run.rows else "done (not cached)"
+        cuda = "–" if r["peak_cuda_mib"] is None else f"{r['peak_cuda_mib']:,.0f}"
+        lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['device'] or '–'} | "
+                     f"{r['peak_rss_mib']:,.0f} | {cuda} |")
     lines += ["", f"Report:      {report.files.get('report_html', report.path)}",
               f"MLflow run:  {run.parent_id}  (tracking: {run.tracker.uri})",
               f"             {run.tracker.url(run.parent_id)}  (in the MLflow UI)"]

@@ -21,8 +21,9 @@ from prefect.runtime import flow_run
 from flows.caching import stage_cache_policy
 from flows.tracking import Tracker
 from tasks.common import StageResult
-from tasks.config import BaseModelConfig, BenchmarkConfig, QuantizeConfig, ReportConfig, \
-    TrainConfig
+from tasks.resources import peak_memory
+from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
+    ReportConfig, TrainConfig
 
 
 def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -94,17 +95,22 @@ def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageR
 
 
 @_stage("tasks.merge", model_libs=True)
-def merge_task(base: StageResult, adapter: StageResult, dtype: str) -> StageResult:
+def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks import merge
 
-    return merge.merge_adapter(base.path, adapter.path, dtype)
+    return merge.merge_adapter(base.path, adapter.path, cfg.dtype, cfg.device)
 
 
 @_stage("tasks.quantize", model_libs=True)
-def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str) -> StageResult:
+def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
+                  fmt: str = "bnb") -> StageResult:
     from tasks import quantize
 
-    return quantize.quantize_int4(merged.path, cfg, device)
+    return quantize.quantize_int4(merged.path, cfg, device, fmt)
+
+
+#: the torchao int4 model: the same core and cache policy, its own stage (and MLflow child run)
+quantize_torchao_task = quantize_task.with_options(name="quantize_torchao")
 
 
 @_stage("tasks.benchmark", model_libs=True)
@@ -149,6 +155,7 @@ class PipelineRun:
     parent_id: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)    # stage -> run holding artifacts
+    steps: list[dict[str, Any]] = field(default_factory=list)  # uncached steps (`step`)
 
     def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
               = lambda r: r.files, datasets: Callable[[StageResult], dict[str, Path]]
@@ -156,17 +163,34 @@ class PipelineRun:
               **kwargs: Any) -> StageResult:
         name = stage_task.name
         try:
-            result, cached, seconds = run_cached(stage_task, **kwargs)
+            with peak_memory() as peaks:
+                result, cached, seconds = run_cached(stage_task, **kwargs)
         except BaseException as error:
             self.tracker.log_failure(name, error)
             raise
+        usage = {"stage_peak_rss_mib": peaks.rss_mib}
+        if peaks.cuda_mib is not None:
+            usage["stage_peak_cuda_mib"] = peaks.cuda_mib
         _, origin = self.tracker.log_stage(result, cached=cached, seconds=seconds,
                                            params=params, artifacts=artifacts(result),
-                                           datasets=datasets(result))
+                                           datasets=datasets(result), extra_metrics=usage)
         self.origins[name] = origin
         self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
-                          "from_run": origin})
+                          "from_run": origin, "device": result.info.get("device"),
+                          "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib})
         return result
+
+
+    def step(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run an uncached step that is not a stage task (e.g. register); its row (seconds and
+        peak memory, like a stage's) goes to `steps`."""
+        start = time.perf_counter()
+        with peak_memory() as peaks:
+            value = fn()
+        self.steps.append({"stage": name, "cached": False, "seconds": time.perf_counter() - start,
+                           "from_run": self.parent_id, "device": None,
+                           "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib})
+        return value
 
 
 @contextmanager

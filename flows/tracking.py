@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote, urlparse
 
 import mlflow
 import mlflow.data
@@ -120,14 +122,17 @@ class Tracker:
     def log_stage(self, result: StageResult, *, cached: bool, seconds: float,
                   params: dict[str, Any] | None = None,
                   artifacts: dict[str, str] | None = None,
-                  datasets: dict[str, Path] | None = None) -> tuple[str, str]:
-        """Child run for a finished stage; returns (child run id, run id holding artifacts)."""
+                  datasets: dict[str, Path] | None = None,
+                  extra_metrics: dict[str, float] | None = None) -> tuple[str, str]:
+        """Child run for a finished stage; returns (child run id, run id holding artifacts).
+        `extra_metrics` are this run's own figures (e.g. peak memory), beside the result's."""
         origin = self.origin_of(result) if cached else None
         run_id = self._child(result.stage, {CACHE_TAG: "hit" if cached else "computed",
                                             RESULT_TAG: result.result_id,
                                             **({REUSED_TAG: origin} if origin else {})})
         steps = step_metrics(result)
-        self._log(run_id, params=params, metrics={**result.metrics, "stage_seconds": seconds},
+        self._log(run_id, params=params,
+                  metrics={**result.metrics, **(extra_metrics or {}), "stage_seconds": seconds},
                   tags={"pipeline.digest": result.digest, "pipeline.output_path": result.path},
                   step_metrics=steps)
         if datasets:
@@ -136,7 +141,7 @@ class Tracker:
             for name, path in (artifacts or {}).items():   # dirs under their label,
                 p = Path(path)                                # files at the root
                 if p.is_dir():
-                    self.client.log_artifacts(run_id, str(p), name)
+                    self._log_folder(run_id, p, name)
                 elif p.is_file():
                     self.client.log_artifact(run_id, str(p))
             self.client.log_dict(run_id, {"stage": result.stage, "digest": result.digest,
@@ -144,6 +149,21 @@ class Tracker:
                                           "info": result.info}, "stage_result.json")
         self.finish(run_id, ok=True)
         return run_id, origin or run_id
+
+    def _log_folder(self, run_id: str, folder: Path, name: str) -> None:
+        """A folder as the artifacts under `name`. In a local artifact store its files are
+        hard-linked, not copied: stage outputs are content-addressed and never change, and a
+        6 B model would otherwise cost 12 GB of disk and a minute of copying per stage. Across
+        file systems, or with a remote store, they are uploaded as usual."""
+        uri = urlparse(self.client.get_run(run_id).info.artifact_uri)
+        if uri.scheme == "file":
+            dest = Path(unquote(uri.path)) / name
+            try:
+                shutil.copytree(folder, dest, copy_function=os.link)
+                return
+            except OSError:
+                shutil.rmtree(dest, ignore_errors=True)
+        self.client.log_artifacts(run_id, str(folder), name)
 
     def log_failure(self, stage: str, error: BaseException) -> None:
         run_id = self._child(stage, {"pipeline.error": f"{type(error).__name__}: {error}"[:5000]})

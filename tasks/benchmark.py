@@ -2,14 +2,22 @@
 
 Each variant (base, base+adapter, merged, int4, ...) is loaded and measured in a FRESH Python
 process (`python -m tasks.benchmark --worker spec.json result.json`), so peak memory is that
-model's own. Per prompt, one greedy `generate` of exactly `new_tokens` tokens (EOS suppressed by
-`min_new_tokens`) is timed with a streamer that stamps every token as it is produced: TTFT is the
-first new token's time, decode tok/s = (new_tokens - 1) / (t_last - t_first), both from the same
-run. On CUDA every stamp follows a device->host copy of the token, i.e. a synchronisation.
+model's own. In it, every engine and batch size of the config is measured on the same prompts
+(cycled to fill a batch, left-padded), generating exactly `new_tokens` greedy tokens per row:
+
+* `static`: the fast loop of tasks/decode.py (static KV cache; on a GPU each decode step is a
+  replayed CUDA graph, optionally compiled first; its capture/compile time is reported apart);
+* `generate`: HF `generate` with its dynamic cache (EOS suppressed by `min_new_tokens`), the
+  reference; a streamer stamps the first new token.
+
+TTFT is the time to the first new token; decode tok/s per sequence is (new_tokens - 1) / the time
+of the remaining steps, and the aggregate is that times the batch. `repeats` rounds run every
+variant in turn (each round a new process per variant), and the table shows the median with the
+min-max, so a noisy machine shows up as a spread instead of a wrong ranking.
 
 Standalone (e.g. on the GPU machine, no Prefect/MLflow needed):
     python -m tasks.benchmark --variant base=/models/base --variant merged=/models/merged \
-        --adapter base+lora=/models/base,/runs/adapter --new-tokens 64
+        --adapter base+lora=/models/base,/runs/adapter --new-tokens 64 --batch 1 --batch 8
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import argparse
 import os
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,10 +44,8 @@ if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydant
 SPEC_KEYS = {"path", "adapter", "dtype", "quantization"}
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
-COLUMNS = [("variant", "variant"), ("device", "device"), ("dtype", "dtype"), ("quant", "quant"),
-           ("decode_tok_s", "decode tok/s"), ("e2e_tok_s", "e2e tok/s"), ("ttft_ms", "TTFT ms"),
-           ("peak_rss_mib", "peak RSS MiB"), ("peak_cuda_mib", "peak CUDA MiB"),
-           ("footprint_mib", "footprint MiB"), ("load_seconds", "load s")]
+#: figures taken per measurement; the table shows their median and spread over the repeats
+TIMED = ("decode_tok_s", "aggregate_tok_s", "e2e_tok_s", "ttft_ms", "load_seconds", "compile_s")
 
 
 def metric_key(name: str) -> str:
@@ -58,8 +65,15 @@ def _check_spec(name: str, spec: dict) -> dict:
             for k, v in spec.items()}
 
 
+def batches(prompts: list, batch: int) -> list[list]:
+    """The prompts, cycled to fill whole batches: every prompt is measured at least once."""
+    rounds = -(-len(prompts) // batch)
+    cycled = [prompts[i % len(prompts)] for i in range(rounds * batch)]
+    return [cycled[i:i + batch] for i in range(0, len(cycled), batch)]
+
+
 # ---------------------------------------------------------------------------------------------
-# Child process: load one variant, measure, write a row
+# Child process: load one variant, measure every engine and batch size, write its rows
 # ---------------------------------------------------------------------------------------------
 def _peak_rss_mib() -> float:
     """Peak RSS of this process in MiB. Linux keeps ru_maxrss across fork+exec (a child of a
@@ -74,14 +88,27 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _quant_label(spec: dict) -> str | None:
+    if spec.get("quantization"):
+        return spec["quantization"]["quant_type"]
+    config = Path(spec["path"]) / "config.json"
+    quant = read_json(config).get("quantization_config") if config.is_file() else None
+    if not quant:
+        return None
+    return quant.get("bnb_4bit_quant_type") or f"{quant.get('quant_method')} int4"
+
+
 def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, warmup: int,
-             device: str, threads: int = 0) -> dict:
+             device: str, threads: int = 0, batch_sizes: tuple[int, ...] = (1,),
+             engines: tuple[str, ...] = ("static", "generate"), compile: bool = False
+             ) -> list[dict]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
+    from tasks.decode import StaticDecoder, left_pad
     from tasks.merge import TOKENIZER_FILES
-    from tasks.modeling import _is_bnb_folder, bnb_config, generate_ids, load_model, \
-        load_tokenizer, prompt_ids
+    from tasks.modeling import bnb_config, generate_ids, load_model, load_tokenizer, \
+        prefix_length, prompt_ids
 
     class Stamps(BaseStreamer):
         """Records the wall time of every `put` (the prompt first, then each new token)."""
@@ -100,57 +127,72 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
     rss0 = _peak_rss_mib()
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    quant = spec.get("quantization")
     t0 = time.perf_counter()
     adapter = spec.get("adapter")
     has_tok = adapter and any((Path(adapter) / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = load_tokenizer(adapter if has_tok else spec["path"])
+    quant = spec.get("quantization")
     model = load_model(spec["path"], dtype=spec.get("dtype", "float32"), device=device,
-                       quantization=bnb_config(**quant) if quant else None,
-                       adapter=adapter)
+                       quantization=bnb_config(**quant) if quant else None, adapter=adapter)
     sync()
     load_seconds = time.perf_counter() - t0
-    if quant is None and _is_bnb_folder(spec["path"]):
-        quant = read_json(Path(spec["path"]) / "config.json")["quantization_config"]
-        quant = {"quant_type": quant.get("bnb_4bit_quant_type")}
+    pad = tokenizer.pad_token_id
+    all_ids = [prompt_ids(tokenizer, p) for p in prompts]
 
-    @torch.inference_mode()
-    def run(ids: list[int]) -> tuple[float, float]:
-        x = torch.tensor([ids], device=device)
+    def run_generate(ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
         stamps = Stamps()
         sync()
         start = time.perf_counter()
-        out = generate_ids(model, x, do_sample=False, max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id,
-                           streamer=stamps)
+        out = generate_ids(model, ids, attention_mask=mask, do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=pad, streamer=stamps)
         sync()
         end = time.perf_counter()
-        if out.shape[1] - x.shape[1] != new_tokens or len(stamps.times) != new_tokens + 1:
-            raise RuntimeError(f"variant {name!r}: generated {out.shape[1] - x.shape[1]} "
+        if out.shape[1] - ids.shape[1] != new_tokens or len(stamps.times) != new_tokens + 1:
+            raise RuntimeError(f"variant {name!r}: generated {out.shape[1] - ids.shape[1]} "
                                f"tokens, expected exactly {new_tokens}")
-        return stamps.times[1] - start, end - start
+        return stamps.times[1] - start, end - stamps.times[1]
 
-    all_ids = [prompt_ids(tokenizer, p) for p in prompts]
-    for i in range(warmup):
-        run(all_ids[i % len(all_ids)])
-    timings = [run(ids) for ids in all_ids]
-    first, full = sum(t[0] for t in timings), sum(t[1] for t in timings)
-    n = len(all_ids)
-    return {
-        "variant": name, "device": device, "dtype": spec.get("dtype", "float32"),
-        "quant": (quant or {}).get("quant_type"), "adapter": adapter is not None,
-        "prompts": n, "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-        "decode_tok_s": n * (new_tokens - 1) / (full - first),
-        "e2e_tok_s": n * new_tokens / full,
-        "ttft_ms": 1000 * first / n,
-        "peak_rss_mib": _peak_rss_mib(),
-        "rss_before_load_mib": rss0,
-        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-        "footprint_mib": model.get_memory_footprint() / 2**20,
-        "load_seconds": load_seconds,
-    }
+    rows = []
+    for engine in engines:
+        if engine == "static" and prefix_length(model):
+            continue                    # a P-Tuning prefix lives in the cache: generate only
+        for batch in batch_sizes:
+            groups = [tuple(t.to(device) for t in left_pad(g, pad))
+                      for g in batches(all_ids, batch)]
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            capture = 0.0
+            if engine == "static":
+                decoder = StaticDecoder(model, batch_size=batch, compile=compile,
+                                        max_len=max(len(i) for i in all_ids) + new_tokens)
+
+                def run(ids, mask):
+                    out = decoder.decode(ids, mask, new_tokens)
+                    return out.first_token_s, out.decode_s
+            else:
+                run = run_generate
+            for i in range(warmup):
+                run(*groups[i % len(groups)])
+            if engine == "static":                # graph capture (and compile) of its first run
+                capture = decoder.capture_s
+            timings = [run(ids, mask) for ids, mask in groups]
+            first = sum(t[0] for t in timings) / len(timings)
+            rest = sum(t[1] for t in timings) / len(timings)
+            per_seq = (new_tokens - 1) / rest
+            rows.append({
+                "variant": name, "engine": engine, "batch": batch, "device": device,
+                "dtype": str(model.dtype).removeprefix("torch."), "quant": _quant_label(spec),
+                "adapter": adapter is not None, "prompts": len(prompts),
+                "new_tokens": new_tokens, "threads": torch.get_num_threads(),
+                "decode_tok_s": per_seq, "aggregate_tok_s": per_seq * batch,
+                "e2e_tok_s": batch * new_tokens / (first + rest),
+                "ttft_ms": 1000 * first, "compile_s": capture,
+                "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                "footprint_mib": model.get_memory_footprint() / 2**20,
+                "load_seconds": load_seconds, "rss_before_load_mib": rss0})
+    peak = _peak_rss_mib()
+    return [{**r, "peak_rss_mib": peak} for r in rows]
 
 
 def _worker(spec_file: str, result_file: str) -> None:
@@ -158,7 +200,7 @@ def _worker(spec_file: str, result_file: str) -> None:
     atomic_write_json(Path(result_file), _measure(**job))
 
 
-def _run_child(job: dict) -> dict:
+def _run_child(job: dict) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         atomic_write_json(spec_file, job)
@@ -175,27 +217,57 @@ def _run_child(job: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parent: run every variant, write benchmark.json + benchmark.md
+# Parent: rounds of every variant, median and spread, benchmark.json + benchmark.md
 # ---------------------------------------------------------------------------------------------
+def summarise(measured: list[list[dict]]) -> list[dict]:
+    """One row per (variant, engine, batch): the median of each timed figure over the repeats,
+    with `<figure>_min` / `_max`; memory figures are the largest seen."""
+    groups: dict[tuple, list[dict]] = {}
+    for rows in measured:
+        for r in rows:
+            groups.setdefault((r["variant"], r["engine"], r["batch"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        row = {**runs[0], "repeats": len(runs)}
+        for key in TIMED:
+            values = [r[key] for r in runs]
+            row |= {key: statistics.median(values), f"{key}_min": min(values),
+                    f"{key}_max": max(values)}
+        for key in ("peak_rss_mib", "peak_cuda_mib"):
+            values = [r[key] for r in runs if r[key] is not None]
+            row[key] = max(values) if values else None
+        out.append(row)
+    return out
+
+
 def markdown_table(rows: list[dict]) -> str:
-    def cell(v):
-        if v is None:
-            return "–"
-        return f"{v:.1f}" if isinstance(v, float) else str(v)
-    head = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" if k in ("variant", "device", "dtype", "quant") else "---:"
-                          for k, _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(cell(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    def num(v):
+        return "–" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)
+
+    def spread(r, key):
+        if r["repeats"] < 2:
+            return num(r[key])
+        return f"{num(r[key])} ({num(r[key + '_min'])}–{num(r[key + '_max'])})"
+
+    head = ("| variant | engine | batch | dtype | quant | decode tok/s per seq | aggregate tok/s "
+            "| TTFT ms | peak CUDA MiB | peak RSS MiB | load s | capture s |")
+    rule = "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    body = [f"| {r['variant']} | {r['engine']} | {r['batch']} | {r['dtype']} | "
+            f"{r['quant'] or '–'} | {spread(r, 'decode_tok_s')} | {num(r['aggregate_tok_s'])} "
+            f"| {spread(r, 'ttft_ms')} | {num(r['peak_cuda_mib'])} | {num(r['peak_rss_mib'])} | "
+            f"{num(r['load_seconds'])} | {num(r['compile_s'])} |" for r in rows]
     n = rows[0]
     return "\n".join([head, rule, *body, "", f"{n['prompts']} prompts x {n['new_tokens']} new "
-                      "tokens (greedy, EOS suppressed), batch 1; each variant in a fresh "
-                      "process."]) + "\n"
+                      f"tokens (greedy, no early stop) on {n['device']}; median (min–max) of "
+                      f"{n['repeats']} runs, each variant in a fresh process per run; static: "
+                      "static KV cache" + (" + CUDA graph" if n["device"].startswith("cuda")
+                                           else "") + ", generate: HF generate."]) + "\n"
 
 
 def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
                   cfg: BenchmarkConfig) -> StageResult:
-    """Measure each variant (name -> {"path", optional "adapter", "dtype", "quantization"}) in a
-    fresh process on the same first `cfg.prompts` chat prompts; write benchmark.json/.md."""
+    """Measure each variant (name -> {"path", optional "adapter", "dtype", "quantization"}) in
+    fresh processes on the same first `cfg.prompts` chat prompts; write benchmark.json/.md."""
     from tasks.modeling import pick_device
 
     if not variants:
@@ -205,10 +277,13 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
         raise ValueError("benchmark: no prompts given")
     specs = {name: _check_spec(name, spec) for name, spec in variants.items()}
     device = pick_device(cfg.device)
-    rows = [_run_child({"name": name, "spec": spec, "prompts": prompts, "device": device,
-                        "new_tokens": cfg.new_tokens, "warmup": cfg.warmup,
-                        "threads": cfg.cpu_threads})
-            for name, spec in specs.items()]
+    sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
+    measured = [_run_child({"name": name, "spec": spec, "prompts": prompts, "device": device,
+                            "new_tokens": cfg.new_tokens, "warmup": cfg.warmup,
+                            "threads": cfg.cpu_threads, "batch_sizes": sizes,
+                            "engines": cfg.engines, "compile": cfg.compile})
+                for _ in range(cfg.repeats) for name, spec in specs.items()]
+    rows = summarise(measured)
     table = markdown_table(rows)
     with staging_dir(stage_root("benchmark")) as tmp:
         atomic_write_json(tmp / "benchmark.json", rows)
@@ -217,13 +292,18 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
     metrics = {}
     for r in rows:
         key = metric_key(r["variant"])
-        metrics |= {f"{key}_decode_tok_s": r["decode_tok_s"],
+        run = f"{key}_{r['engine']}_b{r['batch']}"
+        metrics |= {f"{run}_decode_tok_s": r["decode_tok_s"],
+                    f"{run}_aggregate_tok_s": r["aggregate_tok_s"],
+                    f"{run}_ttft_ms": r["ttft_ms"],
                     f"{key}_peak_rss_mib": r["peak_rss_mib"],
                     f"{key}_footprint_mib": r["footprint_mib"]}
+        if r["peak_cuda_mib"] is not None:
+            metrics[f"{run}_peak_cuda_mib"] = r["peak_cuda_mib"]
     return StageResult(stage="benchmark", path=str(out), digest=digest,
                        files={"benchmark.json": str(out / "benchmark.json"),
                               "benchmark.md": str(out / "benchmark.md")},
-                       metrics=metrics, info={"rows": rows, "table": table,
+                       metrics=metrics, info={"rows": rows, "table": table, "device": device,
                                               "variants": specs, "prompts": prompts})
 
 
@@ -241,6 +321,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt", action="append", default=[], help="a user message (repeatable)")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--batch", type=int, action="append", dest="batch_sizes",
+                    help="a batch size (repeatable; default: 1 on a CPU, 1 and 8 on a GPU)")
+    ap.add_argument("--engine", action="append", dest="engines", choices=["static", "generate"],
+                    help="static (fast loop) and/or generate (HF reference); default: both")
+    ap.add_argument("--compile", action="store_true", help="compile the static decode step")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads per process (0: torch default, one per core)")
@@ -268,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     questions = args.prompt or DEFAULT_PROMPTS
     prompts = [[{"role": "user", "content": q}] for q in questions]
     cfg = SimpleNamespace(device=args.device, prompts=args.prompts, new_tokens=args.new_tokens,
-                          warmup=args.warmup, cpu_threads=args.threads)
+                          warmup=args.warmup, cpu_threads=args.threads,
+                          batch_sizes=args.batch_sizes, engines=args.engines or
+                          ["static", "generate"], compile=args.compile, repeats=args.repeats)
     result = run_benchmark(variants, prompts, cfg)
     print(result.info["table"])
     print(result.path)

@@ -19,6 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from tasks.common import REPO_DIR, SCHEMA_DIR, atomic_write_text
 
 Dtype = Literal["float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
 #: a path; relative ones are taken relative to the repository, so defaults work from any cwd
 RepoPath = Annotated[Path, AfterValidator(lambda p: p if p.is_absolute() else REPO_DIR / p)]
 
@@ -112,8 +113,11 @@ class TrainConfig(_Section):
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in "
                                                 "the backward pass (less memory, ~30% slower; "
-                                                "lora/qlora); empty: on for qlora on a GPU, off "
-                                                "otherwise.")
+                                                "lora/qlora); empty: on where a batch's "
+                                                "activations would take over a quarter of the "
+                                                "GPU's memory, off otherwise and on a CPU.")
+    shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded); "
+                          "off: file order, e.g. to compare two training loops batch by batch.")
     seed: int = Field(42, description="Training seed.")
     num_virtual_tokens: int = Field(16, ge=1, description="ptuning: prefix length (virtual "
                                     "tokens per layer).")
@@ -146,23 +150,54 @@ class TrainConfig(_Section):
 
 
 class MergeConfig(_Section):
-    dtype: Dtype = Field("float32", description="dtype the adapter is merged in and the merged "
-                         "model saved as (bfloat16 on a GPU; float32 is fastest on a CPU).")
+    dtype: Dtype | Literal["auto"] = Field("auto", description="dtype the adapter is merged in "
+                                           "and the merged model saved as; auto: bfloat16 on a "
+                                           "GPU, float32 on a CPU (the fastest there).")
+    device: Device = Field("auto", description="Where the merge runs; auto: the GPU when there "
+                           "is one (the base loads straight onto it), else the CPU.")
 
 
 class QuantizeConfig(_Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="bitsandbytes 4-bit type.")
-    double_quant: bool = Field(True, description="Nested quantization of the scales.")
-    compute_dtype: Dtype = Field("float32", description="Compute dtype of the 4-bit layers.")
+    double_quant: bool = Field(True, description="bitsandbytes: nested quantization of the "
+                               "scales.")
+    compute_dtype: Dtype | Literal["auto"] = Field("auto", description="Compute dtype of the "
+                                                   "4-bit layers; auto: bfloat16 on a GPU, "
+                                                   "float32 on a CPU.")
+    torchao: Literal["auto", "on", "off"] = Field("auto", description="Also make a torchao int4 "
+                                                  "model (tinygemm layout, PyTorch's fast CUDA "
+                                                  "int4 matmul; registered as '<name>-int4-"
+                                                  "torchao'); auto: on a GPU. It is made and "
+                                                  "served on CUDA only.")
+    group_size: int = Field(128, description="torchao int4: weights per scale/zero group.")
+
+    @model_validator(mode="after")
+    def _group_size(self) -> "QuantizeConfig":
+        if self.group_size not in (32, 64, 128, 256):
+            raise ValueError("quantize.group_size must be one of 32, 64, 128, 256 (the tinygemm "
+                             "kernel's group sizes)")
+        return self
 
 
 class BenchmarkConfig(_Section):
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when "
-                                                   "present, else CPU.")
-    prompts: int = Field(4, ge=1, description="Dev prompts per measurement (batch of 1 each).")
+    device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
+    prompts: int = Field(4, ge=1, description="Dev prompts measured per model.")
     new_tokens: int = Field(32, ge=2, description="Tokens generated per prompt (forced, no "
                                                   "early stop), for a fair comparison.")
-    warmup: int = Field(1, ge=0, description="Untimed warm-up generations per model.")
+    batch_sizes: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="Batch sizes measured (prompts cycled to fill a batch); "
+        "empty: [1] on a CPU, [1, 8] on a GPU.")
+    engines: list[Literal["static", "generate"]] = Field(
+        ["static", "generate"], min_length=1, description="static: the fast loop (static KV "
+        "cache, a CUDA graph per decode step on a GPU; tasks/decode.py). generate: HF generate "
+        "with its dynamic cache, the reference.")
+    compile: bool = Field(False, description="static engine on a GPU: torch.compile the decode "
+                          "step before capturing it (fused kernels; minutes of compile time, "
+                          "reported apart).")
+    repeats: int = Field(3, ge=1, description="Measurements per model and batch size, taken in "
+                         "turns across the models (each in a fresh process); the table shows the "
+                         "median and the min-max.")
+    warmup: int = Field(1, ge=0, description="Untimed warm-up generations per measurement.")
     cpu_threads: int = Field(1, ge=0, description="torch CPU threads in each benchmark process "
                              "(0: torch's default, one per core — for a large model on a CPU). "
                              "1 is faster and steadier for small models, on a busy machine and "

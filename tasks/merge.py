@@ -1,8 +1,11 @@
 """Stage "merge": fold a LoRA adapter into the full-precision base and save a plain HF model.
 
-The adapter is always merged into the base loaded in `dtype` (float32/bfloat16/float16), also
-for a QLoRA adapter that was trained on a 4-bit base: merging into 4-bit weights drifts (peft
-warns; see DESIGN.md). The merged model is checked against base+adapter on a short input.
+The adapter is always merged into the base loaded in `dtype` (float32/bfloat16/float16; `auto`:
+bfloat16 on a GPU, float32 on a CPU), also for a QLoRA adapter that was trained on a 4-bit base:
+merging into 4-bit weights drifts (peft warns in `LoraLayer.merge` for 4-bit layers). The merge
+runs on the GPU when there is one (`device="auto"`): the base goes straight there, and the merged
+model is saved from it shard by shard, so host memory holds one shard, not the model. The merged
+model is checked against base+adapter on a short input.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from pathlib import Path
 import torch
 
 from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
-from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, prompt_ids
+from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, pick_device, prompt_ids, \
+    resolve_dtype, save_model
 
 #: a short chat used to compare merged vs base+adapter logits
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
@@ -46,17 +50,20 @@ def _check_inputs(base_dir: Path, adapter_dir: Path) -> None:
                                      "adapter)")
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path,
-                  dtype: str = "float32") -> StageResult:
-    """Merge `adapter_dir` into the base at `base_dir` (loaded in `dtype`), save the merged
-    model with its tokenizer and chat template, and verify its logits against base+adapter."""
+def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "auto",
+                  device: str = "auto") -> StageResult:
+    """Merge `adapter_dir` into the base at `base_dir` (loaded in `dtype` on `device`: a GPU
+    when there is one, else the CPU), save the merged model with its tokenizer and chat template,
+    and verify its logits against base+adapter."""
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     _check_inputs(base_dir, adapter_dir)
+    device = pick_device(device)
+    dtype = resolve_dtype(dtype, device)
     has_tok = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
     tokenizer = load_tokenizer(adapter_dir if has_tok else base_dir)
 
-    model = load_model(base_dir, dtype=dtype, adapter=adapter_dir)
-    ids = probe_ids(tokenizer)
+    model = load_model(base_dir, dtype=dtype, device=device, adapter=adapter_dir)
+    ids = probe_ids(tokenizer).to(device)
     with torch.inference_mode():
         want = model(input_ids=ids).logits.float()
     merged = model.merge_and_unload()
@@ -70,8 +77,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path,
 
     params = sum(p.numel() for p in merged.parameters())
     with staging_dir(stage_root("merge")) as tmp:
-        merged.save_pretrained(tmp)              # safetensors, config, generation_config
-        tokenizer.save_pretrained(tmp)           # incl. chat template
+        save_model(merged, tokenizer, tmp)       # safetensors shards, config, chat template
         size = weights_mib(tmp)
         out, digest = publish_dir(tmp, stage_root("merge"))
     return StageResult(
@@ -79,4 +85,5 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path,
         files={"config.json": str(out / "config.json")},
         metrics={"merge_max_abs_logit_diff": diff, "size_mb": size, "params": float(params)},
         info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
+              "device": device,
               "tokenizer_from": "adapter" if has_tok else "base", "probe_tokens": ids.shape[1]})

@@ -6,8 +6,11 @@ Pure transformers/peft/bitsandbytes: no Prefect, no MLflow (this runs on the GPU
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -17,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 Message = dict[str, str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: shard size of saved models: what saving from a GPU holds in host memory at a time
+SHARD_SIZE = "1GB"
 log = logging.getLogger(__name__)
 #: what bitsandbytes logs on AVX512-BF16 CPUs when the optional `kernels` package is absent
 NO_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named " \
@@ -49,8 +54,10 @@ DEFAULT_CHAT_TEMPLATE = (
 
 
 def pick_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> str:
+    """`auto`: the GPU when torch sees one, else the CPU; an explicit `cuda` without one fails."""
     if preference == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("benchmark.device='cuda' but torch sees no CUDA device")
+        raise RuntimeError("device='cuda' was asked for, but torch sees no CUDA device "
+                           f"(torch {torch.__version__}: a CPU build?)")
     if preference == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return preference
@@ -79,28 +86,85 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 on a GPU that has it, float32 otherwise (the fast choice on a CPU)."""
+    if dtype != "auto":
+        return dtype
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
+    return "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
+
+
 def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
                quantization: BitsAndBytesConfig | None = None,
                adapter: str | Path | None = None) -> PreTrainedModel:
-    """Load a causal LM for inference: full precision (`dtype`), or 4-bit when `quantization`
-    is given (or the folder is a saved bitsandbytes model), optionally with a peft adapter."""
-    kwargs: dict = {"dtype": DTYPES[dtype]}
+    """Load a causal LM for inference straight onto `device`: full precision (`dtype`, `auto`
+    as `resolve_dtype`), or 4-bit
+    when `quantization` is given (or the folder is saved quantized), optionally with a peft
+    adapter. No full copy of the weights passes through host memory (`_from_pretrained`)."""
+    kwargs: dict = {"dtype": DTYPES[resolve_dtype(dtype, device)], "device_map": {"": device}}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    if quantization is not None or _is_bnb_folder(path):
-        kwargs["device_map"] = {"": device}       # bitsandbytes places weights at load time
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    if "device_map" not in kwargs:
-        model.to(device)
+    model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
     if adapter is not None:
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
 
 
+def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`; with `stream` (an accelerator's
+    weights) the safetensors files are read with `pread`, one tensor at a time.
+
+    On a CPU, transformers maps the safetensors files and the weights stay backed by them (no
+    copy). For an accelerator, the pages of a mapped file that were read stay resident in this
+    process until loading ends: a 6 B model costs 12 GiB of host RSS on the way to the GPU. The
+    files are therefore opened with safetensors' `pread` backend and handed to `from_pretrained`
+    as a lazy state dict (the path transformers itself takes on Windows and MPS,
+    `modeling_utils.PreTrainedModel._load_pretrained_model`)."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
+    if not stream or not files or _is_torchao_folder(path):
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = AutoConfig.from_pretrained(path)
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(f, framework="pt", device="cpu",
+                                                 backend="pread")) for f in files]
+        weights = {key: h.get_slice(key) for h in handles for key in h.keys()}
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+            None, config=config, state_dict=weights, **kwargs)
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
+               folder: Path) -> Path:
+    """`save_pretrained` in shards of SHARD_SIZE: saving from a GPU copies one shard at a time
+    to host memory (transformers' default is a single 50 GB shard, i.e. the whole model)."""
+    model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)             # with its chat template
+    return folder
+
+
+def release(device: str | torch.device) -> None:
+    """Give freed model memory back (CUDA caching allocator), after `del model`."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 def _is_bnb_folder(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     return cfg.is_file() and '"quantization_config"' in cfg.read_text(encoding="utf-8")
+
+
+def _is_torchao_folder(path: str | Path) -> bool:
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and '"quant_method": "torchao"' in cfg.read_text(encoding="utf-8")
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> list[int]:
@@ -117,9 +181,10 @@ def prefix_length(model: PreTrainedModel) -> int:
 
 
 @torch.inference_mode()
-def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor, **kwargs):
-    """`model.generate(input_ids=..., **kwargs)`: prompt + new ids (or generate's output object),
-    correct for every model we make, P-Tuning v2 prefixes included.
+def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, **kwargs):
+    """`model.generate(input_ids=..., attention_mask=..., **kwargs)`: prompt + new ids (or
+    generate's output object), correct for every model we make, P-Tuning v2 prefixes included.
 
     A prefix model generates through its base, with the trained prefix as the initial KV cache
     (`get_prompt`) and `n` placeholder ids in front of the prompt that the cache already covers,
@@ -128,7 +193,7 @@ def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor, **kwargs):
     of the empty cache `generate` creates: the prefix never reached generation
     (https://github.com/huggingface/peft/blob/main/src/peft/peft_model.py,
     `PeftModelForCausalLM.prepare_inputs_for_generation`). This path works before and after."""
-    mask = torch.ones_like(input_ids)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     n = prefix_length(model)
     if not n:
         return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
@@ -146,15 +211,50 @@ def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor, **kwargs):
     return out
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str               # special tokens stripped
+    new_tokens: int         # tokens generated, the closing EOS included
+    ended: bool             # an EOS came before max_new_tokens ran out
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token id that ends an answer: the generation config's and the tokenizer's EOS."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 @torch.inference_mode()
+def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+           prompts: Sequence[Sequence[Message]], max_new_tokens: int = 64) -> list[Answer]:
+    """Greedy answers, one prompt at a time (no padding effects), cut at the first EOS.
+
+    Through the static-cache loop of tasks/decode.py (a CUDA graph per step on a GPU), which
+    gives `generate`'s greedy tokens (tests/test_decode.py) several times faster; a P-Tuning v2
+    prefix model goes through `generate_ids` (its prefix is the initial cache)."""
+    from tasks.decode import StaticDecoder, cut_at_eos
+
+    device = next(model.parameters()).device
+    ends = eos_ids(model, tokenizer)
+    all_ids = [prompt_ids(tokenizer, messages) for messages in prompts]
+    decoder = None if prefix_length(model) or not all_ids else StaticDecoder(
+        model, batch_size=1, max_len=max(len(i) for i in all_ids) + max_new_tokens)
+    answers = []
+    for ids in all_ids:
+        x = torch.tensor([ids], device=device)
+        if decoder is None:
+            new = generate_ids(model, x, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        else:
+            new = decoder.decode(x, torch.ones_like(x), max_new_tokens).tokens[0].tolist()
+        kept, ended = cut_at_eos(new, ends)
+        answers.append(Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                              len(kept) + ended, ended))
+    return answers
+
+
 def generate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[Sequence[Message]], max_new_tokens: int = 64) -> list[str]:
-    """Greedy answers, one prompt at a time (no padding effects), special tokens stripped."""
-    device = next(model.parameters()).device
-    answers = []
-    for messages in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
-        out = generate_ids(model, ids, max_new_tokens=max_new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+    """The text of `answer`'s greedy answers."""
+    return [a.text for a in answer(model, tokenizer, prompts, max_new_tokens)]

@@ -10,7 +10,6 @@ generations.json.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 import warnings
@@ -28,7 +27,8 @@ from rouge_chinese import Rouge
 from tasks.common import DataError, StageResult, atomic_write_json, atomic_write_text, \
     publish_dir, read_json, stage_root, staging_dir
 from tasks.config import ReportConfig
-from tasks.modeling import Message, bnb_config, generate, load_model, load_tokenizer, pick_device
+from tasks.modeling import Message, answer, bnb_config, load_model, load_tokenizer, \
+    pick_device, release
 
 jieba.setLogLevel(logging.WARNING)
 SCORES = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "bleu_4": "BLEU-4"}
@@ -112,41 +112,31 @@ def read_probes(probes_file: Path) -> list[str]:
 # Generation
 # ---------------------------------------------------------------------------------------------
 def answer_prompts(spec: dict, prompts: list[list[Message]], max_new_tokens: int) -> dict[str, Any]:
-    """Load one model from its spec, answer every prompt greedily, free it again.
-
-    Tokens generated per prompt are counted with a hook on the LM head (one call per decoding
-    step), so "ended with eos before max_new_tokens" is exact and costs nothing."""
+    """Load one model from its spec, answer every prompt greedily (`tasks.modeling.answer`),
+    free it again. `new_tokens` counts each answer's tokens, its EOS included, so "ended with
+    eos before max_new_tokens" is exact."""
     if "path" not in spec:
         raise ValueError(f"model spec {spec!r} has no 'path'")
     quant = spec.get("quantization")
-    model = load_model(spec["path"], dtype=spec.get("dtype", "float32"),
-                       device=spec.get("device") or pick_device("auto"),
+    device = spec.get("device") or pick_device("auto")
+    model = load_model(spec["path"], dtype=spec.get("dtype", "float32"), device=device,
                        quantization=bnb_config(**quant) if quant else None,
                        adapter=spec.get("adapter"))
     tokenizer = load_tokenizer(spec.get("tokenizer", spec["path"]))
-    steps = [0]
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda *_: steps.__setitem__(0, steps[0] + 1))
-    answers, new_tokens = [], []
     threads = torch.get_num_threads()
     if (next(model.parameters()).device.type == "cpu"
             and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS):
         torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        for messages in prompts:
-            steps[0] = 0
-            answers += generate(model, tokenizer, [messages], max_new_tokens)
-            new_tokens.append(steps[0])
+        answers = answer(model, tokenizer, prompts, max_new_tokens)
     finally:
-        hook.remove()
         seconds = time.perf_counter() - start
         torch.set_num_threads(threads)
         del model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    return {"answers": answers, "new_tokens": new_tokens, "seconds": seconds}
+        release(device)
+    return {"answers": [a.text for a in answers], "new_tokens": [a.new_tokens for a in answers],
+            "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +258,8 @@ def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg
                        files={"report_md": str(out / "report.md"),
                               "report_html": str(out / "report.html"),
                               "generations_json": str(out / "generations.json")},
-                       metrics=metrics, info={"markdown": markdown})
+                       metrics=metrics, info={"markdown": markdown,
+                                              "device": base.get("device") or pick_device()})
 
 
 def _jsonable(spec: dict) -> dict:

@@ -1,0 +1,140 @@
+"""The whole pipeline flow at a real size: `flows/pipeline.py` through Prefect (a temporary
+server) with an MLflow store, every stage from data to register, measured per stage.
+
+    PYTHONPATH=. python benchmarks/gpu_flow.py                 # 6 B (ChatGLM2-6B shape) on a GPU
+    PYTHONPATH=. python benchmarks/gpu_flow.py --size tiny     # the same, in a minute on a CPU
+
+The base is a random-weight model of `--size` (benchmarks/models.py), built directly on the
+device in bf16, saved as a Hugging Face folder and passed as `base.path`: speed and memory, not
+quality. Writes benchmarks/results/gpu_flow_<size>.json (per stage: seconds, device, peak CUDA
+and host memory, cache hit; the benchmark rows) and prints the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LIBS = ("torch", "transformers", "peft", "bitsandbytes", "prefect", "mlflow", "torchao")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for lib in LIBS:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = "absent"
+    return out
+
+
+def config(base_dir: Path, gpu: bool, epochs: float, repeats: int) -> dict:
+    """The run's PipelineConfig: QLoRA in bf16 on a GPU, short training, a small report."""
+    return {
+        "base": {"path": str(base_dir)},
+        "train": {"method": "qlora", "epochs": epochs, "batch_size": 8, "max_length": 160,
+                  "eval_steps": 10_000, "save_steps": 10_000, "learning_rate": 2e-4,
+                  "compute_dtype": "bfloat16" if gpu else "float32"},
+        "benchmark": {"prompts": 4, "new_tokens": 32, "repeats": repeats,
+                      "batch_sizes": [1, 8] if gpu else [1, 2]},
+        "report": {"dev_examples": 4, "eval_examples": 8, "max_new_tokens": 32},
+        "registry": {"model_name": "gpu-flow-chat"},
+        "experiment": "gpu-flow",
+    }
+
+
+def stage_table(out: dict) -> dict[str, dict]:
+    """Per stage: seconds, device, peaks. The benchmark measures in child processes: its peaks
+    are the largest of the flow process and its children."""
+    stages = {}
+    for row in out["stages"] + out["steps"]:
+        entry = {"seconds": round(row["seconds"], 2), "device": row["device"] or "cpu",
+                 "peak_cuda_mib": round(row["peak_cuda_mib"] or 0.0, 1),
+                 "peak_rss_mib": round(row["peak_rss_mib"], 1), "cached": row["cached"]}
+        if row["stage"] == "benchmark":
+            for b in out["benchmark"]:
+                entry["peak_rss_mib"] = max(entry["peak_rss_mib"], round(b["peak_rss_mib"], 1))
+                entry["peak_cuda_mib"] = max(entry["peak_cuda_mib"],
+                                             round(b["peak_cuda_mib"] or 0.0, 1))
+        stages[row["stage"]] = entry
+    return stages
+
+
+def markdown(result: dict) -> str:
+    lines = ["| stage | seconds | device | peak CUDA MiB | peak host RSS MiB | cached |",
+             "|---|---:|---|---:|---:|---|"]
+    for name, s in result["stages"].items():
+        lines.append(f"| {name} | {s['seconds']:.1f} | {s['device']} | "
+                     f"{s['peak_cuda_mib']:,.0f} | {s['peak_rss_mib']:,.0f} | {s['cached']} |")
+    lines += ["", "| variant | engine | batch | decode tok/s per seq | aggregate tok/s | "
+                  "TTFT ms | peak CUDA MiB |", "|---|---|---:|---:|---:|---:|---:|"]
+    for b in result["benchmark"]:
+        lines.append(f"| {b['variant']} | {b['engine']} | {b['batch']} | "
+                     f"{b['decode_tok_s']:.1f} | {b['aggregate_tok_s']:.1f} | "
+                     f"{b['ttft_ms']:.1f} | {b['peak_cuda_mib'] or 0:,.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="6b", help="a shape of benchmarks/models.py (default 6b)")
+    ap.add_argument("--home", type=Path, help="PIPELINE_HOME of the run (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                    help="folder of gpu_flow_<size>.json")
+    ap.add_argument("--epochs", type=float, default=0.5, help="QLoRA epochs over the sample")
+    ap.add_argument("--repeats", type=int, default=1, help="benchmark repeats")
+    args = ap.parse_args()
+    home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
+    os.environ["PIPELINE_HOME"] = str(home)           # before flows/ is imported
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("PREFECT_API_URL", None)
+
+    import torch
+
+    from benchmarks.models import build_random_model
+
+    gpu = torch.cuda.is_available()
+    start = time.perf_counter()
+    base_dir, params = build_random_model(args.size, home / "models" / args.size,
+                                          "cuda" if gpu else "cpu")
+    build_seconds = time.perf_counter() - start
+    print(f"[gpu_flow] {args.size}: {params / 1e9:.2f} B parameters, built and saved in "
+          f"{build_seconds:.1f} s -> {base_dir}", flush=True)
+
+    from flows.pipeline import pipeline
+    from tasks.config import PipelineConfig
+
+    cfg = PipelineConfig.model_validate(config(base_dir, gpu, args.epochs, args.repeats))
+    start = time.perf_counter()
+    out = pipeline(cfg)
+    flow_seconds = time.perf_counter() - start
+    result = {
+        "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)",
+        "params": params, "date": datetime.date.today().isoformat(),
+        "command": "PYTHONPATH=. python " + " ".join(map(shlex.quote, sys.argv)),
+        "versions": versions(), "build_model_seconds": round(build_seconds, 1),
+        "flow_seconds": round(flow_seconds, 1), "stages": stage_table(out),
+        "benchmark": [{k: b[k] for k in ("variant", "engine", "batch", "decode_tok_s",
+                                         "aggregate_tok_s", "ttft_ms", "peak_cuda_mib",
+                                         "peak_rss_mib", "compile_s", "dtype", "quant",
+                                         "repeats")} for b in out["benchmark"]],
+        "registered": out["registered"], "mlflow_run_id": out["mlflow_run_id"],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"gpu_flow_{args.size}.json"
+    target.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    print(markdown(result))
+    print(f"[gpu_flow] flow {flow_seconds:.1f} s; wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

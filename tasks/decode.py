@@ -1,0 +1,173 @@
+"""Fast greedy decoding for the benchmark and report stages: a static KV cache, and on CUDA one
+decode step replayed as a CUDA graph (optionally compiled first).
+
+HF `generate` with a dynamic cache is host-bound at batch 1 on a fast GPU: issuing one step's
+hundreds of kernels takes as long as running them (README "Measured on a GPU"). Here the step's
+inputs live in fixed buffers (token, position, attention mask, transformers' `StaticCache`), so the
+whole step -- forward, argmax, advancing the position -- is captured once with
+`torch.cuda.CUDAGraph` and replayed per token (the recipe of PyTorch's "CUDA Graphs" notes and of
+gpt-fast). `compile=True` first runs the step through `torch.compile` (Inductor's fused kernels, no
+cudagraph trees of its own) and captures that. On a CPU the same loop runs eagerly.
+
+This is a measuring and answering loop, not a serving engine: greedy only, a fixed number of new
+tokens (callers cut at EOS), left-padded batches. HF `generate` stays the reference: on the same
+model the static loop gives the same greedy tokens (tests/test_decode.py).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, StaticCache
+
+
+@dataclass(frozen=True)
+class Decoded:
+    tokens: torch.Tensor        # (batch, new_tokens) greedy ids, on the CPU
+    first_token_s: float        # prefill + the first new token (time to first token)
+    decode_s: float             # the remaining new_tokens - 1 steps
+
+
+def _cache_argument(model: PreTrainedModel) -> str:
+    """transformers >= 5.24 names the forward's cache argument `cache`, before `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters \
+        else "past_key_values"
+
+
+class StaticDecoder:
+    """Greedy decoding of up to `batch_size` left-padded prompts with a `StaticCache` of
+    `max_len` positions; the decode step is a CUDA graph on a CUDA device (`graph=None`: there).
+
+    Build once per (model, batch size, length budget); `decode` reuses the buffers, the cache and
+    the captured graph for every call."""
+
+    def __init__(self, model: PreTrainedModel, *, batch_size: int, max_len: int,
+                 graph: bool | None = None, compile: bool = False):
+        self.model, self.batch, self.max_len = model, batch_size, max_len
+        self.device = next(model.parameters()).device
+        self.use_graph = self.device.type == "cuda" if graph is None else graph
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.cache = StaticCache(config=config, max_cache_len=max_len)
+        self.cache_arg = _cache_argument(model)
+        # sdpa and flash kernels take a boolean mask (True: attend); eager attention adds a float one
+        self.additive = getattr(config, "_attn_implementation", "sdpa") == "eager"
+        new = dict(device=self.device, dtype=torch.long)
+        self.token = torch.zeros(batch_size, 1, **new)          # the step's input and output
+        self.position = torch.zeros(batch_size, 1, **new)
+        self.slot = torch.zeros(1, **new)                      # cache slot the step writes
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.device)
+        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile \
+            else self._step
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_s = 0.0
+
+    # -- the step: everything on device buffers, nothing read back on the host ---------------------
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
+        """Logits of the last position; `keep` is the (batch, 1, queries, max_len) boolean mask."""
+        mask = keep
+        if self.additive:
+            dtype = self.model.get_input_embeddings().weight.dtype
+            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+                ~keep, torch.finfo(dtype).min)
+        return self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                          use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache}).logits
+
+    def _step(self) -> None:
+        self.mask.index_fill_(1, self.slot, True)              # attend to the slot written now
+        logits = self._forward(self.token, self.position, self.mask[:, None, None, :])
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.position.add_(1)
+        self.slot.add_(1)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Warm up on a side stream (as CUDA graph capture requires; the first, eager step
+        allocates the static cache, the next ones compile the step if asked), then capture one
+        step. The warm-up writes into the cache: `decode` resets every buffer before use."""
+        start = time.perf_counter()
+        self._reset()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for step in (self._step, self.step, self.step, self.step):
+                self.slot.fill_(self.max_len - 1)              # warm up on the last slot; the
+                step()                                         # eager one allocates the cache
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.slot.fill_(self.max_len - 1)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - start
+
+    def _reset(self) -> None:
+        self.cache.reset()
+        self.mask.zero_()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               new_tokens: int) -> Decoded:
+        """`new_tokens` greedy tokens after each row of `input_ids` (left-padded, `attention_mask`
+        1 on real tokens), no early stop. Rows beyond the prompts given are padding copies."""
+        rows, length = input_ids.shape
+        if rows > self.batch or length + new_tokens > self.max_len:
+            raise ValueError(f"decode: {rows}x{length}+{new_tokens} tokens exceed this decoder's "
+                             f"{self.batch}x{self.max_len}")
+        if self.use_graph and self.graph is None:
+            self._capture()
+        ids = torch.cat([input_ids, input_ids[-1:].expand(self.batch - rows, -1)]).to(self.device)
+        real = torch.cat([attention_mask, attention_mask[-1:].expand(self.batch - rows, -1)]
+                         ).to(self.device).bool()
+        self._sync()
+        start = time.perf_counter()
+        self._reset()
+        self.mask[:, :length] = real
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(length, self.max_len, dtype=torch.bool, device=self.device).tril()
+        # a pad row attends to itself only: no fully masked row (NaN) reaches the cache
+        prefill = (causal & self.mask[:, None, :]) | torch.eye(
+            length, self.max_len, dtype=torch.bool, device=self.device)
+        logits = self._forward(ids, positions, prefill[:, None])
+        self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.position.copy_(positions[:, -1:] + 1)
+        self.slot.fill_(length)
+        out = [self.token.clone()]
+        self._sync()
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+            out.append(self.token.clone())
+        self._sync()
+        end = time.perf_counter()
+        return Decoded(tokens=torch.cat(out, dim=1)[:rows].cpu(), first_token_s=first - start,
+                       decode_s=end - first)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists, padded on the left to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids, mask
+
+
+def cut_at_eos(tokens: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """The tokens before the first EOS, and whether one was produced."""
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return tokens[:i], True
+    return tokens, False

@@ -61,13 +61,22 @@ def copy_bandwidth(gib: int = 4) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer as stored (packed 4-bit included)."""
-    return model.get_memory_footprint()
+    """Bytes of every parameter and buffer as stored: a tensor subclass (torchao's packed int4)
+    by its inner tensors, not by its logical shape."""
+    def nbytes(t: torch.Tensor) -> int:
+        if hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+    return sum(nbytes(t) for t in [*model.parameters(), *model.buffers()])
 
 
 # -- decode ------------------------------------------------------------------------------------
 def decode_variant(model, tok, batches: list[int], new_tokens: int, engine: str) -> dict:
-    """tok/s per batch size, peak CUDA MiB, capture/compile seconds and greedy tokens."""
+    """tok/s per batch size, peak CUDA MiB, capture/compile seconds and greedy tokens (the
+    compiled engine at batch 1 only: each batch size is a compile of its own, minutes at 6 B)."""
+    if engine == "compiled":
+        batches = batches[:1]
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     out = {"tok_s": {}, "tokens": {}, "capture_s": 0.0}
     torch.cuda.reset_peak_memory_stats()
@@ -90,6 +99,7 @@ def decode_variant(model, tok, batches: list[int], new_tokens: int, engine: str)
                                     max_len=ids.shape[1] + new_tokens)
             decoder.decode(ids, mask, new_tokens)               # capture (+ compile) + warm-up
             out["capture_s"] += decoder.capture_s
+            out["graph_error"] = decoder.graph_error
             runs = [decoder.decode(ids, mask, new_tokens) for _ in range(3)]
             best = sorted(runs, key=lambda r: r.decode_s)[1]    # the median of 3
             out["tok_s"][batch] = (new_tokens - 1) / best.decode_s
@@ -124,6 +134,7 @@ def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
 
     tok = load_tokenizer(base_dir)
     results, peaks, compile_s, agree, logit_diff, weights = {}, {}, {}, {}, {}, {}
+    graph_errors: dict[str, str] = {}
     plans = [("bf16", None), ("int4-torchao", "torchao"), ("nf4-bnb", "bnb")]
     reference_tokens = reference_logits = None
     for label, fmt in plans:
@@ -145,6 +156,8 @@ def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
             results[name] = r["tok_s"]
             peaks[name] = r["peak_cuda_mib"]
             compile_s[name] = r["capture_s"]
+            if r.get("graph_error"):
+                graph_errors[name] = r["graph_error"]
             if engine == "eager":
                 reference_tokens = r["tokens"]
             agree[name] = {b: agreement(r["tokens"][b], reference_tokens[b])
@@ -156,7 +169,7 @@ def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
         release("cuda")
     return {"decode": results, "peak_cuda_mib": peaks, "compile_s": compile_s,
             "token_agreement_with_eager": agree, "max_first_logit_diff_vs_bf16": logit_diff,
-            "weights_gib": weights}
+            "weights_gib": weights, "graph_errors": graph_errors}
 
 
 # -- qlora -------------------------------------------------------------------------------------

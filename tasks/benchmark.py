@@ -174,8 +174,10 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
                 run = run_generate
             for i in range(warmup):
                 run(*groups[i % len(groups)])
+            graph = None
             if engine == "static":                # graph capture (and compile) of its first run
                 capture = decoder.capture_s
+                graph = decoder.graph is not None
             timings = [run(ids, mask) for ids, mask in groups]
             first = sum(t[0] for t in timings) / len(timings)
             rest = sum(t[1] for t in timings) / len(timings)
@@ -187,7 +189,7 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
                 "new_tokens": new_tokens, "threads": torch.get_num_threads(),
                 "decode_tok_s": per_seq, "aggregate_tok_s": per_seq * batch,
                 "e2e_tok_s": batch * new_tokens / (first + rest),
-                "ttft_ms": 1000 * first, "compile_s": capture,
+                "ttft_ms": 1000 * first, "compile_s": capture, "cuda_graph": graph,
                 "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                 "footprint_mib": model.get_memory_footprint() / 2**20,
                 "load_seconds": load_seconds, "rss_before_load_mib": rss0})

@@ -17,11 +17,14 @@ model the static loop gives the same greedy tokens (tests/test_decode.py).
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, StaticCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class StaticDecoder:
         self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile \
             else self._step
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_error: str | None = None          # why capture failed, if it did
         self.capture_s = 0.0
 
     # -- the step: everything on device buffers, nothing read back on the host ---------------------
@@ -122,7 +126,16 @@ class StaticDecoder:
             raise ValueError(f"decode: {rows}x{length}+{new_tokens} tokens exceed this decoder's "
                              f"{self.batch}x{self.max_len}")
         if self.use_graph and self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except (RuntimeError, torch.AcceleratorError) as error:
+                # e.g. a kernel library that synchronises inside its forward: no graph, same loop
+                log.warning("decode: no CUDA graph for %s (%s: %s); decoding step by step",
+                            type(self.model).__name__, type(error).__name__,
+                            str(error).splitlines()[0][:200])
+                self.graph, self.use_graph = None, False
+                self.graph_error = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                torch.cuda.synchronize(self.device)
         ids = torch.cat([input_ids, input_ids[-1:].expand(self.batch - rows, -1)]).to(self.device)
         real = torch.cat([attention_mask, attention_mask[-1:].expand(self.batch - rows, -1)]
                          ).to(self.device).bool()

@@ -21,8 +21,10 @@ from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, pick_devi
 #: a short chat used to compare merged vs base+adapter logits
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
          {"role": "assistant", "content": "多半是浇水过多，先检查盆土是否积水。"}]
-#: max |logit diff| allowed, relative to max(1, max |logit|) of base+adapter
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
+#: largest relative error ||merged - base+adapter|| / ||base+adapter|| of the probe's logits.
+#: In float32 merging is exact to rounding; in 16 bits W + BA is rounded once per weight, and the
+#: error adds up over the layers (a 6 B bf16 merge: max |logit diff| ~1 on logits of ~12).
+TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
@@ -70,10 +72,12 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
     with torch.inference_mode():
         got = merged(input_ids=ids).logits.float()
     diff = (got - want).abs().max().item()
-    limit = TOLERANCE[dtype] * max(1.0, want.abs().max().item())
-    if not diff <= limit:
-        raise RuntimeError(f"merged model disagrees with base+adapter ({adapter_dir}): max "
-                           f"|logit diff| {diff:.3g} > {limit:.3g}")
+    relative = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    if not relative <= TOLERANCE[dtype]:
+        raise RuntimeError(f"merged model disagrees with base+adapter ({adapter_dir}): relative "
+                           f"logit error {relative:.3g} > {TOLERANCE[dtype]:.3g} in {dtype} "
+                           f"(max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
 
     params = sum(p.numel() for p in merged.parameters())
     with staging_dir(stage_root("merge")) as tmp:
@@ -83,7 +87,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
     return StageResult(
         stage="merge", path=str(out), digest=digest,
         files={"config.json": str(out / "config.json")},
-        metrics={"merge_max_abs_logit_diff": diff, "size_mb": size, "params": float(params)},
+        metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
+                 "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
         info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
               "device": device,
               "tokenizer_from": "adapter" if has_tok else "base", "probe_tokens": ids.shape[1]})

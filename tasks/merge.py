@@ -22,9 +22,13 @@ from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, pick_devi
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
          {"role": "assistant", "content": "多半是浇水过多，先检查盆土是否积水。"}]
 #: largest relative error ||merged - base+adapter|| / ||base+adapter|| of the probe's logits.
-#: In float32 merging is exact to rounding; in 16 bits W + BA is rounded once per weight, and the
-#: error adds up over the layers (a 6 B bf16 merge: max |logit diff| ~1 on logits of ~12).
-TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 2e-2}
+#: In float32 merging is exact to rounding. In 16 bits W + BA is rounded per weight, and a young
+#: adapter's BA is about one bf16 step of W, so much of it rounds away and the error adds up over
+#: the layers: a 6 B random-weight model after 15 QLoRA steps, merged in bf16 on an H200, gave a
+#: relative error of 0.084 and 93 % top-1 agreement (README "Measured on a GPU"). The 16-bit
+#: bounds catch a wrong merge (scale, transposition, missing layers: errors of order 1), not
+#: rounding; the figures are reported either way.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.25}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 

@@ -178,6 +178,10 @@ class PipelineRun:
         self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
                           "from_run": origin, "device": result.info.get("device"),
                           "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib})
+        cuda = "" if peaks.cuda_mib is None else f", peak CUDA {peaks.cuda_mib:,.0f} MiB"
+        print(f"[stage] {name}: {'cache hit' if cached else 'computed'} in {seconds:.1f} s"
+              f"{' on ' + result.info['device'] if result.info.get('device') else ''}, peak "
+              f"RSS {peaks.rss_mib:,.0f} MiB{cuda}", flush=True)
         return result
 
 

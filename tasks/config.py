@@ -113,9 +113,8 @@ class TrainConfig(_Section):
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in "
                                                 "the backward pass (less memory, ~30% slower; "
-                                                "lora/qlora); empty: on where a batch's "
-                                                "activations would take over a quarter of the "
-                                                "GPU's memory, off otherwise and on a CPU.")
+                                                "lora/qlora); empty: on for qlora on a GPU, off "
+                                                "otherwise.")
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded); "
                           "off: file order, e.g. to compare two training loops batch by batch.")
     seed: int = Field(42, description="Training seed.")

@@ -35,6 +35,7 @@ from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.common import StageResult, project_dir
 from tasks.config import PipelineConfig, load_config
+from tasks.methods import METHODS
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
@@ -193,10 +194,12 @@ def nightly(config: PipelineConfig = PipelineConfig(),
     """Retrain on the configured data (cache hits where nothing changed) and promote the new
     model to the registry alias `champion` only if it beats the current champion on the same
     dev set without forgetting more than the bound on out-of-domain probes."""
-    if config.train.method == "ptuning":
+    if not METHODS[config.train.method].mergeable:
+        mergeable = [name for name, m in METHODS.items() if m.mergeable]
         raise ValueError("nightly-retrain gates merged models (champion vs challenger, both "
-                         "standalone); train.method=ptuning yields a prefix adapter that cannot "
-                         "be merged: use lora or qlora, or run the full-pipeline deployment")
+                         f"standalone); train.method={config.train.method} yields a prefix "
+                         f"adapter that cannot be merged: use {' or '.join(mergeable)}, or run "
+                         "the full-pipeline deployment")
     evaluated: dict[str, Any] = {}
     params = {**config.model_dump(mode="json"), "gate": gate.model_dump(mode="json")}
     with parent_run(config.experiment, "nightly", params) as outer:

@@ -22,6 +22,7 @@ from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_tas
     parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
 from tasks.common import StageResult
 from tasks.config import PipelineConfig, load_config
+from tasks.methods import METHODS
 from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, register_version
 from tasks.report import read_dev_prompts
@@ -52,7 +53,8 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
                         artifacts=lambda r: {"adapter": r.path})
     device = pick_device(cfg.benchmark.device)
     merged = int4 = fast_int4 = None
-    if cfg.train.method == "ptuning":       # a prefix is not a weight delta: nothing to merge
+    method = METHODS[cfg.train.method]
+    if not method.mergeable:                # a prefix is not a weight delta: nothing to merge
         print("train.method=ptuning: the P-Tuning v2 prefix cannot be merged into the weights; "
               "merge and int4 are skipped, base + prefix adapter is benchmarked, reported and "
               "registered (the adapter folder; load it with peft on the base).")
@@ -69,9 +71,8 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
     dtype = resolve_dtype(cfg.merge.dtype, device)
     base_spec = {"path": base.path, "digest": base.digest, "dtype": dtype}
     adapted = {**base_spec, "adapter": adapter.path, "digest": adapter.digest}
-    if cfg.train.method == "qlora":         # the adapter was trained on (and runs on) 4-bit
-        adapted["quantization"] = {"quant_type": "nf4", "double_quant": cfg.train.double_quant,
-                                   "compute_dtype": cfg.train.compute_dtype}
+    if quantization := method.serving_quantization(cfg.train):   # served as it was trained
+        adapted["quantization"] = quantization
     variants = {"base": base_spec, "base+adapter": adapted}
     for name, result in (("merged", merged), ("int4", int4), ("int4-torchao", fast_int4)):
         if result is not None:

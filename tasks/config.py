@@ -17,6 +17,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common import REPO_DIR, SCHEMA_DIR, atomic_write_text
+from tasks.methods import METHODS
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -86,7 +87,7 @@ class BaseModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    method: Literal["lora", "qlora", "ptuning"] = Field(
+    method: Literal[tuple(METHODS)] = Field(
         "lora", description="lora: full-precision base + LoRA. qlora: base loaded 4-bit nf4 "
         "(bitsandbytes) + LoRA. ptuning: P-Tuning v2 (peft prefix tuning: trained key/value "
         "prefixes in every layer; cannot be merged into the weights, so merge/int4 are skipped "
@@ -137,14 +138,15 @@ class TrainConfig(_Section):
                           "visible CUDA devices; 1 = no launcher. Ignored on a CPU.")
 
     @model_validator(mode="after")
-    def _lora_only_options(self) -> "TrainConfig":
-        if self.packing and self.method == "ptuning":
-            raise ValueError("train.packing works with lora/qlora only: a P-Tuning v2 prefix "
-                             "is prepended once per row, so packed examples after the first "
-                             "would not see it")
-        if self.gradient_checkpointing and self.method == "ptuning":
-            raise ValueError("train.gradient_checkpointing works with lora/qlora only (peft "
-                             "prefix tuning does not support it)")
+    def _what_the_method_supports(self) -> "TrainConfig":
+        method = METHODS[self.method]
+        if self.packing and not method.packing:
+            raise ValueError(f"train.packing does not work with {self.method}: a P-Tuning v2 "
+                             "prefix is prepended once per row, so packed examples after the "
+                             "first would not see it")
+        if self.gradient_checkpointing and not method.gradient_checkpointing:
+            raise ValueError(f"train.gradient_checkpointing does not work with {self.method} "
+                             "(peft prefix tuning does not support it)")
         return self
 
 

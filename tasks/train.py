@@ -46,6 +46,7 @@ from tasks.code_version import code_digest
 from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes, digest_path, \
     project_dir, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import TrainConfig
+from tasks.methods import METHODS
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
 from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, ProgressLog, \
     last_checkpoint, list_checkpoints, log_history
@@ -54,13 +55,12 @@ from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss
 
 __all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "last_checkpoint",
            "learning_rate"]
-DEFAULT_LR = {"lora": 2e-3, "qlora": 2e-3, "ptuning": 2e-2}
 #: config fields that do not change what is trained (left out of the checkpoint key)
 NOT_IN_KEY = {"resume", "save_total_limit", "sanity_examples"}
 
 
 def learning_rate(cfg: TrainConfig) -> float:
-    return cfg.learning_rate or DEFAULT_LR[cfg.method]
+    return cfg.learning_rate or METHODS[cfg.method].learning_rate
 
 
 def checkpoint_dir(base_dir: str | Path, train_json: Path, dev_json: Path,
@@ -100,19 +100,20 @@ def gradient_checkpointing(cfg: TrainConfig, device: str) -> bool:
     halves peak memory (README "Fast at real scale")."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
-    return cfg.method == "qlora" and device.startswith("cuda")
+    return METHODS[cfg.method].checkpointing_on_gpu and device.startswith("cuda")
 
 
 def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
                        init_ids: list[int] | None = None):
-    """The base with a peft adapter attached: LoRA (on a 4-bit base for qlora) or a prefix
-    (ptuning; initialised from the base's keys/values for `init_ids` when given)."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model, \
-        prepare_model_for_kbit_training
+    """The base with the method's peft adapter attached (tasks/methods.py): LoRA, on a 4-bit
+    base for qlora, or a prefix (ptuning; initialised from the base's keys/values for
+    `init_ids` when given)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    method = METHODS[cfg.method]
     cuda = device.startswith("cuda")
     checkpointing = gradient_checkpointing(cfg, device)
-    if cfg.method == "qlora":
+    if method.loads_4bit:
         model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
                            quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
         model = prepare_model_for_kbit_training(
@@ -130,19 +131,9 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
         if checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
-    if cfg.method == "ptuning":
-        peft_cfg = PrefixTuningConfig(task_type="CAUSAL_LM",
-                                      num_virtual_tokens=cfg.num_virtual_tokens,
-                                      prefix_projection=cfg.prefix_projection,
-                                      encoder_hidden_size=cfg.encoder_hidden_size
-                                      or model.config.hidden_size)
-    else:
-        peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                              lora_dropout=cfg.lora_dropout,
-                              target_modules=cfg.target_modules or "all-linear",
-                              task_type="CAUSAL_LM")
+    peft_cfg = method.peft_config(cfg, model.config.hidden_size)
     model = get_peft_model(model, peft_cfg)
-    if cfg.method == "ptuning" and init_ids and not cfg.prefix_projection:
+    if peft_cfg.peft_type == "PREFIX_TUNING" and init_ids and not cfg.prefix_projection:
         _init_prefix(model, init_ids)
     return model
 

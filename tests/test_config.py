@@ -38,3 +38,18 @@ def test_file_and_dotted_overrides(tmp_path):
 def test_typos_and_bad_values_are_refused(override):
     with pytest.raises(ValidationError):
         load_config(None, [override])
+
+
+def test_every_method_of_the_registry_is_a_valid_train_method():
+    from tasks.config import TrainConfig
+    from tasks.methods import METHODS
+
+    schema = TrainConfig.model_json_schema()["properties"]["method"]
+    assert set(schema["enum"]) == set(METHODS)
+    for name, method in METHODS.items():
+        cfg = TrainConfig(method=name)
+        peft_cfg = method.peft_config(cfg, 64)
+        assert peft_cfg.task_type == "CAUSAL_LM"
+        assert (method.serving_quantization(cfg) is not None) == method.loads_4bit
+    with pytest.raises(ValueError, match="does not work with ptuning"):
+        TrainConfig(method="ptuning", packing=True)

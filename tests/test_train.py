@@ -108,9 +108,9 @@ def test_packed_batch_has_the_loss_of_the_padded_batch(data):
 
 
 def test_packing_and_checkpointing_are_refused_for_ptuning():
-    with pytest.raises(ValueError, match="packing works with lora/qlora only"):
+    with pytest.raises(ValueError, match="train.packing does not work with ptuning"):
         TrainConfig(method="ptuning", packing=True)
-    with pytest.raises(ValueError, match="gradient_checkpointing works with lora/qlora only"):
+    with pytest.raises(ValueError, match="train.gradient_checkpointing does not work with ptuning"):
         TrainConfig(method="ptuning", gradient_checkpointing=True)
 
 

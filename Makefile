@@ -75,7 +75,7 @@ test-fast: setup       ## the fast tests only
 clean-state:           ## forget all runs, caches and outputs of this project (keeps .venv)
 	rm -rf outputs .prefect mlflow.db mlruns/[!.]*
 
-# ---- Operations: local stack, deployments, browser tests (issue 5) -------------------------------
+# ---- Operations: local stack, deployments, browser tests (README "Operations") ------------------
 # The stack (Prefect server + UI :4200, a process worker, MLflow server + UI :5000) binds 127.0.0.1
 # only and keeps every file inside the project: .stack/ (pids, logs), .prefect/, mlflow.db, mlruns/.
 .PHONY: stack stack-down stack-status deploy

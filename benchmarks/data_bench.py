@@ -3,7 +3,7 @@
     python benchmarks/data_bench.py                 # 1,000,000 pairs
     python benchmarks/data_bench.py --pairs 100000 --report
 
-Generates a raw Q/A text corpus (seed 004's format, Chinese, ~200 bytes a pair), then runs
+Generates a raw Q/A text corpus (README stage 1's txt format, Chinese, ~200 bytes a pair), then runs
 ingest (txt -> QA JSON + records as Arrow IPC) -> conversations (conversations, dedup, exact
 70/30 split, train/dev JSON + Parquet) -> validate (schemas, every record of qa.json, train.json
 and dev.json) with the same functions the Prefect flow calls, printing wall time, CPU time and

@@ -1,8 +1,8 @@
 """Stage "base": the embedded default base model, built offline from the train split.
 
-In the spirit of seed 002 (build a Chinese tokenizer -> continue pretraining -> instruction
-tuning), in about a minute on a CPU: train a sentencepiece tokenizer on the train split's text
-(byte fallback: unseen characters never become <unk>), wrap it as a transformers fast tokenizer
+In the spirit of the Chinese-LLaMA recipe (build a Chinese tokenizer -> continue pretraining ->
+instruction tuning), in about a minute on a CPU: train a sentencepiece tokenizer on the train
+split's text (byte fallback: unseen characters never become <unk>), wrap it as a fast tokenizer
 with a ChatGLM3-like chat template, initialise a tiny LlamaForCausalLM and pretrain it on the
 plain text of the train split. The result is an ordinary Hugging Face folder, so the later
 stages treat it exactly like a user's Qwen or Llama.

@@ -3,7 +3,7 @@
 * an optional system prompt starts every conversation that has no system turn;
 * exact duplicates (same turns, same texts) are dropped (default), kept, or refused;
 * the split is exact and deterministic: train gets round-half-up(n * ratio) records, dev the
-  rest (seed 004's `if i < round(n*0.7)` puts one record too few in train); an optional seeded
+  rest (the common `if i < round(n*0.7)` loop puts one record too few in train); an optional seeded
   shuffle reorders records first. `split_by="question"` keeps every record of one question
   (first user turn) on one side, so no question leaks from train into dev: then the split is as
   close to the ratio as whole groups allow.

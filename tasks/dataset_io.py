@@ -24,7 +24,7 @@ TEXT = pa.large_string()
 TURN = pa.struct([("role", TEXT), ("content", TEXT)])
 #: ChatGLM3 conversation records: `{"conversations": [{"role", "content"}, ...]}`
 CONVERSATIONS = pa.schema([("conversations", pa.large_list(TURN))])
-#: seed 004's first step: `{"q", "a"}`
+#: the QA JSON of raw Q/A text: `{"q", "a"}`
 QA = pa.schema([("q", TEXT), ("a", TEXT)])
 
 _CHUNK = 1 << 16                      # records per JSON write chunk (bounds the memory used)

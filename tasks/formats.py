@@ -1,17 +1,17 @@
 """Input formats: every common shape of fine-tuning data, read into one conversation table.
 
-    txt           question line, answer line, blank line (seed 004)
-    qa            {"q", "a"} (seed 004's intermediate JSON)
-    adgen         {"content", "summary"} (seed 003)
+    txt           question line, answer line, blank line
+    qa            {"q", "a"} (the intermediate JSON of raw Q/A text)
+    adgen         {"content", "summary"} (ChatGLM's P-Tuning v2 ADGEN example)
     alpaca        {"instruction", "output"} with optional "input", "system", "history"
-                  (seed 001's {"instruction", "output"} is alpaca without "input")
-    instruct      {"instruct", "query", "answer"} (seed 002)
+                  ({"instruction", "output"} is alpaca without "input")
+    instruct      {"instruct", "query", "answer"}
     sharegpt      {"conversations": [{"from": "human"|"gpt"|"system"|..., "value"}]}
     conversation  {"conversations": [{"role": "system"|"user"|"assistant", "content"}]}
                   (ChatGLM3's own format: passed through, and checked)
 
 JSON records come as a JSON array or as JSON Lines (one object per line, whatever the file's
-extension: seed 002 keeps JSON Lines in .txt files). The format is detected from the record's
+extension: some tutorials keep JSON Lines in .txt files). The format is detected from the record's
 fields, or configured. A file (or a directory) holds ONE format: a record of another format is
 an error naming it, never a guess. Every record is checked (types, empty texts, length, turn
 order) and a problem names the file, line or record, and the JSON path of the offending value.
@@ -250,7 +250,7 @@ def _json_records(path: Path, raw: bytes, issues: Issues
 def _is_json(path: Path, raw: bytes, fmt: Format) -> bool:
     """JSON (array or lines) or raw text? By the configured format, the extension, then the
     content: a .txt that parses as a JSON array of objects, or whose first line is a record of
-    a known format, is JSON (seed 002 keeps JSON Lines in .txt files)."""
+    a known format, is JSON (some tutorials keep JSON Lines in .txt files)."""
     if fmt == "txt":
         return False
     head = first_char(raw)

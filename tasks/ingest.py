@@ -4,7 +4,7 @@ Outputs under outputs/ingest/<digest>/:
     records.arrow    every usable record as a conversation, with its file, line and record
                      number (Arrow IPC: the next stage reads it without parsing anything)
     qa.json          `[{"q", "a"}]`, when every record is one question and one answer (always
-                     for raw Q/A text, seed 004's first step)
+                     for raw Q/A text, the first step of README "What each stage produces")
     skipped.json     the malformed records skipped (on_error="skip"), counted by kind
 """
 

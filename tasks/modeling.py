@@ -65,7 +65,8 @@ def pick_device(preference: Literal["auto", "cpu", "cuda"] = "auto") -> str:
 
 def bnb_config(quant_type: str = "nf4", double_quant: bool = True,
                compute_dtype: str = "float32") -> BitsAndBytesConfig:
-    """bitsandbytes 4-bit config (nf4 + double quant by default, as QLoRA and seed 001)."""
+    """bitsandbytes 4-bit config (nf4 + double quant by default, as the QLoRA paper and peft's
+    QLoRA guide)."""
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                               bnb_4bit_use_double_quant=double_quant,
                               bnb_4bit_compute_dtype=DTYPES[compute_dtype])

@@ -1,4 +1,4 @@
-"""Raw Q/A text (seed 004): blocks of one question line and one answer line, blank lines between.
+"""Raw Q/A text (README "What each stage produces", stage 1): blocks of one question line and one answer line, blank lines between.
 
 Unlike the seed's index arithmetic, the parser never silently mis-pairs. It tolerates a BOM,
 CRLF/CR line ends, white space around lines and several blank lines between blocks, and

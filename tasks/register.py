@@ -5,7 +5,8 @@ This stage *is* the MLflow edge, so unlike the other stages it imports MLflow (l
 `import tasks.register` stays cheap). It is idempotent by content: if a version of the model
 with the same digest exists, it is returned instead of a duplicate (an unchanged nightly run
 registers nothing new). Versions are created with `create_model_version(source=<artifact
-uri>)`, because `register_model("runs:/...")` refuses a plain artifact folder (DESIGN.md).
+uri>)`, because `register_model("runs:/...")` refuses a plain artifact folder
+(it expects an MLflow model: `MLmodel`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Stage "report": the before/after comparison users expect from seed 001 ("QLoRA微调前后推理对比"
-and its "关于灾难性遗忘" out-of-domain checks).
+"""Stage "report": the before/after comparison users of QLoRA tutorials expect ("微调前后推理对比")
+with out-of-domain checks for catastrophic forgetting ("灾难性遗忘").
 
 Base and tuned model answer the same dev prompts and out-of-domain probes (greedy, one model in
 memory at a time); the dev answers are scored against the references with ROUGE-1/2/L F1

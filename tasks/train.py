@@ -80,7 +80,7 @@ def _init_prefix(model, ids: list[int]) -> None:
     """Start the P-Tuning v2 prefix as the keys/values the base computes for real text.
 
     peft's default prefix is N(0, 1) noise in every layer's keys and values: it swamps the
-    attention of a small model from the first step (seed 003's `<UNK>` soup at loss 7). The
+    attention of a small model from the first step (`<UNK>` soup at loss 7 in ChatGLM's ADGEN P-Tuning example). The
     base's own cache for a real token sequence is a prefix it already handles, and positions
     agree (the prefix is positions 0..n-1, the input continues from n)."""
     emb = model.prompt_encoder["default"].embedding.weight

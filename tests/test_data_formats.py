@@ -117,7 +117,7 @@ def test_configured_format_must_match_the_records():
 
 
 def test_json_lines_in_a_txt_file_or_raw_text_by_configuration(tmp_path):
-    # seed 002 keeps JSON Lines in .txt; format=txt reads the same file as raw text
+    # some tutorials keep JSON Lines in .txt; format=txt reads the same file as raw text
     info, _ = run_stages(FORMATS / "instruct_query_answer.txt")
     assert info["format"] == "instruct"
     src = tmp_path / "braces.txt"

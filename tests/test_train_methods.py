@@ -1,4 +1,4 @@
-"""Stage "train", per method, on the embedded default (issue 4's bar): the sample corpus split
+"""Stage "train", per method, on the embedded default (README "Two commands" table): the sample corpus split
 70/30 and the ~2M-parameter base built from it, exactly as `PipelineConfig()` makes them. Each
 of lora, qlora and ptuning, with its default settings, must lower the dev loss and beat the base
 on dev ROUGE-L, scored by the report stage's core on the same dev prompts as the pipeline's

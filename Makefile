@@ -53,7 +53,9 @@ test-latest:           ## newest allowed versions + the fast tests; run before e
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/python -m pip install -q --upgrade pip
 	$(LATEST)/bin/python -m pip install -q $(TORCH)
-	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	echo "$(TORCH_PIN)" > $(LATEST)/torch-pin.txt    # torch stays the tested CPU build
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  -c $(LATEST)/torch-pin.txt -e ".[test]"
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python .ci/lock_diff.py $(LOCK)
 	$(HF_OFFLINE) $(LATEST)/bin/python -m pytest $(FAST) $(PYTEST_ARGS)

@@ -26,6 +26,7 @@ from tasks.common import DataError, StageResult, atomic_write_bytes, atomic_writ
     digest_bytes, digest_path, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import BaseModelConfig
 from tasks.modeling import DEFAULT_CHAT_TEMPLATE
+from tasks.progress import Progress
 from tasks.validate import validate_file
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -145,17 +146,19 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BaseModelConfig
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.05 * total), total)
     model.train()
     curve, step = [], 0
-    while step < total:
-        for idx in torch.randperm(len(blocks), generator=gen).split(PRETRAIN_BATCH):
-            batch = blocks[idx]
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            step += 1
-            curve.append({"step": step, "loss": round(loss.item(), 4)})
-            if step >= total:
-                break
+    with Progress("pretraining the embedded base", total) as progress:
+        while step < total:
+            for idx in torch.randperm(len(blocks), generator=gen).split(PRETRAIN_BATCH):
+                batch = blocks[idx]
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+                step += 1
+                curve.append({"step": step, "loss": round(loss.item(), 4)})
+                progress.update()
+                if step >= total:
+                    break
     return curve
 
 

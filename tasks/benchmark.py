@@ -271,6 +271,7 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
     """Measure each variant (name -> {"path", optional "adapter", "dtype", "quantization"}) in
     fresh processes on the same first `cfg.prompts` chat prompts; write benchmark.json/.md."""
     from tasks.modeling import pick_device
+    from tasks.progress import Progress
 
     if not variants:
         raise ValueError("benchmark: no variants given")
@@ -280,11 +281,16 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
     specs = {name: _check_spec(name, spec) for name, spec in variants.items()}
     device = pick_device(cfg.device)
     sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
-    measured = [_run_child({"name": name, "spec": spec, "prompts": prompts, "device": device,
-                            "new_tokens": cfg.new_tokens, "warmup": cfg.warmup,
-                            "threads": cfg.cpu_threads, "batch_sizes": sizes,
-                            "engines": cfg.engines, "compile": cfg.compile})
-                for _ in range(cfg.repeats) for name, spec in specs.items()]
+    measured = []
+    with Progress("benchmark runs (a fresh process each)", cfg.repeats * len(specs)) as progress:
+        for _ in range(cfg.repeats):
+            for name, spec in specs.items():
+                measured.append(_run_child({
+                    "name": name, "spec": spec, "prompts": prompts, "device": device,
+                    "new_tokens": cfg.new_tokens, "warmup": cfg.warmup,
+                    "threads": cfg.cpu_threads, "batch_sizes": sizes, "engines": cfg.engines,
+                    "compile": cfg.compile}))
+                progress.update()
     rows = summarise(measured)
     table = markdown_table(rows)
     with staging_dir(stage_root("benchmark")) as tmp:

@@ -235,6 +235,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     gives `generate`'s greedy tokens (tests/test_decode.py) several times faster; a P-Tuning v2
     prefix model goes through `generate_ids` (its prefix is the initial cache)."""
     from tasks.decode import StaticDecoder, cut_at_eos
+    from tasks.progress import Progress
 
     device = next(model.parameters()).device
     ends = eos_ids(model, tokenizer)
@@ -242,7 +243,10 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     decoder = None if prefix_length(model) or not all_ids else StaticDecoder(
         model, batch_size=1, max_len=max(len(i) for i in all_ids) + max_new_tokens)
     answers = []
+    progress = Progress(f"answers of {Path(str(model.name_or_path)).name or 'the model'}",
+                        len(all_ids))
     for ids in all_ids:
+        progress.update()
         x = torch.tensor([ids], device=device)
         if decoder is None:
             new = generate_ids(model, x, max_new_tokens=max_new_tokens, do_sample=False,
@@ -252,6 +256,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         kept, ended = cut_at_eos(new, ends)
         answers.append(Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(),
                               len(kept) + ended, ended))
+    progress.close()
     return answers
 
 

@@ -1,0 +1,43 @@
+"""Progress of a long loop: step/total and an ETA, in the terminal (a tqdm bar, where stderr is
+a terminal) and, every `every_s` seconds, as a line on the `tasks` logger, which the flows put in
+Prefect's task-run log (PREFECT_LOGGING_EXTRA_LOGGERS=tasks). No Prefect import here."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from tqdm.auto import tqdm
+
+log = logging.getLogger("tasks.progress")
+
+
+class Progress:
+    """`with Progress("pretraining", total) as p: ... p.update()`."""
+
+    def __init__(self, desc: str, total: int, every_s: float = 10.0):
+        self.desc, self.total, self.every_s = desc, total, every_s
+        self.done, self.start = 0, time.monotonic()
+        self.last_log = self.start
+        self.bar = tqdm(total=total, desc=desc, mininterval=1.0, leave=False, disable=None,
+                        dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if now - self.last_log >= self.every_s and self.done < self.total:
+            self.last_log = now
+            rate = self.done / (now - self.start)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%s: %d/%d, %.0f s elapsed, about %.0f s left", self.desc, self.done,
+                     self.total, now - self.start, eta)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

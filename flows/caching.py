@@ -3,8 +3,9 @@
 Prefect's INPUTS policy hashes a path as a string and TASK_SOURCE hashes only the task
 function's own source. Our key covers what really determines a stage's output:
 
-* every input by content: a `Path` by its bytes (a touched but unchanged file keeps its key),
-  a `StageResult` by its output digest, a pydantic config by its JSON;
+* every input by content: a `Path` by its bytes (a touched but unchanged file keeps its key;
+  the digest is memoised by the file's stat, so an unchanged input is not read again), a
+  `StageResult` by its output digest, a pydantic config by its JSON;
 * the code of the stage module **and every `tasks.*` module it imports, transitively**, read
   from disk as a syntax tree (so editing a helper module recomputes the stages that use it, and
   only those; a comment or formatting change recomputes nothing);
@@ -24,7 +25,8 @@ from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
 from tasks.code_version import code_digest
-from tasks.common import StageResult, digest_path
+from tasks.common import StageResult
+from tasks.digest_memo import memo_digest_path
 
 MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
 
@@ -45,7 +47,7 @@ def fingerprint(value: Any) -> Any:
     if isinstance(value, StageResult):
         return {"stage": value.stage, "digest": value.digest}
     if isinstance(value, Path):
-        return {"path-digest": digest_path(value)}
+        return {"path-digest": memo_digest_path(value)}
     if isinstance(value, BaseModel):
         return fingerprint(value.model_dump(mode="python"))
     if isinstance(value, dict):

@@ -13,10 +13,12 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows.mlflow_files import DatasetFile
 from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
     parent_run, validate_task
 from tasks.common import SCHEMA_DIR, StageResult
 from tasks.config import DataConfig
+from tasks.dataset_io import QA
 
 #: inputs bigger than this are not copied into MLflow (their digest is logged instead)
 RAW_ARTIFACT_BYTES = 64 << 20
@@ -38,8 +40,8 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
     qa = run.stage(ingest_task, source=source, fmt=cfg.format, on_error=cfg.on_error,
                    max_chars=cfg.max_chars,
                    artifacts=lambda r: _with_raw(source, r),
-                   datasets=lambda r: {"qa": r.file("qa_json")} if "qa_json" in r.files
-                   else {})
+                   datasets=lambda r: {"qa": DatasetFile(r.file("qa_json"), QA, int(
+                       r.metrics["qa_pairs"]))} if "qa_json" in r.files else {})
     if qa.metrics.get("skipped_records"):
         get_run_logger().warning(
             "skipped %d malformed record(s) of %s (%s); see skipped.json and the data report",
@@ -47,8 +49,8 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
     data = run.stage(conversations_task, qa=qa, system_prompt=cfg.system_prompt,
                      train_ratio=cfg.train_ratio, shuffle_seed=cfg.shuffle_seed,
                      split_by=cfg.split_by, duplicates=cfg.duplicates,
-                     datasets=lambda r: {"training": r.file("train_json"),
-                                         "evaluation": r.file("dev_json")})
+                     datasets=lambda r: {"training": r.file("train_parquet"),
+                                         "evaluation": r.file("dev_parquet")})
     run.stage(validate_task, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
     run.stage(data_report_task, qa=qa, data=data,
               tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None)

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows.caching import stage_cache_policy
+from flows.mlflow_files import DatasetFile
 from flows.tracking import Tracker
 from tasks.common import StageResult
 from tasks.resources import peak_memory
@@ -158,8 +159,9 @@ class PipelineRun:
     steps: list[dict[str, Any]] = field(default_factory=list)  # uncached steps (`step`)
 
     def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
-              = lambda r: r.files, datasets: Callable[[StageResult], dict[str, Path]]
-              = lambda r: {}, params: dict[str, Any] | None = None,
+              = lambda r: r.files,
+              datasets: Callable[[StageResult], dict[str, Path | DatasetFile]] = lambda r: {},
+              params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
         name = stage_task.name
         try:

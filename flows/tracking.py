@@ -4,28 +4,25 @@ Everything goes through `MlflowClient` with explicit run ids (no fluent active-r
 is thread-local: `nested=True` from a Prefect worker thread silently makes a top-level run).
 A stage served from Prefect's cache still gets its child run: tagged `pipeline.cache=hit`, with
 its metrics, and `pipeline.reused_from_run_id` pointing at the run that computed it and holds
-the artifacts (if that run is gone, the artifacts are uploaded again from disk).
+the artifacts (if that run is gone, the artifacts are uploaded again from disk), and nothing
+is logged again: no artifact is copied and no record is read (see `flows.mlflow_files`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import unquote, urlparse
 
 import mlflow
-import mlflow.data
-import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from tasks.common import StageResult, project_dir, read_json
+from flows.mlflow_files import DatasetFile, content_digest, dataset_input, log_artifacts
+from tasks.common import StageResult, project_dir
 
 CACHE_TAG, RESULT_TAG, REUSED_TAG = "pipeline.cache", "pipeline.result_id", \
     "pipeline.reused_from_run_id"
@@ -122,7 +119,7 @@ class Tracker:
     def log_stage(self, result: StageResult, *, cached: bool, seconds: float,
                   params: dict[str, Any] | None = None,
                   artifacts: dict[str, str] | None = None,
-                  datasets: dict[str, Path] | None = None,
+                  datasets: dict[str, Path | DatasetFile] | None = None,
                   extra_metrics: dict[str, float] | None = None) -> tuple[str, str]:
         """Child run for a finished stage; returns (child run id, run id holding artifacts).
         `extra_metrics` are this run's own figures (e.g. peak memory), beside the result's."""
@@ -136,50 +133,28 @@ class Tracker:
                   tags={"pipeline.digest": result.digest, "pipeline.output_path": result.path},
                   step_metrics=steps)
         if datasets:
-            self._log_datasets(run_id, datasets)
+            self._log_datasets(run_id, result, datasets)
         if origin is None:                      # computed now, or its origin run was deleted
-            for name, path in (artifacts or {}).items():   # dirs under their label,
-                p = Path(path)                                # files at the root
-                if p.is_dir():
-                    self._log_folder(run_id, p, name)
-                elif p.is_file():
-                    self.client.log_artifact(run_id, str(p))
+            log_artifacts(self.client, run_id, artifacts or {})   # links, where they can be
             self.client.log_dict(run_id, {"stage": result.stage, "digest": result.digest,
                                           "files": result.files, "metrics": result.metrics,
                                           "info": result.info}, "stage_result.json")
         self.finish(run_id, ok=True)
         return run_id, origin or run_id
 
-    def _log_folder(self, run_id: str, folder: Path, name: str) -> None:
-        """A folder as the artifacts under `name`. In a local artifact store its files are
-        hard-linked, not copied: stage outputs are content-addressed and never change, and a
-        6 B model would otherwise cost 12 GB of disk and a minute of copying per stage. Across
-        file systems, or with a remote store, they are uploaded as usual."""
-        uri = urlparse(self.client.get_run(run_id).info.artifact_uri)
-        if uri.scheme == "file":
-            dest = Path(unquote(uri.path)) / name
-            try:
-                shutil.copytree(folder, dest, copy_function=os.link)
-                return
-            except OSError:
-                shutil.rmtree(dest, ignore_errors=True)
-        self.client.log_artifacts(run_id, str(folder), name)
-
     def log_failure(self, stage: str, error: BaseException) -> None:
         run_id = self._child(stage, {"pipeline.error": f"{type(error).__name__}: {error}"[:5000]})
         self.finish(run_id, ok=False)
 
-    def _log_datasets(self, run_id: str, datasets: dict[str, Path]) -> None:
-        """Log JSON record files as MLflow datasets (run inputs), context = their name."""
-        warnings.filterwarnings("ignore", message="The specified dataset source can be")
-        inputs = []
-        for context, path in datasets.items():
-            records = read_json(path)
-            df = pd.DataFrame({"record": [json.dumps(r, ensure_ascii=False) for r in records]})
-            ds = mlflow.data.from_pandas(df, source=str(path), name=Path(path).name)
-            inputs.append(DatasetInput(ds._to_mlflow_entity(),
-                                       tags=[InputTag("mlflow.data.context", context)]))
-        self.client.log_inputs(run_id, datasets=inputs)
+    def _log_datasets(self, run_id: str, result: StageResult,
+                      datasets: dict[str, Path | DatasetFile]) -> None:
+        """Log data files as MLflow dataset references (run inputs), context = their name:
+        nothing is loaded, so this costs the same for ten records as for ten million."""
+        files = {context: f if isinstance(f, DatasetFile) else DatasetFile(Path(f))
+                 for context, f in datasets.items()}
+        self.client.log_inputs(run_id, datasets=[
+            dataset_input(context, f, content_digest(f.path, result.path, result.digest))
+            for context, f in files.items()])
 
     def log_text(self, run_id: str, text: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as d:

@@ -15,7 +15,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_DIR / "data"
@@ -68,20 +68,21 @@ def digest_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def digest_path(path: Path) -> str:
+def digest_path(path: Path, file_digest: Callable[[Path], str] = digest_file) -> str:
     """Digest of a file, or of a directory tree (relative names + file digests).
 
-    Touching a file without changing it keeps the digest; any changed byte changes it."""
+    Touching a file without changing it keeps the digest; any changed byte changes it.
+    `file_digest` computes each file's digest (e.g. a memoised `digest_file`)."""
     path = Path(path)
     if path.is_file():
-        return digest_file(path)
+        return file_digest(path)
     if not path.is_dir():
         raise FileNotFoundError(path)
     h = hashlib.blake2b(digest_size=16)
     for p in sorted(q for q in path.rglob("*") if q.is_file()):
         st = p.stat()
         part = (f"size={st.st_size};mtime={st.st_mtime_ns}" if st.st_size > LARGE_FILE_BYTES
-                else digest_file(p))
+                else file_digest(p))
         h.update(f"{p.relative_to(path).as_posix()}\0{part}\n".encode())
     return h.hexdigest()
 

@@ -8,6 +8,7 @@ so caches are per project and tests get their own. This must run before Prefect 
 import logging
 import os
 
+from flows.startup import begin_cli_run, cli_flow, launch_temporary_server
 from tasks.common import project_dir
 
 _home = project_dir() / ".prefect"
@@ -23,10 +24,15 @@ logging.getLogger("tasks").setLevel(logging.INFO)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # never download at run time by accident
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+if cli_flow():
+    begin_cli_run()
 if "PREFECT_API_URL" not in os.environ:
     # a shell run while `make stack` is up reports to the stack's server (and shows in its UI)
-    # instead of starting a temporary server on the same database
+    # instead of starting a temporary server on the same database; otherwise a command-line run
+    # starts its temporary server now, so that it boots while the run imports the rest
     from flows.stack import running_api_url
 
     if _url := running_api_url():
         os.environ["PREFECT_API_URL"] = _url
+    elif cli_flow():
+        os.environ["PREFECT_API_URL"] = launch_temporary_server()

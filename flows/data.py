@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from flows import startup
 from flows.mlflow_files import DatasetFile
 from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
     parent_run, validate_task
@@ -79,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="a DataConfig field, e.g. shuffle_seed=7")
     args = ap.parse_args(argv)
-    data_pipeline(load_config(None, [f"data.{o}" for o in args.overrides]).data)
+    config = load_config(None, [f"data.{o}" for o in args.overrides]).data
+    startup.ready()
+    data_pipeline(config)
     return 0
 
 

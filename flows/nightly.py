@@ -29,6 +29,7 @@ from typing import Any, Callable
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows import startup
 from flows.caching import stage_cache_policy
 from flows.pipeline import run_stages
 from flows.stages import PipelineRun, parent_run
@@ -235,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
     gate = GateConfig.model_validate({k: yaml.safe_load(v) for k, _, v in
                                       (g.partition("=") for g in args.gate)})
-    result = nightly(load_config(args.config, args.overrides), gate)
+    config = load_config(args.config, args.overrides)
+    startup.ready()
+    result = nightly(config, gate)
     print(json.dumps(result["decision"], indent=2, default=str))
     return 0
 

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows import startup
 from flows.data import data_stages
 from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
     parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
@@ -170,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="override one field, e.g. train.method=qlora")
     args = ap.parse_args(argv)
-    pipeline(load_config(args.config, args.overrides))
+    config = load_config(args.config, args.overrides)
+    startup.ready()
+    pipeline(config)
     return 0
 
 

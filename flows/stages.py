@@ -14,10 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from mlflow.entities import Metric
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows import startup
 from flows.caching import stage_cache_policy
 from flows.mlflow_files import DatasetFile
 from flows.tracking import Tracker
@@ -157,13 +159,15 @@ class PipelineRun:
     rows: list[dict[str, Any]] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)    # stage -> run holding artifacts
     steps: list[dict[str, Any]] = field(default_factory=list)  # uncached steps (`step`)
+    first_stage_at: float | None = None              # time.perf_counter() the first began
 
     def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
               = lambda r: r.files,
               datasets: Callable[[StageResult], dict[str, Path | DatasetFile]] = lambda r: {},
               params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
-        name = stage_task.name
+        name, start = stage_task.name, time.perf_counter()
+        self.first_stage_at = self.first_stage_at or start
         try:
             with peak_memory() as peaks:
                 result, cached, seconds = run_cached(stage_task, **kwargs)
@@ -179,13 +183,28 @@ class PipelineRun:
         self.origins[name] = origin
         self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
                           "from_run": origin, "device": result.info.get("device"),
-                          "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib})
+                          "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib,
+                          "total_seconds": time.perf_counter() - start})
         cuda = "" if peaks.cuda_mib is None else f", peak CUDA {peaks.cuda_mib:,.0f} MiB"
         print(f"[stage] {name}: {'cache hit' if cached else 'computed'} in {seconds:.1f} s"
               f"{' on ' + result.info['device'] if result.info.get('device') else ''}, peak "
               f"RSS {peaks.rss_mib:,.0f} MiB{cuda}", flush=True)
         return result
 
+    def timings(self) -> dict[str, float]:
+        """Where the run's time went, as metrics of the parent run: each stage including its
+        MLflow logging (`stage_total_seconds.<stage>`) and, for a command-line run, the time
+        from the process's start to its first stage (`startup_seconds`), of which the
+        temporary Prefect server took `server_start_seconds` to boot and kept the run waiting
+        `server_wait_seconds` (see flows/startup.py)."""
+        out = {f"stage_total_seconds.{r['stage']}": r["total_seconds"] for r in self.rows}
+        if startup.cli_flow() and self.first_stage_at:
+            out["startup_seconds"] = startup.process_seconds() - (time.perf_counter()
+                                                                  - self.first_stage_at)
+        if (server := startup.temporary_server()) and server.ready_seconds is not None:
+            out |= {"server_start_seconds": server.ready_seconds,
+                    "server_wait_seconds": server.waited_seconds}
+        return out
 
     def step(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run an uncached step that is not a stage task (e.g. register); its row (seconds and
@@ -207,11 +226,19 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
     parent_id = tracker.start_parent(
         f"{kind}-{flow_run.name or 'local'}", params,
         tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name":
-              str(flow_run.name), "prefect.flow_run_url": str(flow_run.ui_url or ""),
-              "pipeline.kind": kind})
+              str(flow_run.name), "prefect.flow_run_url": "" if startup.temporary_server()
+              else str(flow_run.ui_url or ""), "pipeline.kind": kind})
+    run = PipelineRun(tracker, parent_id)
     try:
-        yield PipelineRun(tracker, parent_id)
+        yield run
     except BaseException:
+        _log_timings(run)
         tracker.finish(parent_id, ok=False)
         raise
+    _log_timings(run)
     tracker.finish(parent_id, ok=True)
+
+
+def _log_timings(run: PipelineRun) -> None:
+    run.tracker.client.log_batch(run.parent_id, metrics=[
+        Metric(k, float(v), 0, 0) for k, v in run.timings().items()])

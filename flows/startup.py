@@ -1,0 +1,164 @@
+"""Fast start for `python -m flows.data|pipeline|nightly`: Prefect's server boots while the rest
+of the run starts.
+
+A flow needs a Prefect API. While the local stack is up (`make stack`), `flows/__init__.py`
+points `PREFECT_API_URL` at its server. Otherwise Prefect starts a temporary server at the
+flow's first API call, and everything happens one after the other: import Prefect and MLflow,
+import Prefect's server code into this process (~3 s on a 2-core machine), start the server in a
+subprocess and wait for it, open the MLflow store, and only then the first stage.
+
+Here, for a command-line run, the same server command Prefect runs
+(`prefect.server.api.server.SubprocessASGIServer`, Prefect 3.8: uvicorn with the server's app
+factory, UI and background services off) is launched the moment `flows` is imported, before
+Prefect is, so it boots while this process imports the rest and opens the MLflow store
+(`ready`). The temporary server's start is then the only fixed cost a run waits for. The server
+is stopped at exit and, on Linux, is signalled when this process dies in any way (SIGKILL
+included: `PR_SET_PDEATHSIG`), so it never outlives the run.
+
+Python's cyclic garbage collector is a fixed cost too, with the ~2,500 modules Prefect and MLflow
+bring: it runs over and over while they are imported (~0.7 s here) and walks every object once
+more when the interpreter exits (~1.3 s). A command-line run imports with the collector off,
+then freezes what it imported (`gc.freeze`: long-lived, never collected) and turns it back on for
+the flow, and freezes everything at exit, where the operating system frees the memory anyway.
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+#: `python -m <one of these>` runs a flow, and so needs an API server from the start
+CLI_FLOWS = frozenset({"flows.data", "flows.pipeline", "flows.nightly"})
+
+
+@dataclass
+class TemporaryServer:
+    process: subprocess.Popen
+    url: str                          # the API URL (".../api")
+    launched: float                   # time.perf_counter() at launch
+    ready_seconds: float | None = None    # launch -> healthy
+    waited_seconds: float = 0.0           # how long the run was blocked waiting for it
+
+
+_server: TemporaryServer | None = None
+
+
+def cli_flow() -> str | None:
+    """The flow module this process runs as `python -m <module>`, if it is one of ours."""
+    argv = getattr(sys, "orig_argv", [])
+    at = argv.index("-m") if "-m" in argv else -1
+    module = argv[at + 1] if 0 <= at < len(argv) - 1 else None
+    if module in CLI_FLOWS and not {"-h", "--help"} & set(argv):
+        return module
+    return None
+
+
+def process_seconds() -> float:
+    """How long this process has been running (Linux: to a clock tick, from /proc)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])       # field 22, starttime
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError):
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+
+
+def begin_cli_run() -> None:
+    """For `python -m flows.<flow>`, called by `flows/__init__.py` before Prefect is imported:
+    the collector off while the run imports, and no collection at exit (module docstring)."""
+    gc.disable()
+    atexit.register(gc.freeze)          # registered first, so it runs after every other hook
+
+
+def _die_with_parent() -> None:                      # runs in the child, before exec
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # 1 = PR_SET_PDEATHSIG
+
+
+def launch_temporary_server() -> str:
+    """Start Prefect's server for this run in a subprocess (not waiting for it); return its API
+    URL, for `PREFECT_API_URL`. Call before Prefect is imported."""
+    global _server
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
+         "--lifespan", "on"],
+        env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", time.perf_counter())
+    atexit.register(stop_temporary_server)
+    return _server.url
+
+
+def temporary_server() -> TemporaryServer | None:
+    """The server `launch_temporary_server` started in this process, if any."""
+    return _server
+
+
+def wait_for_server() -> None:
+    """Block until the launched server answers (no-op without one); fail with its exit code
+    if it died, or after `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`."""
+    if _server is None or _server.ready_seconds is not None:
+        return
+    start = time.perf_counter()
+    limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
+    while True:
+        if (code := _server.process.poll()) is not None:
+            raise RuntimeError(f"the temporary Prefect server ({_server.url}) exited with "
+                               f"code {code} before it answered")
+        try:
+            with urllib.request.urlopen(f"{_server.url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except (OSError, urllib.error.URLError):
+            pass
+        if time.perf_counter() - start > limit:
+            raise RuntimeError(f"the temporary Prefect server ({_server.url}) did not answer "
+                               f"within {limit:.0f} s")
+        time.sleep(0.05)
+    now = time.perf_counter()
+    _server.ready_seconds, _server.waited_seconds = now - _server.launched, now - start
+
+
+def ready() -> None:
+    """Called by a CLI just before it runs its flow: open the MLflow store (creating it on a
+    project's first run) while the server boots, wait for the server, and turn the garbage
+    collector back on with everything imported so far frozen."""
+    if _server is not None:
+        from mlflow import MlflowClient
+
+        from flows.tracking import tracking_uri
+
+        MlflowClient(tracking_uri())             # opens (or creates) the store, kept by MLflow
+        wait_for_server()
+    gc.freeze()
+    gc.enable()
+
+
+def stop_temporary_server() -> None:
+    global _server
+    if _server is None:
+        return
+    _server.process.terminate()
+    try:
+        _server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        _server.process.kill()
+        _server.process.wait()
+    _server = None

@@ -61,15 +61,20 @@ def children(client: MlflowClient, parent_id: str) -> dict:
         [exp], f"tags.`mlflow.parentRunId` = '{parent_id}'")}
 
 
+def flow_run(corpus: Path) -> tuple[MlflowClient, dict, dict]:
+    """The data flow on `corpus`: (client, the flow's result, its child runs by stage)."""
+    client = MlflowClient(tracking_uri())
+    result = data_pipeline(DataConfig(source=corpus))
+    return client, result, children(client, result["mlflow_run_id"])
+
+
 # ---------------------------------------------------------------------------------------------
 # The flow: what a computed stage and a cache hit log
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.server
 def test_cache_hit_logs_no_artifact_and_no_dataset_again(tmp_path):
     corpus = own_corpus(tmp_path)
-    client = MlflowClient(tracking_uri())
-    first = data_pipeline(DataConfig(source=corpus))
-    kids = children(client, first["mlflow_run_id"])
+    client, first, kids = flow_run(corpus)
     files, datasets = artifact_files(client), count_rows("datasets")
 
     hit = data_pipeline(DataConfig(source=corpus))
@@ -103,9 +108,7 @@ def test_cache_hit_logs_no_artifact_and_no_dataset_again(tmp_path):
 @pytest.mark.server
 def test_outputs_are_hard_linked_and_the_users_input_copied(tmp_path):
     corpus = own_corpus(tmp_path)
-    client = MlflowClient(tracking_uri())
-    result = data_pipeline(DataConfig(source=corpus))
-    kids = children(client, result["mlflow_run_id"])
+    client, result, kids = flow_run(corpus)
 
     def artifact(stage: str, name: str) -> Path:
         uri = kids[stage].info.artifact_uri

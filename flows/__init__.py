@@ -8,7 +8,8 @@ so caches are per project and tests get their own. This must run before Prefect 
 import logging
 import os
 
-from flows.startup import begin_cli_run, cli_flow, launch_temporary_server
+from flows.startup import api_url_configured, begin_cli_run, cli_flow, \
+    launch_temporary_server
 from tasks.common import project_dir
 
 _home = project_dir() / ".prefect"
@@ -34,5 +35,5 @@ if "PREFECT_API_URL" not in os.environ:
 
     if _url := running_api_url():
         os.environ["PREFECT_API_URL"] = _url
-    elif cli_flow():
+    elif cli_flow() and not api_url_configured():
         os.environ["PREFECT_API_URL"] = launch_temporary_server()

@@ -32,9 +32,11 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 #: `python -m <one of these>` runs a flow, and so needs an API server from the start
 CLI_FLOWS = frozenset({"flows.data", "flows.pipeline", "flows.nightly"})
@@ -60,6 +62,27 @@ def cli_flow() -> str | None:
     if module in CLI_FLOWS and not {"-h", "--help"} & set(argv):
         return module
     return None
+
+
+def api_url_configured() -> bool:
+    """Could Prefect's own settings files name an API server: a profile, `.env`, `prefect.toml`
+    or `pyproject.toml` `[tool.prefect]` (or move the profiles elsewhere)? Then Prefect keeps
+    the choice and no server is launched early. Read as text and TOML, without Prefect."""
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()
+    profiles = Path(os.environ.get("PREFECT_PROFILES_PATH", home / "profiles.toml"))
+    for path in (profiles, Path(".env")):
+        if path.is_file() and "PREFECT_API_URL" in path.read_text(errors="replace"):
+            return True
+    for path, keys in ((Path("prefect.toml"), ()), (Path("pyproject.toml"), ("tool", "prefect"))):
+        try:
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            table = table.get(key, {})
+        if table.get("profiles_path") or table.get("api", {}).get("url"):
+            return True
+    return False
 
 
 def process_seconds() -> float:

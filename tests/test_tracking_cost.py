@@ -249,3 +249,20 @@ def test_killed_cli_run_takes_its_server_with_it(tmp_path):
     gone, alive = psutil.wait_procs(servers, timeout=30)
     assert not alive, f"server {alive} outlived the killed run"
     shutil.rmtree(home, ignore_errors=True)
+
+
+def test_prefect_settings_files_that_name_a_server_keep_the_choice(tmp_path, monkeypatch):
+    from flows.startup import api_url_configured
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    monkeypatch.delenv("PREFECT_PROFILES_PATH", raising=False)
+    (tmp_path / "pyproject.toml").write_text("[tool.setuptools]\npackages = []\n")
+    assert not api_url_configured()
+    (tmp_path / "prefect.toml").write_text('[api]\nurl = "http://prefect.internal:4200/api"\n')
+    assert api_url_configured()
+    (tmp_path / "prefect.toml").unlink()
+    (tmp_path / "prefect-home").mkdir()
+    (tmp_path / "prefect-home" / "profiles.toml").write_text(
+        'active = "team"\n[profiles.team]\nPREFECT_API_URL = "http://prefect.internal:4200/api"\n')
+    assert api_url_configured()

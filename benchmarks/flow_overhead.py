@@ -8,7 +8,8 @@ One process tree, one temporary project home per part (removed after):
 
 1. the corpus, from `data_bench.generate` (not timed);
 2. the cores: ingest -> conversations -> validate -> data_report, the very functions the flow's
-   tasks call, in this process (`cores_s` is their sum);
+   tasks call, in this process, once before the flows and once after them (`cores_s` is the
+   mean of the two sums: a shared machine's load drifts while the flows run);
 3. the temporary Prefect server a command-line run starts when no stack is up, booted alone:
    on a new project (its database created) and again (`server_start_s`);
 4. `python -m flows.data --set source=<corpus>` with the local stack up (`python -m flows.stack
@@ -29,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -62,6 +64,7 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
     from tasks.ingest import ingest
     from tasks.validate import validate
 
+    home.mkdir()
     rows: list = []
     qa = timed("ingest", lambda: ingest(corpus), rows)
     data = timed("conversations", lambda: build_conversations(qa.file("records_arrow")), rows)
@@ -69,7 +72,8 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
         "qa": (qa.file("qa_json"), "qa"), "train": (data.file("train_json"), "conversation"),
         "dev": (data.file("dev_json"), "conversation")}), rows)
     timed("data_report", lambda: build_data_report(qa, data), rows)
-    return {name: seconds for name, seconds, *_ in rows}
+    return {name: seconds for name, seconds, *_ in rows} | {
+        "cpu": sum(cpu for *_, cpu in rows)}
 
 
 def boot_server(home: Path) -> float:
@@ -82,12 +86,14 @@ def boot_server(home: Path) -> float:
 
 
 def run_flow(home: Path, corpus: Path, log: Path) -> dict[str, Any]:
-    """`python -m flows.data` once: its wall time and the timings it logged to MLflow."""
-    start = time.perf_counter()
+    """`python -m flows.data` once: its wall and CPU time (its own and its children's) and the
+    timings it logged to MLflow."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(log, "ab") as f:
         subprocess.run([sys.executable, "-m", "flows.data", "--set", f"source={corpus}"],
                        env=_env(home), cwd=REPO, check=True, stdout=f, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
@@ -97,7 +103,7 @@ def run_flow(home: Path, corpus: Path, log: Path) -> dict[str, Any]:
     m = run.data.metrics
     kids = client.search_runs([exp.experiment_id],
                               f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-    return {"wall_s": wall, "startup_s": m["startup_seconds"],
+    return {"wall_s": wall, "cpu_s": cpu, "startup_s": m["startup_seconds"],
             "stages": {s: m[f"stage_total_seconds.{s}"] for s in STAGES},
             "cached": {k.info.run_name: k.data.tags["pipeline.cache"] == "hit" for k in kids},
             "server_start_s": m.get("server_start_seconds"),
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     root = Path(tempfile.mkdtemp(prefix="flow-overhead-"))
-    homes = {name: root / name for name in ("cores", "stack", "temporary")}
+    homes = {name: root / name for name in ("stack", "temporary")}
     for home in homes.values():
         home.mkdir()
     loads = {}
@@ -143,9 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: {args.pairs:,} pairs, {size / 2**20:.0f} MiB; {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f}; logs in {root}", flush=True)
         loads["cores"] = os.getloadavg()[0]
-        cores = run_cores(corpus, homes["cores"])
-        cores_s = sum(cores.values())
-        print(f"{'cores (4)':<14} {cores_s:6.2f} s", flush=True)
+        cores_before = run_cores(corpus, root / "cores-before")
+        print(f"{'cores (4)':<14} {sum(cores_before[s] for s in STAGES):6.2f} s", flush=True)
 
         loads["server"] = os.getloadavg()[0]
         server_first = boot_server(homes["temporary"])           # new project: DB created
@@ -167,17 +172,26 @@ def main(argv: list[str] | None = None) -> int:
         loads["temporary"] = os.getloadavg()[0]
         t_first, t_cached = first_and_cached(homes["temporary"], corpus,
                                              root / "temporary.log")
+        loads["cores_after"] = os.getloadavg()[0]
+        cores_after = run_cores(corpus, root / "cores-after")
+        print(f"{'cores (4)':<14} {sum(cores_after[s] for s in STAGES):6.2f} s", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
+    cores = {s: (cores_before[s] + cores_after[s]) / 2 for s in (*STAGES, "cpu")}
+    cores_s = sum(cores[s] for s in STAGES)
     result = {
         "pairs": args.pairs, "cores_s": round(cores_s, 2),
         "flow_first_s": round(first["wall_s"], 2), "flow_cached_s": round(cached["wall_s"], 2),
         "server_start_s": round(server, 2),
         "stages": {s: {"first_s": round(first["stages"][s], 2),
                        "cached_s": round(cached["stages"][s], 2)} for s in STAGES},
-        "cores": {s: round(v, 2) for s, v in cores.items()},
+        "cores": {s: round(cores[s], 2) for s in STAGES},
+        "cores_runs_s": [round(sum(c[s] for s in STAGES), 2) for c in (cores_before,
+                                                                     cores_after)],
+        "cpu_s": {"cores": round(cores["cpu"], 2), "flow_first": round(first["cpu_s"], 2),
+                  "flow_cached": round(cached["cpu_s"], 2)},
         "startup_s": {"first": round(first["startup_s"], 2),
                       "cached": round(cached["startup_s"], 2)},
         "server_first_start_s": round(server_first, 2),

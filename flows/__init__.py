@@ -11,6 +11,7 @@ import os
 from tasks.common import project_dir
 
 _home = project_dir() / ".prefect"
+_home.mkdir(parents=True, exist_ok=True)      # a new PIPELINE_HOME: Prefect makes one level only
 os.environ.setdefault("PREFECT_HOME", str(_home))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_home / "storage"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

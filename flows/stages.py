@@ -14,13 +14,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows.caching import stage_cache_policy
+from flows import hygiene
+from flows.caching import inputs_lock, stage_task_options
 from flows.tracking import Tracker
-from tasks.common import StageResult
+from tasks.common import DataError, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, QuantizeConfig, ReportConfig, \
     TrainConfig
 
@@ -30,10 +31,10 @@ def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "digest"}
 
 
-def _stage(module: str, *, name: str | None = None,
-           model_libs: bool = False) -> Callable[[Callable], Task]:
-    return task(name=name or module.rsplit(".", 1)[-1], persist_result=True,
-                cache_policy=stage_cache_policy(module, model_libs=model_libs))
+def _stage(module: str, *, name: str | None = None, model_libs: bool = False,
+           ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
+    return task(name=name or module.rsplit(".", 1)[-1],
+                **stage_task_options(module, model_libs=model_libs, ignore=ignore))
 
 
 @_stage("tasks.ingest")
@@ -44,14 +45,16 @@ def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
     return ingest.ingest(source, fmt, on_error, max_chars)
 
 
-@_stage("tasks.conversations")
+@_stage("tasks.conversations", ignore=("source",))
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
                        shuffle_seed: int | None, split_by: str = "record",
-                       duplicates: str = "drop") -> StageResult:
+                       duplicates: str = "drop", source: str | None = None) -> StageResult:
+    """`source`: the user's input, named in errors (not part of the cache key)."""
     from tasks import conversations
 
-    return conversations.build_conversations(qa.file("records_arrow"), system_prompt,
-                                             train_ratio, shuffle_seed, split_by, duplicates)
+    return conversations.build_conversations(
+        qa.file("records_arrow"), system_prompt, train_ratio, shuffle_seed, split_by,
+        duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
 
 
 @_stage("tasks.validate")
@@ -127,18 +130,45 @@ def report_task(base: dict[str, Any], tuned: dict[str, Any], data: StageResult,
                                extra_sections=extra_sections)
 
 
-def run_cached(stage_task: Task, **kwargs: Any) -> tuple[StageResult, bool, float]:
-    """Run a stage task; return (result, served from cache?, seconds).
+@dataclass(frozen=True)
+class StageRun:
+    """How a stage went: its result, whether it was served from the cache, how long it took,
+    and why a cached result was not trusted (its outputs changed on disk, or an upstream stage
+    was recomputed for that reason)."""
 
-    A cache hit whose files were deleted from disk is recomputed rather than trusted."""
+    result: StageResult
+    cached: bool
+    seconds: float
+    invalidated: str | None = None
+
+
+def run_cached(stage_task: Task, *, distrust: str | None = None, **kwargs: Any) -> StageRun:
+    """Run a stage task under its inputs lock. A cache hit is verified against the manifests of
+    its outputs; a hit that fails (or any hit, when `distrust` gives a reason) is recomputed."""
     start = time.perf_counter()
-    state = stage_task(**kwargs, return_state=True)
-    result: StageResult = state.result()
-    cached = state.name == "Cached"
-    if cached and not result.exists():
-        state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
-        result, cached = state.result(), False
-    return result, cached, time.perf_counter() - start
+    with inputs_lock(stage_task.name, kwargs):
+        runner = stage_task.with_options(refresh_cache=True) if distrust else stage_task
+        state = runner(**kwargs, return_state=True)
+        result: StageResult = state.result()
+        cached = state.name == "Cached"
+        problem = result.problem() if cached else None
+        if problem:
+            get_run_logger().warning("stage %s: the cached result is not trusted, recomputing: "
+                                     "%s", stage_task.name, problem)
+            state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+            result, cached = state.result(), False
+    return StageRun(result, cached, time.perf_counter() - start, problem or distrust)
+
+
+def _mentions(value: Any, marks: set[str]) -> bool:
+    """Whether a task argument carries a result (by result_id) or a path listed in `marks`."""
+    if isinstance(value, StageResult):
+        return value.result_id in marks or value.path in marks
+    if isinstance(value, dict):
+        return any(_mentions(v, marks) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(v, marks) for v in value)
+    return isinstance(value, (str, Path)) and str(value) in marks
 
 
 @dataclass
@@ -149,39 +179,54 @@ class PipelineRun:
     parent_id: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)    # stage -> run holding artifacts
+    #: results recomputed because their cache was invalidated (result id or path -> stage):
+    #: every stage fed by one of them is recomputed too
+    recomputed: dict[str, str] = field(default_factory=dict)
 
     def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
               = lambda r: r.files, datasets: Callable[[StageResult], dict[str, Path]]
               = lambda r: {}, params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
         name = stage_task.name
+        upstream = next((f"upstream stage {stage} was recomputed (its cache was invalidated)"
+                         for mark, stage in self.recomputed.items()
+                         if _mentions(kwargs, {mark})), None)
         try:
-            result, cached, seconds = run_cached(stage_task, **kwargs)
+            run = run_cached(stage_task, distrust=upstream, **kwargs)
         except BaseException as error:
+            if isinstance(error, DataError) and error.stage is None:
+                error.stage = name
             self.tracker.log_failure(name, error)
             raise
-        _, origin = self.tracker.log_stage(result, cached=cached, seconds=seconds,
+        result = run.result
+        if run.invalidated:
+            self.recomputed |= {result.result_id: name, result.path: name}
+        _, origin = self.tracker.log_stage(result, cached=run.cached, seconds=run.seconds,
                                            params=params, artifacts=artifacts(result),
-                                           datasets=datasets(result))
+                                           datasets=datasets(result),
+                                           invalidated=run.invalidated)
         self.origins[name] = origin
-        self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
-                          "from_run": origin})
+        self.rows.append({"stage": name, "cached": run.cached, "seconds": run.seconds,
+                          "from_run": origin, "invalidated": run.invalidated})
         return result
 
 
 @contextmanager
 def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[PipelineRun]:
-    """One MLflow parent run for this Prefect flow run (tagged with its id and UI link),
-    marked FAILED if any stage fails."""
+    """One MLflow parent run for this Prefect flow run (tagged with its id and UI link, and with
+    this process, so a later run can tell if it was killed), after sweeping up what killed runs
+    left behind. Ends FINISHED, FAILED (with the error) or KILLED (a signal, Ctrl-C)."""
+    hygiene.start_watchdog()
     tracker = Tracker(experiment)
+    hygiene.sweep(tracker.client)
     parent_id = tracker.start_parent(
         f"{kind}-{flow_run.name or 'local'}", params,
         tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name":
               str(flow_run.name), "prefect.flow_run_url": str(flow_run.ui_url or ""),
-              "pipeline.kind": kind})
+              "pipeline.kind": kind, **hygiene.owner_tags()})
     try:
         yield PipelineRun(tracker, parent_id)
-    except BaseException:
-        tracker.finish(parent_id, ok=False)
+    except BaseException as error:
+        tracker.end_with_error(parent_id, error)
         raise
     tracker.finish(parent_id, ok=True)

@@ -1,0 +1,127 @@
+"""The command line of the flows (`python -m flows.pipeline|data|nightly`): how a run ends.
+
+* A data or config error (`DataError`, `ConfigError`) prints one line to stderr --
+  `file:line: what is wrong (stage ...)` -- plus a hint where one helps, and exits with 2.
+* Any other error is internal: one line, exit 1. `--debug` (or `PIPELINE_DEBUG=1`) prints the
+  full traceback instead, and leaves Prefect's own traceback logging as it is.
+* Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
+* The run's progress (Prefect's and MLflow's logs, warnings) goes to stdout, so stderr holds
+  nothing but the error; without `--debug`, log records carry no tracebacks.
+
+The Prefect flow run and the MLflow run record the failure either way (README "Failure modes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from flows import hygiene
+from tasks.common import DataError, file_lock
+
+EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def add_common_arguments(ap: argparse.ArgumentParser, *, config_file: bool = True,
+                         what: str = "a PipelineConfig field, e.g. train.method=qlora") -> None:
+    if config_file:
+        ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields "
+                                                    "(schema: schemas/pipeline_config.schema."
+                                                    "json); relative paths in it are taken "
+                                                    "from the current directory")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help=f"override {what}; the value is a literal "
+                                              "string unless it parses as JSON (numbers, "
+                                              "true/false, null, lists)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show full tracebacks (also: PIPELINE_DEBUG=1)")
+
+
+def debug_wanted(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get("PIPELINE_DEBUG", "").lower() in (
+        "1", "true", "yes", "on")
+
+
+def describe(error: DataError) -> str:
+    """The one line (plus a hint line) a data or config error prints."""
+    line = str(error) + (f" (stage {error.stage})" if error.stage else "")
+    return line + (f"\nhint: {error.hint}" if error.hint else "")
+
+
+class _NoTracebacks(logging.Filter):
+    """Drop the traceback from a log record (the message line stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+def route_logs(debug: bool) -> None:
+    """Send the console logs of Prefect and MLflow (and Python warnings) to stdout, without
+    tracebacks unless `debug`: stderr is left to the error that ends the run."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    logging.captureWarnings(True)
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in
+                                       list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setStream(sys.stdout)
+                handler.console.file = sys.stdout
+            elif isinstance(handler, logging.StreamHandler) and \
+                    logger.name.split(".")[0] == "mlflow":
+                handler.setStream(sys.stdout)
+            else:
+                continue
+            if not debug:
+                handler.addFilter(_NoTracebacks())
+
+
+def start_api_server() -> None:
+    """Without `PREFECT_API_URL`, Prefect runs a temporary API server on the project's
+    database for this process. Two runs started together on a new project would both create
+    that database: start it here, under a lock, before the flow does."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.client.orchestration import get_client
+
+    with file_lock("prefect-db"):
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+
+
+def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Namespace) -> int:
+    """`flow(load())` from the command line (the config is loaded and checked before any
+    server starts); return the exit code (see the module docstring)."""
+    debug = debug_wanted(args)
+    route_logs(debug)
+    try:
+        config = load()
+        hygiene.start_watchdog()        # before the temporary API server starts
+        start_api_server()
+        flow(config)
+    except DataError as error:
+        if debug:
+            traceback.print_exc()
+        print(describe(error), file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the MLflow run is marked KILLED; run again to resume "
+              "from the cache", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        first = (str(error).strip().splitlines() or [""])[0][:500]
+        print(f"internal error: {type(error).__name__}: {first}\n"
+              "hint: run again with --debug (or PIPELINE_DEBUG=1) for the full traceback",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0

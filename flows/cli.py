@@ -18,11 +18,13 @@ import logging
 import os
 import sys
 import traceback
+import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
 from flows import hygiene
-from tasks.common import DataError, file_lock
+from tasks.common import ConfigError, DataError, file_lock
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -86,14 +88,31 @@ def route_logs(debug: bool) -> None:
 def start_api_server() -> None:
     """Without `PREFECT_API_URL`, Prefect runs a temporary API server on the project's
     database for this process. Two runs started together on a new project would both create
-    that database: start it here, under a lock, before the flow does."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
+    that database: start it here, under a lock, before the flow does. With it, check that
+    the server answers (else every step would retry and fail with a long traceback)."""
     from prefect.client.orchestration import get_client
 
-    with file_lock("prefect-db"):
+    url = os.environ.get("PREFECT_API_URL")
+    with file_lock("prefect-db") if not url else nullcontext():
         with get_client(sync_client=True) as client:
-            client.api_healthcheck()
+            problem = client.api_healthcheck()
+    if problem is not None and url:
+        raise ConfigError(f"PREFECT_API_URL={url}", f"the Prefect API does not answer "
+                          f"({type(problem).__name__})", hint="start it (make stack), or "
+                          "unset PREFECT_API_URL to run on a temporary server")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")) and not _answers(f"{tracking}/health"):
+        raise ConfigError(f"MLFLOW_TRACKING_URI={tracking}", "the MLflow server does not "
+                          "answer", hint="start it (make stack), or unset MLFLOW_TRACKING_URI "
+                          "to track into the project's mlflow.db")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
 
 
 def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,20 @@ def owner_tags() -> dict[str, str]:
     """Tags that say which process a run belongs to (`pipeline.owner` is what is checked)."""
     return {OWNER_TAG: owner_tag(), "pipeline.pid": str(os.getpid()),
             "pipeline.host": socket.gethostname()}
+
+
+def ending(error: BaseException) -> tuple[str, str]:
+    """(MLflow run status, reason) for a run an exception ended: a signal or Ctrl-C is KILLED,
+    anything else FAILED."""
+    if isinstance(error, Exception):
+        stage = getattr(error, "stage", None)
+        return "FAILED", f"{type(error).__name__}: {error}" + (f" [stage {stage}]" if stage
+                                                                else "")
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", "interrupted (SIGINT, Ctrl-C)"
+    if isinstance(sig := getattr(error, "signal", None), int):
+        return "KILLED", f"terminated by {signal.Signals(sig).name}"
+    return "KILLED", f"stopped by {type(error).__name__} {error}".strip()
 
 
 def end_orphaned_runs(client: MlflowClient) -> list[str]:

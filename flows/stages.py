@@ -196,7 +196,7 @@ class PipelineRun:
         except BaseException as error:
             if isinstance(error, DataError) and error.stage is None:
                 error.stage = name
-            self.tracker.log_failure(name, error)
+            _best_effort(self.tracker.log_failure, name, error)
             raise
         result = run.result
         if run.invalidated:
@@ -209,6 +209,16 @@ class PipelineRun:
         self.rows.append({"stage": name, "cached": run.cached, "seconds": run.seconds,
                           "from_run": origin, "invalidated": run.invalidated})
         return result
+
+
+def _best_effort(record: Callable[..., None], *args: Any) -> None:
+    """Record a failure in MLflow without hiding it: if recording fails too, say so and let
+    the original error through (a later run ends a run left RUNNING, flows/hygiene.py)."""
+    try:
+        record(*args)
+    except Exception as e:
+        get_run_logger().warning("could not record the failure in MLflow: %s: %s",
+                                 type(e).__name__, e)
 
 
 @contextmanager
@@ -227,6 +237,6 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
     try:
         yield PipelineRun(tracker, parent_id)
     except BaseException as error:
-        tracker.end_with_error(parent_id, error)
+        _best_effort(tracker.end_with_error, parent_id, error)
         raise
     tracker.finish(parent_id, ok=True)

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from flows.hygiene import owner_tags
+from flows.hygiene import ending, owner_tags
 from tasks.common import StageResult, file_lock, project_dir, read_json
 
 CACHE_TAG, RESULT_TAG, REUSED_TAG = "pipeline.cache", "pipeline.result_id", \
@@ -113,15 +113,12 @@ class Tracker:
     def end_with_error(self, run_id: str, error: BaseException) -> None:
         """End a run that an exception ended: FAILED with the error, or KILLED by a signal
         (Ctrl-C, SIGTERM); children it left RUNNING end the same way."""
-        status = "FAILED" if isinstance(error, Exception) else "KILLED"
-        stage = getattr(error, "stage", None)
-        reason = (f"{type(error).__name__}: {error}" + (f" [stage {stage}]" if stage else "")
-                  )[:5000]
+        status, reason = ending(error)
         open_children = self.client.search_runs(
             [self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and "
                                   "attributes.status = 'RUNNING'")
         for run in [*open_children, self.client.get_run(run_id)]:
-            self.client.set_tag(run.info.run_id, ERROR_TAG, reason)
+            self.client.set_tag(run.info.run_id, ERROR_TAG, reason[:5000])
             self.client.set_terminated(run.info.run_id, status)
 
     def url(self, run_id: str) -> str:
@@ -130,11 +127,12 @@ class Tracker:
 
     # -- stages ------------------------------------------------------------------------------
     def origin_of(self, result: StageResult) -> str | None:
-        """The run that really computed this result (and holds its artifacts), if it exists."""
+        """The run that really computed this result and holds all its artifacts (it finished:
+        a run killed while uploading them does not count), if it exists."""
         runs = self.client.search_runs(
             [self.experiment_id], max_results=1,
             filter_string=f"tags.`{RESULT_TAG}` = '{result.result_id}' and "
-                          f"tags.`{CACHE_TAG}` != 'hit'")
+                          f"tags.`{CACHE_TAG}` != 'hit' and attributes.status = 'FINISHED'")
         return runs[0].info.run_id if runs else None
 
     def log_stage(self, result: StageResult, *, cached: bool, seconds: float,
@@ -170,9 +168,9 @@ class Tracker:
         return run_id, origin or run_id
 
     def log_failure(self, stage: str, error: BaseException) -> None:
-        run_id = self._child(stage, {ERROR_TAG: f"{type(error).__name__}: {error}"[:5000]})
-        self.client.set_terminated(run_id, "FAILED" if isinstance(error, Exception)
-                                   else "KILLED")
+        status, reason = ending(error)
+        run_id = self._child(stage, {ERROR_TAG: reason[:5000]})
+        self.client.set_terminated(run_id, status)
 
     def _log_datasets(self, run_id: str, datasets: dict[str, Path]) -> None:
         """Log JSON record files as MLflow datasets (run inputs), context = their name."""

@@ -121,7 +121,12 @@ def _explain(model: type[BaseModel], error: dict) -> tuple[str, str | None]:
     if error["type"] == "extra_forbidden":
         known = _known(model, key)
         close = difflib.get_close_matches(key[-1], known, n=1)
-        hint = f"did you mean {'.'.join(key[:-1] + (close[0],))}?" if close else \
+        inside = [f"{name}.{key[-1]}" for name, info in model.model_fields.items()
+                  if len(key) == 1 and isinstance(info.annotation, type)
+                  and issubclass(info.annotation, BaseModel)
+                  and key[-1] in info.annotation.model_fields]
+        hint = f"did you mean {inside[0]}?" if inside else \
+            f"did you mean {'.'.join(key[:-1] + (close[0],))}?" if close else \
             f"known fields here: {', '.join(known)}" if known else None
         return f"{dotted}: unknown field", hint
     message = error["msg"].removeprefix("Value error, ")
@@ -135,6 +140,9 @@ def _where(key: tuple[str, ...], file: Path | None, lines: dict, set_by: dict
     for n in range(len(key), 0, -1):
         if key[:n] in set_by:
             return set_by[key[:n]], None
+    inside = [arg for k, arg in set_by.items() if k[:len(key)] == key]
+    if inside:                              # a check of a whole section: the arguments in it
+        return " ".join(inside), None
     for n in range(len(key), 0, -1):
         if key[:n] in lines:
             return str(file), lines[key[:n]]
@@ -202,11 +210,32 @@ def _check_inputs(cfg: PipelineConfig, path: Path | None, lines: dict, set_by: d
     if cfg.base.path and is_local_model_path(cfg.base.path):
         wanted[("base", "path")] = (Path(cfg.base.path), "is_dir")
     for key, (value, test) in wanted.items():
-        if value is None or getattr(Path(value), test)():
+        if value is None:
             continue
         where, line = _where(key, path, lines, set_by)
-        kind = {"exists": "file or directory", "is_dir": "directory",
-                "is_file": "file"}[test]
-        raise ConfigError(where, f"{'.'.join(key)}: no such {kind}: {value}", line=line,
-                          hint="relative paths are taken from the current directory "
-                               f"({Path.cwd()})")
+        dotted = ".".join(key)
+        if not getattr(Path(value), test)():
+            kind = {"exists": "file or directory", "is_dir": "directory",
+                    "is_file": "file"}[test]
+            raise ConfigError(where, f"{dotted}: no such {kind}: {value}", line=line,
+                              hint="relative paths are taken from the current directory "
+                                   f"({Path.cwd()})")
+        if problem := _content_problem(key, Path(value)):
+            raise ConfigError(where, f"{dotted}: {value}: {problem}", line=line)
+
+
+def _content_problem(key: tuple[str, ...], path: Path) -> str | None:
+    """What is wrong inside a file or folder the config names, checked cheaply up front (the
+    stage that reads it would only find out hours later, after training)."""
+    try:
+        if key == ("report", "probes_file"):
+            text = path.read_text(encoding="utf-8-sig")
+            return None if text.strip() else "no probe questions: expected one per line"
+        if key == ("base", "path"):
+            config = path / "config.json"
+            if not config.is_file():
+                return "not a Hugging Face model folder (it has no config.json)"
+            json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        return f"cannot be read ({type(e).__name__}: {e})"
+    return None

@@ -5,8 +5,9 @@
 * Any other error is internal: one line, exit 1. `--debug` (or `PIPELINE_DEBUG=1`) prints the
   full traceback instead, and leaves Prefect's own traceback logging as it is.
 * Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
-* The run's progress (Prefect's and MLflow's logs, warnings) goes to stdout, so stderr holds
-  nothing but the error; without `--debug`, log records carry no tracebacks.
+* The run's progress (Prefect's and MLflow's logs, warnings, anything a library or a child
+  process prints to stderr) goes to stdout, so stderr holds nothing but the error; without
+  `--debug`, log records carry no tracebacks.
 
 The Prefect flow run and the MLflow run record the failure either way (README "Failure modes").
 """
@@ -19,9 +20,9 @@ import os
 import sys
 import traceback
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from flows import hygiene
 from tasks.common import ConfigError, DataError, file_lock
@@ -115,6 +116,22 @@ def _answers(url: str) -> bool:
         return False
 
 
+@contextmanager
+def _stderr_to_stdout() -> Iterator[None]:
+    """While the flow runs, whatever writes to stderr -- C extensions, child processes such as
+    the temporary Prefect server, libraries that print -- writes to stdout instead (file
+    descriptor 2 points at 1); stderr is left to the error that ends the run."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(1, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Namespace) -> int:
     """`flow(load())` from the command line (the config is loaded and checked before any
     server starts); return the exit code (see the module docstring)."""
@@ -122,9 +139,10 @@ def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Name
     route_logs(debug)
     try:
         config = load()
-        hygiene.start_watchdog()        # before the temporary API server starts
-        start_api_server()
-        flow(config)
+        with _stderr_to_stdout():
+            hygiene.start_watchdog()        # before the temporary API server starts
+            start_api_server()
+            flow(config)
     except DataError as error:
         if debug:
             traceback.print_exc()

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from filelock import FileLock, Timeout
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
@@ -146,7 +147,7 @@ def run_cached(stage_task: Task, *, distrust: str | None = None, **kwargs: Any) 
     """Run a stage task under its inputs lock. A cache hit is verified against the manifests of
     its outputs; a hit that fails (or any hit, when `distrust` gives a reason) is recomputed."""
     start = time.perf_counter()
-    with inputs_lock(stage_task.name, kwargs):
+    with _waiting_for(inputs_lock(stage_task.name, kwargs), stage_task.name):
         runner = stage_task.with_options(refresh_cache=True) if distrust else stage_task
         state = runner(**kwargs, return_state=True)
         result: StageResult = state.result()
@@ -158,6 +159,21 @@ def run_cached(stage_task: Task, *, distrust: str | None = None, **kwargs: Any) 
             state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
             result, cached = state.result(), False
     return StageRun(result, cached, time.perf_counter() - start, problem or distrust)
+
+
+@contextmanager
+def _waiting_for(lock: FileLock, stage: str) -> Iterator[None]:
+    """Hold `lock`; if another run holds it, say so and wait."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        get_run_logger().info("stage %s: another run is computing it on the same inputs; "
+                              "waiting for it (its result will be a cache hit here)", stage)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _mentions(value: Any, marks: set[str]) -> bool:

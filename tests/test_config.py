@@ -30,6 +30,7 @@ def test_file_and_dotted_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train:\n  method: qlora\n  epochs: 2\n", encoding="utf-8")
     (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}", encoding="utf-8")
     cfg = load_config(f, ["train.lora_r=4", "data.shuffle_seed=7",
                           f"base.path={tmp_path / 'model'}"])
     assert (cfg.train.method, cfg.train.epochs, cfg.train.lora_r) == ("qlora", 2, 4)

@@ -56,12 +56,18 @@ def describe(error: DataError) -> str:
     return line + (f"\nhint: {error.hint}" if error.hint else "")
 
 
-class _NoTracebacks(logging.Filter):
-    """Drop the traceback from a log record (the message line stays)."""
+class _NoTracebacks(logging.Formatter):
+    """A handler's formatter, minus the traceback (the message line stays). Formats a copy of
+    the record: other handlers (Prefect's API log) still get the traceback."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
 
 
 def route_logs(debug: bool) -> None:
@@ -83,7 +89,7 @@ def route_logs(debug: bool) -> None:
             else:
                 continue
             if not debug:
-                handler.addFilter(_NoTracebacks())
+                handler.setFormatter(_NoTracebacks(handler.formatter))
 
 
 def start_api_server() -> None:

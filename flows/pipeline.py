@@ -123,6 +123,7 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
              "| stage | status | seconds |", "|---|---|---|"]
     for r in run.rows:
         status = f"cache hit (computed in MLflow run {r['from_run'][:8]})" if r["cached"] \
+            else f"recomputed: cache invalidated ({r['invalidated']})" if r.get("invalidated") \
             else "computed"
         lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} |")
     lines += ["", f"Report:      {report.files.get('report_html', report.path)}",

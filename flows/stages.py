@@ -176,15 +176,16 @@ def _waiting_for(lock: FileLock, stage: str) -> Iterator[None]:
         lock.release()
 
 
-def _mentions(value: Any, marks: set[str]) -> bool:
-    """Whether a task argument carries a result (by result_id) or a path listed in `marks`."""
+def _mentions(value: Any, mark: str) -> bool:
+    """Whether a task argument carries a result whose result_id or path is `mark`, or the path
+    itself (the model specs of benchmark and report)."""
     if isinstance(value, StageResult):
-        return value.result_id in marks or value.path in marks
+        return mark in (value.result_id, value.path)
     if isinstance(value, dict):
-        return any(_mentions(v, marks) for v in value.values())
+        return any(_mentions(v, mark) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_mentions(v, marks) for v in value)
-    return isinstance(value, (str, Path)) and str(value) in marks
+        return any(_mentions(v, mark) for v in value)
+    return isinstance(value, (str, Path)) and str(value) == mark
 
 
 @dataclass
@@ -204,11 +205,12 @@ class PipelineRun:
               = lambda r: {}, params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
         name = stage_task.name
-        upstream = next((f"upstream stage {stage} was recomputed (its cache was invalidated)"
-                         for mark, stage in self.recomputed.items()
-                         if _mentions(kwargs, {mark})), None)
+        upstream = next((stage for mark, stage in self.recomputed.items()
+                         if _mentions(kwargs, mark)), None)
+        distrust = upstream and f"upstream stage {upstream} was recomputed (its cache was " \
+                                "invalidated)"
         try:
-            run = run_cached(stage_task, distrust=upstream, **kwargs)
+            run = run_cached(stage_task, distrust=distrust, **kwargs)
         except BaseException as error:
             if isinstance(error, DataError) and error.stage is None:
                 error.stage = name

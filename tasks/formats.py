@@ -19,7 +19,6 @@ order) and a problem names the file, line or record, and the JSON path of the of
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import pyarrow as pa
 from tasks.common import DataError
 from tasks.dataset_io import conversations_array, pair_conversations, text_array
 from tasks.qa_text import parse_qa_bytes
-from tasks.sources import _NOT_SPACE, Issues, OnError, discover, first_char, read_text_bytes
+from tasks.sources import ArrayLines, Issues, OnError, discover, first_char, read_text_bytes
 
 Format = Literal["auto", "txt", "qa", "adgen", "alpaca", "instruct", "sharegpt", "conversation"]
 Turn = tuple[str, str, str, str]     # role, text, JSON paths (in the record) of text and role
@@ -216,37 +215,6 @@ def _check_turns(turns: list[Turn], max_chars: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-_JSON_TOKEN = re.compile(rb'"(?:[^"\\\n]|\\.)*"|[\[\]{},\n]')
-
-
-class ArrayLines:
-    """The line each element of a (valid) JSON array starts on, found by scanning the bytes
-    only as far as asked: errors name a line, and the happy path never pays for it."""
-
-    def __init__(self, raw: bytes):
-        self._raw, self._tokens = raw, _JSON_TOKEN.finditer(raw)
-        self._starts: list[int] = []
-        self._line, self._depth = 1, 0
-
-    def line_of(self, index: int) -> int | None:
-        for m in self._tokens:
-            if len(self._starts) > index:
-                break
-            token = m.group()
-            if token == b"\n":
-                self._line += 1
-            elif token in (b"[", b"{"):
-                self._depth += 1
-            elif token in (b"]", b"}"):
-                self._depth -= 1
-            if self._depth == 1 and token in (b"[", b","):    # an element starts next
-                nxt = _NOT_SPACE.search(self._raw, m.end())
-                if nxt is not None and nxt.group() != b"]":
-                    self._starts.append(self._line + self._raw.count(
-                        b"\n", m.end(), nxt.start()))
-        return self._starts[index] if index < len(self._starts) else None
-
-
 def _json_records(path: Path, raw: bytes, issues: Issues
                   ) -> Iterator[tuple[int, int | None, Any]]:
     """(record index, line or None, value) of a JSON array or a JSON Lines file."""

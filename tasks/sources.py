@@ -106,6 +106,37 @@ def first_char(raw: bytes) -> bytes:
     return found.group() if found else b""
 
 
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\\n]|\\.)*"|[\[\]{},\n]')
+
+
+class ArrayLines:
+    """The line each element of a (valid) JSON array starts on, found by scanning the bytes
+    only as far as asked: errors name a line, and the happy path never pays for it."""
+
+    def __init__(self, raw: bytes):
+        self._raw, self._tokens = raw, _JSON_TOKEN.finditer(raw)
+        self._starts: list[int] = []
+        self._line, self._depth = 1, 0
+
+    def line_of(self, index: int) -> int | None:
+        for m in self._tokens:
+            if len(self._starts) > index:
+                break
+            token = m.group()
+            if token == b"\n":
+                self._line += 1
+            elif token in (b"[", b"{"):
+                self._depth += 1
+            elif token in (b"]", b"}"):
+                self._depth -= 1
+            if self._depth == 1 and token in (b"[", b","):    # an element starts next
+                nxt = _NOT_SPACE.search(self._raw, m.end())
+                if nxt is not None and nxt.group() != b"]":
+                    self._starts.append(self._line + self._raw.count(
+                        b"\n", m.end(), nxt.start()))
+        return self._starts[index] if index < len(self._starts) else None
+
+
 @dataclass
 class Issues:
     """Malformed records: raised at once (on_error="fail") or skipped, counted by kind and kept

@@ -82,8 +82,9 @@ def test_inputs_that_leave_too_few_records_name_the_users_file(work, api_url):
                                  words="need at least 2 records")
     assert "(stage conversations)" in lines[0] and "one JSON object" in lines[1]
 
-    (work / "mostly_bad.jsonl").write_text('{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n'
-                                           '{"q": "", "a": "答案三"}\n', encoding="utf-8")
+    (work / "mostly_bad.jsonl").write_text(
+        '{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n{"q": "", "a": "答案三"}\n',
+        encoding="utf-8")
     result = _cli.run("data", "--set", "source=mostly_bad.jsonl", "--set", "on_error=skip",
                       home=home, cwd=work, api_url=api_url)
     lines = check_one_line_error(result, code=2, where=f"{work}/mostly_bad.jsonl: ",

@@ -75,7 +75,7 @@ test-fast: setup       ## the fast tests only
 	$(HF_OFFLINE) $(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
 
 clean-state:           ## forget all runs, caches and outputs of this project (keeps .venv)
-	rm -rf outputs .prefect .cache mlflow.db mlruns/[!.]*
+	rm -rf outputs .prefect .cache .locks mlflow.db mlruns/[!.]*
 
 # ---- Operations: local stack, deployments, browser tests (README "Operations") ------------------
 # The stack (Prefect server + UI :4200, a process worker, MLflow server + UI :5000) binds 127.0.0.1

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.date.today().isoformat(),
     }
     print()
-    print(f"| stage | core | flow, first run | flow, cached re-run |\n|---|---:|---:|---:|")
+    print("| stage | core | flow, first run | flow, cached re-run |\n|---|---:|---:|---:|")
     for s in STAGES:
         print(f"| {s} | {cores[s]:.2f} s | {first['stages'][s]:.2f} s | "
               f"{cached['stages'][s]:.2f} s |")

@@ -5,6 +5,7 @@ directory (`PIPELINE_HOME`, default: the repo) unless the environment already sa
 so caches are per project and tests get their own. This must run before Prefect is imported.
 """
 
+import contextlib
 import logging
 import os
 
@@ -13,6 +14,8 @@ from flows.startup import api_url_configured, begin_cli_run, cli_flow, \
 from tasks.common import project_dir
 
 _home = project_dir() / ".prefect"
+with contextlib.suppress(OSError):            # a new PIPELINE_HOME: Prefect makes one level only
+    _home.mkdir(parents=True, exist_ok=True)
 os.environ.setdefault("PREFECT_HOME", str(_home))
 os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(_home / "storage"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

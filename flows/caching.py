@@ -19,13 +19,14 @@ import importlib.metadata
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
+from flows.results import StageResultSerializer, cache_key_storage
 from tasks.code_version import code_digest
-from tasks.common import StageResult
+from tasks.common import StageResult, file_lock
 from tasks.digest_memo import memo_digest_path
 
 MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
@@ -42,21 +43,46 @@ def _lib_versions() -> str:
     return ",".join(out)
 
 
-def fingerprint(value: Any) -> Any:
+def _path_content(path: Path) -> dict[str, str]:
+    try:
+        return {"path-digest": memo_digest_path(path)}
+    except OSError as e:                    # the stage itself says what is wrong with the input
+        return {"unreadable-path": str(path), "error": type(e).__name__}
+
+
+def _path_stat(path: Path) -> dict[str, Any]:
+    try:
+        st = path.stat()
+    except OSError:
+        return {"path": str(path)}
+    return {"path": str(path), "size": st.st_size, "mtime": st.st_mtime_ns}
+
+
+def fingerprint(value: Any, path_key: Callable[[Path], Any] = _path_content) -> Any:
     """A JSON-able stand-in for a task input that changes exactly when its content does."""
     if isinstance(value, StageResult):
         return {"stage": value.stage, "digest": value.digest}
     if isinstance(value, Path):
-        return {"path-digest": memo_digest_path(value)}
+        return path_key(value)
     if isinstance(value, BaseModel):
-        return fingerprint(value.model_dump(mode="python"))
+        return fingerprint(value.model_dump(mode="python"), path_key)
     if isinstance(value, dict):
-        return {str(k): fingerprint(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): fingerprint(v, path_key)
+                for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
-        return [fingerprint(v) for v in value]
+        return [fingerprint(v, path_key) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     return repr(value)
+
+
+def inputs_lock(stage: str, parameters: dict[str, Any]):
+    """A file lock for computing `stage` on these inputs (files by path, size and mtime: cheap),
+    so that two runs started together compute it once: the second waits, then finds the first
+    one's result in the cache. 256 lock files per stage; two input sets sharing one only wait
+    for each other."""
+    blob = json.dumps(fingerprint(parameters, _path_stat), sort_keys=True, default=str)
+    return file_lock(f"stage-{stage}-{hashlib.blake2b(blob.encode()).hexdigest()[:2]}")
 
 
 def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = False) -> str:
@@ -67,8 +93,20 @@ def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = Fal
     return f"{module.rsplit('.', 1)[-1]}-{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}"
 
 
-def stage_cache_policy(module: str, *, model_libs: bool = False) -> CachePolicy:
-    """Cache policy for a task wrapping the core of `module` (e.g. "tasks.ingest")."""
+def stage_cache_policy(module: str, *, model_libs: bool = False,
+                       ignore: tuple[str, ...] = ()) -> CachePolicy:
+    """Cache policy for a task wrapping the core of `module` (e.g. "tasks.ingest"), its
+    records kept where only plain-JSON stage results are read back (flows/results.py).
+    `ignore`: parameters that do not shape the output (e.g. a name shown in errors)."""
     return CacheKeyFnPolicy(
-        cache_key_fn=lambda _ctx, parameters: stage_key(module, parameters,
-                                                        model_libs=model_libs))
+        cache_key_fn=lambda _ctx, parameters: stage_key(
+            module, {k: v for k, v in parameters.items() if k not in ignore},
+            model_libs=model_libs)
+    ).configure(key_storage=cache_key_storage())
+
+
+def stage_task_options(module: str, *, model_libs: bool = False,
+                       ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Options of a cached stage task: its cache policy, its result persisted as JSON."""
+    return {"persist_result": True, "result_serializer": StageResultSerializer(),
+            "cache_policy": stage_cache_policy(module, model_libs=model_libs, ignore=ignore)}

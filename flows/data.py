@@ -13,7 +13,6 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows import startup
 from flows.mlflow_files import DatasetFile
 from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
     parent_run, validate_task
@@ -49,7 +48,7 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
             qa.metrics["skipped_records"], source, qa.info.get("skipped"))
     data = run.stage(conversations_task, qa=qa, system_prompt=cfg.system_prompt,
                      train_ratio=cfg.train_ratio, shuffle_seed=cfg.shuffle_seed,
-                     split_by=cfg.split_by, duplicates=cfg.duplicates,
+                     split_by=cfg.split_by, duplicates=cfg.duplicates, source=str(source),
                      datasets=lambda r: {"training": r.file("train_parquet"),
                                          "evaluation": r.file("dev_parquet")})
     run.stage(validate_task, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
@@ -74,16 +73,15 @@ def data_pipeline(config: DataConfig = DataConfig(),
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from tasks.config import load_config
+    from flows import cli
+    from tasks.config_load import load_config
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY=VALUE", help="a DataConfig field, e.g. shuffle_seed=7")
+    cli.add_common_arguments(ap, config_file=False, what="a DataConfig field, e.g. "
+                                                         "shuffle_seed=7 (or data.shuffle_seed=7)")
     args = ap.parse_args(argv)
-    config = load_config(None, [f"data.{o}" for o in args.overrides]).data
-    startup.ready()
-    data_pipeline(config)
-    return 0
+    overrides = [o if o.startswith("data.") else f"data.{o}" for o in args.overrides]
+    return cli.run(lambda: load_config(None, overrides).data, data_pipeline, args)
 
 
 if __name__ == "__main__":

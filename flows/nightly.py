@@ -29,19 +29,19 @@ from typing import Any, Callable
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows import startup
-from flows.caching import stage_cache_policy
+from flows import cli
+from flows.caching import stage_task_options
 from flows.pipeline import run_stages
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.common import StageResult, project_dir
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
+from tasks.config_load import load_config, load_model
 from tasks.methods import METHODS
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
-@task(name="evaluate", persist_result=True,
-      cache_policy=stage_cache_policy("tasks.gate", model_libs=True))
+@task(name="evaluate", **stage_task_options("tasks.gate", model_libs=True))
 def evaluate_task(role: str, spec: dict[str, Any], dev_json: Path | None, probes_file: Path,
                   eval_examples: int, max_new_tokens: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
@@ -227,20 +227,19 @@ def nightly(config: PipelineConfig = PipelineConfig(),
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY=VALUE", help="override a PipelineConfig field")
+    cli.add_common_arguments(ap)
     ap.add_argument("--gate", dest="gate", action="append", default=[], metavar="KEY=VALUE",
                     help="override a GateConfig field, e.g. metric=bleu_4")
     args = ap.parse_args(argv)
-    import yaml
-    gate = GateConfig.model_validate({k: yaml.safe_load(v) for k, _, v in
-                                      (g.partition("=") for g in args.gate)})
-    config = load_config(args.config, args.overrides)
-    startup.ready()
-    result = nightly(config, gate)
-    print(json.dumps(result["decision"], indent=2, default=str))
-    return 0
+
+    def load() -> tuple[PipelineConfig, GateConfig]:
+        return (load_config(args.config, args.overrides),
+                load_model(GateConfig, args.gate, "--gate"))
+
+    def run(configs: tuple[PipelineConfig, GateConfig]) -> None:
+        result = nightly(*configs)
+        print(json.dumps(result["decision"], indent=2, default=str))
+    return cli.run(load, run, args)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows import startup
+from flows import cli
 from flows.data import data_stages
 from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
     parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
 from tasks.common import StageResult
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
+from tasks.config_load import load_config
 from tasks.methods import METHODS
 from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, register_version
@@ -149,6 +150,7 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
              "|---|---|---:|---|---:|---:|"]
     for r in run.rows + run.steps:
         status = f"cache hit (computed in MLflow run {r['from_run'][:8]})" if r["cached"] \
+            else f"recomputed: cache invalidated ({r['invalidated']})" if r.get("invalidated") \
             else "computed" if r in run.rows else "done (not cached)"
         cuda = "–" if r["peak_cuda_mib"] is None else f"{r['peak_cuda_mib']:,.0f}"
         lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['device'] or '–'} | "
@@ -166,15 +168,9 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields "
-                                                "(schema: schemas/pipeline_config.schema.json)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="KEY=VALUE", help="override one field, e.g. train.method=qlora")
+    cli.add_common_arguments(ap)
     args = ap.parse_args(argv)
-    config = load_config(args.config, args.overrides)
-    startup.ready()
-    pipeline(config)
-    return 0
+    return cli.run(lambda: load_config(args.config, args.overrides), pipeline, args)
 
 
 if __name__ == "__main__":

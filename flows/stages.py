@@ -14,19 +14,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from filelock import FileLock, Timeout
 from mlflow.entities import Metric
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import startup
-from flows.caching import stage_cache_policy
+from flows import hygiene, startup
+from flows.caching import inputs_lock, stage_task_options
 from flows.mlflow_files import DatasetFile
 from flows.tracking import Tracker
-from tasks.common import StageResult
-from tasks.resources import peak_memory
+from tasks.common import DataError, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
     ReportConfig, TrainConfig
+from tasks.resources import peak_memory
 
 
 def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -34,10 +35,10 @@ def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in spec.items() if k != "digest"}
 
 
-def _stage(module: str, *, name: str | None = None,
-           model_libs: bool = False) -> Callable[[Callable], Task]:
-    return task(name=name or module.rsplit(".", 1)[-1], persist_result=True,
-                cache_policy=stage_cache_policy(module, model_libs=model_libs))
+def _stage(module: str, *, name: str | None = None, model_libs: bool = False,
+           ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
+    return task(name=name or module.rsplit(".", 1)[-1],
+                **stage_task_options(module, model_libs=model_libs, ignore=ignore))
 
 
 @_stage("tasks.ingest")
@@ -48,14 +49,16 @@ def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
     return ingest.ingest(source, fmt, on_error, max_chars)
 
 
-@_stage("tasks.conversations")
+@_stage("tasks.conversations", ignore=("source",))
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
                        shuffle_seed: int | None, split_by: str = "record",
-                       duplicates: str = "drop") -> StageResult:
+                       duplicates: str = "drop", source: str | None = None) -> StageResult:
+    """`source`: the user's input, named in errors (not part of the cache key)."""
     from tasks import conversations
 
-    return conversations.build_conversations(qa.file("records_arrow"), system_prompt,
-                                             train_ratio, shuffle_seed, split_by, duplicates)
+    return conversations.build_conversations(
+        qa.file("records_arrow"), system_prompt, train_ratio, shuffle_seed, split_by,
+        duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
 
 
 @_stage("tasks.validate")
@@ -136,18 +139,61 @@ def report_task(base: dict[str, Any], tuned: dict[str, Any], data: StageResult,
                                extra_sections=extra_sections)
 
 
-def run_cached(stage_task: Task, **kwargs: Any) -> tuple[StageResult, bool, float]:
-    """Run a stage task; return (result, served from cache?, seconds).
+@dataclass(frozen=True)
+class StageRun:
+    """How a stage went: its result, whether it was served from the cache, how long it took,
+    and why a cached result was not trusted (its outputs changed on disk, or an upstream stage
+    was recomputed for that reason)."""
 
-    A cache hit whose files were deleted from disk is recomputed rather than trusted."""
+    result: StageResult
+    cached: bool
+    seconds: float
+    invalidated: str | None = None
+
+
+def run_cached(stage_task: Task, *, distrust: str | None = None, **kwargs: Any) -> StageRun:
+    """Run a stage task under its inputs lock. A cache hit is verified against the manifests of
+    its outputs; a hit that fails (or any hit, when `distrust` gives a reason) is recomputed."""
     start = time.perf_counter()
-    state = stage_task(**kwargs, return_state=True)
-    result: StageResult = state.result()
-    cached = state.name == "Cached"
-    if cached and not result.exists():
-        state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
-        result, cached = state.result(), False
-    return result, cached, time.perf_counter() - start
+    with _waiting_for(inputs_lock(stage_task.name, kwargs), stage_task.name):
+        runner = stage_task.with_options(refresh_cache=True) if distrust else stage_task
+        state = runner(**kwargs, return_state=True)
+        result: StageResult = state.result()
+        cached = state.name == "Cached"
+        problem = result.problem() if cached else None
+        if problem:
+            get_run_logger().warning("stage %s: the cached result is not trusted, recomputing: "
+                                     "%s", stage_task.name, problem)
+            state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+            result, cached = state.result(), False
+    return StageRun(result, cached, time.perf_counter() - start, problem or distrust)
+
+
+@contextmanager
+def _waiting_for(lock: FileLock, stage: str) -> Iterator[None]:
+    """Hold `lock`; if another run holds it, say so and wait."""
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        get_run_logger().info("stage %s: another run is computing it on the same inputs; "
+                              "waiting for it (its result will be a cache hit here)", stage)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _mentions(value: Any, mark: str) -> bool:
+    """Whether a task argument carries a result whose result_id or path is `mark`, or the path
+    itself (the model specs of benchmark and report)."""
+    if isinstance(value, StageResult):
+        return mark in (value.result_id, value.path)
+    if isinstance(value, dict):
+        return any(_mentions(v, mark) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_mentions(v, mark) for v in value)
+    return isinstance(value, (str, Path)) and str(value) == mark
 
 
 @dataclass
@@ -160,6 +206,9 @@ class PipelineRun:
     origins: dict[str, str] = field(default_factory=dict)    # stage -> run holding artifacts
     steps: list[dict[str, Any]] = field(default_factory=list)  # uncached steps (`step`)
     first_stage_at: float | None = None              # time.perf_counter() the first began
+    #: results recomputed because their cache was invalidated (result id or path -> stage):
+    #: every stage fed by one of them is recomputed too
+    recomputed: dict[str, str] = field(default_factory=dict)
 
     def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
               = lambda r: r.files,
@@ -168,25 +217,38 @@ class PipelineRun:
               **kwargs: Any) -> StageResult:
         name, start = stage_task.name, time.perf_counter()
         self.first_stage_at = self.first_stage_at or start
+        upstream = next((stage for mark, stage in self.recomputed.items()
+                         if _mentions(kwargs, mark)), None)
+        distrust = upstream and f"upstream stage {upstream} was recomputed (its cache was " \
+                                "invalidated)"
         try:
             with peak_memory() as peaks:
-                result, cached, seconds = run_cached(stage_task, **kwargs)
+                run = run_cached(stage_task, distrust=distrust, **kwargs)
         except BaseException as error:
-            self.tracker.log_failure(name, error)
+            if isinstance(error, DataError) and error.stage is None:
+                error.stage = name
+            _best_effort(self.tracker.log_failure, name, error)
             raise
+        result = run.result
+        if run.invalidated:
+            self.recomputed |= {result.result_id: name, result.path: name}
         usage = {"stage_peak_rss_mib": peaks.rss_mib}
         if peaks.cuda_mib is not None:
             usage["stage_peak_cuda_mib"] = peaks.cuda_mib
-        _, origin = self.tracker.log_stage(result, cached=cached, seconds=seconds,
+        _, origin = self.tracker.log_stage(result, cached=run.cached, seconds=run.seconds,
                                            params=params, artifacts=artifacts(result),
-                                           datasets=datasets(result), extra_metrics=usage)
+                                           datasets=datasets(result), extra_metrics=usage,
+                                           invalidated=run.invalidated)
         self.origins[name] = origin
-        self.rows.append({"stage": name, "cached": cached, "seconds": seconds,
-                          "from_run": origin, "device": result.info.get("device"),
+        self.rows.append({"stage": name, "cached": run.cached, "seconds": run.seconds,
+                          "from_run": origin, "invalidated": run.invalidated,
+                          "device": result.info.get("device"),
                           "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib,
                           "total_seconds": time.perf_counter() - start})
+        how = f"recomputed ({run.invalidated})" if run.invalidated else \
+            "cache hit" if run.cached else "computed"
         cuda = "" if peaks.cuda_mib is None else f", peak CUDA {peaks.cuda_mib:,.0f} MiB"
-        print(f"[stage] {name}: {'cache hit' if cached else 'computed'} in {seconds:.1f} s"
+        print(f"[stage] {name}: {how} in {run.seconds:.1f} s"
               f"{' on ' + result.info['device'] if result.info.get('device') else ''}, peak "
               f"RSS {peaks.rss_mib:,.0f} MiB{cuda}", flush=True)
         return result
@@ -218,22 +280,35 @@ class PipelineRun:
         return value
 
 
+def _best_effort(record: Callable[..., None], *args: Any) -> None:
+    """Record a failure in MLflow without hiding it: if recording fails too, say so and let
+    the original error through (a later run ends a run left RUNNING, flows/hygiene.py)."""
+    try:
+        record(*args)
+    except Exception as e:
+        get_run_logger().warning("could not record the failure in MLflow: %s: %s",
+                                 type(e).__name__, e)
+
+
 @contextmanager
 def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[PipelineRun]:
-    """One MLflow parent run for this Prefect flow run (tagged with its id and UI link),
-    marked FAILED if any stage fails."""
+    """One MLflow parent run for this Prefect flow run (tagged with its id and UI link, and with
+    this process, so a later run can tell if it was killed), after sweeping up what killed runs
+    left behind. Ends FINISHED, FAILED (with the error) or KILLED (a signal, Ctrl-C)."""
+    hygiene.start_watchdog()
     tracker = Tracker(experiment)
+    hygiene.sweep(tracker.client)
     parent_id = tracker.start_parent(
         f"{kind}-{flow_run.name or 'local'}", params,
         tags={"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name":
               str(flow_run.name), "prefect.flow_run_url": "" if startup.temporary_server()
-              else str(flow_run.ui_url or ""), "pipeline.kind": kind})
+              else str(flow_run.ui_url or ""), "pipeline.kind": kind, **hygiene.owner_tags()})
     run = PipelineRun(tracker, parent_id)
     try:
         yield run
-    except BaseException:
-        _log_timings(run)
-        tracker.finish(parent_id, ok=False)
+    except BaseException as error:
+        _best_effort(_log_timings, run)
+        _best_effort(tracker.end_with_error, parent_id, error)
         raise
     _log_timings(run)
     tracker.finish(parent_id, ok=True)

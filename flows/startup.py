@@ -37,6 +37,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: `python -m <one of these>` runs a flow, and so needs an API server from the start
 CLI_FLOWS = frozenset({"flows.data", "flows.pipeline", "flows.nightly"})
@@ -49,6 +50,7 @@ class TemporaryServer:
     launched: float                   # time.perf_counter() at launch
     ready_seconds: float | None = None    # launch -> healthy
     waited_seconds: float = 0.0           # how long the run was blocked waiting for it
+    creating_database: Any = None         # the lock held while it creates a new database
 
 
 _server: TemporaryServer | None = None
@@ -114,6 +116,14 @@ def launch_temporary_server() -> str:
     """Start Prefect's server for this run in a subprocess (not waiting for it); return its API
     URL, for `PREFECT_API_URL`. Call before Prefect is imported."""
     global _server
+    creating = None
+    if not (Path(os.environ["PREFECT_HOME"]) / "prefect.db").exists():
+        # a new project: the server creates the database. Two first runs started together
+        # would both create it, so the second waits here until the first's server answers.
+        from tasks.common import file_lock
+
+        creating = file_lock("prefect-db")
+        creating.acquire()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -124,7 +134,8 @@ def launch_temporary_server() -> str:
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
         env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", time.perf_counter())
+    _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", time.perf_counter(),
+                              creating_database=creating)
     atexit.register(stop_temporary_server)
     return _server.url
 
@@ -157,6 +168,9 @@ def wait_for_server() -> None:
         time.sleep(0.05)
     now = time.perf_counter()
     _server.ready_seconds, _server.waited_seconds = now - _server.launched, now - start
+    if _server.creating_database is not None:          # the database exists now
+        _server.creating_database.release()
+        _server.creating_database = None
 
 
 def ready() -> None:
@@ -167,8 +181,10 @@ def ready() -> None:
         from mlflow import MlflowClient
 
         from flows.tracking import tracking_uri
+        from tasks.common import file_lock
 
-        MlflowClient(tracking_uri())             # opens (or creates) the store, kept by MLflow
+        with file_lock("mlflow-db"):             # two first runs must not both create it
+            MlflowClient(tracking_uri())         # opens (or creates) the store, kept by MLflow
         wait_for_server()
     gc.freeze()
     gc.enable()

@@ -21,11 +21,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from flows.hygiene import ending, owner_tags
 from flows.mlflow_files import DatasetFile, content_digest, dataset_input, log_artifacts
-from tasks.common import StageResult, project_dir
+from tasks.common import StageResult, file_lock, project_dir
 
 CACHE_TAG, RESULT_TAG, REUSED_TAG = "pipeline.cache", "pipeline.result_id", \
     "pipeline.reused_from_run_id"
+ERROR_TAG, INVALIDATED_TAG = "pipeline.error", "pipeline.cache_invalidated"
 
 
 def tracking_uri() -> str:
@@ -67,14 +69,17 @@ class Tracker:
         self.uri = tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None
-            self.experiment_id = self.client.create_experiment(
-                experiment, location,
-                tags={"mlflow.experimentKind": "custom_model_development"})  # runs view in UI
-        else:
-            self.experiment_id = exp.experiment_id
+        # the first run on a new PIPELINE_HOME creates the DB (schema migrations) and the
+        # experiment: two runs started together must not both do it
+        with file_lock("mlflow-db"):
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None
+                self.experiment_id = self.client.create_experiment(
+                    experiment, location,
+                    tags={"mlflow.experimentKind": "custom_model_development"})  # runs view
+            else:
+                self.experiment_id = exp.experiment_id
         self.parent_id: str | None = None
 
     # -- runs ------------------------------------------------------------------------------
@@ -87,7 +92,8 @@ class Tracker:
     def _child(self, stage: str, tags: dict[str, str] | None = None) -> str:
         run = self.client.create_run(
             self.experiment_id, run_name=stage,
-            tags={MLFLOW_PARENT_RUN_ID: self.parent_id, "pipeline.stage": stage, **(tags or {})})
+            tags={MLFLOW_PARENT_RUN_ID: self.parent_id, "pipeline.stage": stage, **owner_tags(),
+                  **(tags or {})})
         return run.info.run_id
 
     def _log(self, run_id: str, *, params: dict[str, Any] | None = None,
@@ -103,30 +109,46 @@ class Tracker:
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def end_with_error(self, run_id: str, error: BaseException) -> None:
+        """End a run that an exception ended: FAILED with the error, or KILLED by a signal
+        (Ctrl-C, SIGTERM); children it left RUNNING end the same way."""
+        status, reason = ending(error)
+        open_children = self.client.search_runs(
+            [self.experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and "
+                                  "attributes.status = 'RUNNING'")
+        for run in [*open_children, self.client.get_run(run_id)]:
+            self.client.set_tag(run.info.run_id, ERROR_TAG, reason[:5000])
+            self.client.set_terminated(run.info.run_id, status)
+
     def url(self, run_id: str) -> str:
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
 
     # -- stages ------------------------------------------------------------------------------
     def origin_of(self, result: StageResult) -> str | None:
-        """The run that really computed this result (and holds its artifacts), if it exists."""
+        """The run that really computed this result and holds all its artifacts (it finished:
+        a run killed while uploading them does not count), if it exists."""
         runs = self.client.search_runs(
             [self.experiment_id], max_results=1,
             filter_string=f"tags.`{RESULT_TAG}` = '{result.result_id}' and "
-                          f"tags.`{CACHE_TAG}` = 'computed'")
+                          f"tags.`{CACHE_TAG}` != 'hit' and attributes.status = 'FINISHED'")
         return runs[0].info.run_id if runs else None
 
     def log_stage(self, result: StageResult, *, cached: bool, seconds: float,
                   params: dict[str, Any] | None = None,
                   artifacts: dict[str, str] | None = None,
                   datasets: dict[str, Path | DatasetFile] | None = None,
-                  extra_metrics: dict[str, float] | None = None) -> tuple[str, str]:
+                  extra_metrics: dict[str, float] | None = None,
+                  invalidated: str | None = None) -> tuple[str, str]:
         """Child run for a finished stage; returns (child run id, run id holding artifacts).
-        `extra_metrics` are this run's own figures (e.g. peak memory), beside the result's."""
+        `extra_metrics` are this run's own figures (e.g. peak memory), beside the result's;
+        `invalidated`: why a cached result was recomputed (tag pipeline.cache=invalidated)."""
         origin = self.origin_of(result) if cached else None
-        run_id = self._child(result.stage, {CACHE_TAG: "hit" if cached else "computed",
-                                            RESULT_TAG: result.result_id,
-                                            **({REUSED_TAG: origin} if origin else {})})
+        cache = "invalidated" if invalidated else "hit" if cached else "computed"
+        run_id = self._child(result.stage, {CACHE_TAG: cache, RESULT_TAG: result.result_id,
+                                            **({REUSED_TAG: origin} if origin else {}),
+                                            **({INVALIDATED_TAG: invalidated[:5000]}
+                                               if invalidated else {})})
         steps = step_metrics(result)
         self._log(run_id, params=params,
                   metrics={**result.metrics, **(extra_metrics or {}), "stage_seconds": seconds},
@@ -143,8 +165,9 @@ class Tracker:
         return run_id, origin or run_id
 
     def log_failure(self, stage: str, error: BaseException) -> None:
-        run_id = self._child(stage, {"pipeline.error": f"{type(error).__name__}: {error}"[:5000]})
-        self.finish(run_id, ok=False)
+        status, reason = ending(error)
+        run_id = self._child(stage, {ERROR_TAG: reason[:5000]})
+        self.client.set_terminated(run_id, status)
 
     def _log_datasets(self, run_id: str, result: StageResult,
                       datasets: dict[str, Path | DatasetFile]) -> None:

@@ -23,7 +23,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from tasks.common import DataError, StageResult, atomic_write_bytes, atomic_write_json, \
-    digest_bytes, digest_path, publish_dir, read_json, stage_root, staging_dir
+    digest_bytes, digest_path, is_local_model_path, publish_dir, read_json, stage_root, \
+    staging_dir
 from tasks.config import BaseModelConfig
 from tasks.modeling import DEFAULT_CHAT_TEMPLATE
 from tasks.progress import Progress
@@ -211,7 +212,7 @@ def resolve_base_model(cfg: BaseModelConfig) -> StageResult | None:
         return None
     raw = cfg.path.strip()
     local = Path(raw).expanduser()
-    if local.exists() or local.is_absolute() or raw.startswith((".", "~")) or raw.count("/") > 1:
+    if is_local_model_path(raw):
         if not local.is_dir():
             raise DataError(local, "base.path: no such model folder (expected a Hugging Face "
                                    "causal-LM folder with config.json)")

@@ -10,12 +10,18 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import psutil
+from filelock import FileLock
+
+from tasks.manifest import build_manifest, check_manifest, files_of, hash_file, write_manifest
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_DIR / "data"
@@ -30,12 +36,15 @@ def project_dir() -> Path:
 
 
 class DataError(ValueError):
-    """Bad input: names the file, the line or record, and what is wrong."""
+    """Bad input: names the file, the line or record, and what is wrong (`hint`: what to do
+    about it; `stage`: set by the flow that ran the stage)."""
 
     def __init__(self, path: Path | str, reason: str, *, line: int | None = None,
-                 record: int | None = None, json_path: str | None = None):
+                 record: int | None = None, json_path: str | None = None,
+                 hint: str | None = None):
         self.path, self.reason, self.line, self.record, self.json_path = (
             str(path), reason, line, record, json_path)
+        self.hint, self.stage = hint, None
         where = str(path)
         if line is not None:
             where += f":{line}"
@@ -46,30 +55,37 @@ class DataError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class ConfigError(DataError):
+    """A bad config: names the config file and line, or the `--set` argument."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Digests
 # ---------------------------------------------------------------------------------------------
-_CHUNK = 1 << 20
 #: files bigger than this (multi-GB weights of a user's base model) are fingerprinted by
 #: (size, mtime) instead of content, so pointing the pipeline at a 6B model does not re-read it.
 LARGE_FILE_BYTES = 256 << 20
+#: content digest of one file (blake2b-128, streamed)
+digest_file = hash_file
 
 
 def digest_bytes(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def digest_file(path: Path) -> str:
-    """Content digest of one file (blake2b-128, streamed)."""
+def _tree_digest(parts: Iterator[tuple[str, int, int, Any]]) -> str:
+    """Digest of (relative name, size, mtime_ns, content hash or a callable giving it)."""
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    for name, size, mtime_ns, content in parts:
+        part = (f"size={size};mtime={mtime_ns}" if size > LARGE_FILE_BYTES
+                else content() if callable(content) else content)
+        h.update(f"{name}\0{part}\n".encode())
     return h.hexdigest()
 
 
 def digest_path(path: Path, file_digest: Callable[[Path], str] = digest_file) -> str:
-    """Digest of a file, or of a directory tree (relative names + file digests).
+    """Digest of a file, or of a directory tree (relative names + file digests; a published
+    directory's own manifest does not count).
 
     Touching a file without changing it keeps the digest; any changed byte changes it.
     `file_digest` computes each file's digest (e.g. a memoised `digest_file`)."""
@@ -78,13 +94,50 @@ def digest_path(path: Path, file_digest: Callable[[Path], str] = digest_file) ->
         return file_digest(path)
     if not path.is_dir():
         raise FileNotFoundError(path)
-    h = hashlib.blake2b(digest_size=16)
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        st = p.stat()
-        part = (f"size={st.st_size};mtime={st.st_mtime_ns}" if st.st_size > LARGE_FILE_BYTES
-                else file_digest(p))
-        h.update(f"{p.relative_to(path).as_posix()}\0{part}\n".encode())
-    return h.hexdigest()
+
+    def parts():
+        for p in files_of(path):
+            st = p.stat()
+            yield (p.relative_to(path).as_posix(), st.st_size, st.st_mtime_ns,
+                   lambda p=p: file_digest(p))
+    return _tree_digest(parts())
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks and owners: what a process holds, and whether the process that made something is gone
+# ---------------------------------------------------------------------------------------------
+def file_lock(name: str) -> FileLock:
+    """An inter-process lock under <project>/.locks/ (released by the OS if its holder dies)."""
+    locks = project_dir() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(locks / f"{name}.lock")
+
+
+def _host_tag() -> str:
+    return digest_bytes(socket.gethostname().encode())[:8]
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """"<pid>-<start time>-<host hash>" of a process (default: this one): names what it is
+    making, so a later run can tell whether the maker is gone (a pid alone can be recycled)."""
+    pid = pid or os.getpid()
+    return f"{pid}-{int(psutil.Process(pid).create_time() * 100)}-{_host_tag()}"
+
+
+def owner_gone(tag: str) -> bool | None:
+    """True if the process of an `owner_tag` no longer runs, False if it does, None if that
+    cannot be told here (another host, or not a tag)."""
+    try:
+        pid, start, host = tag.split("-")
+        pid_, start_ = int(pid), int(start)
+    except ValueError:
+        return None
+    if host != _host_tag():
+        return None
+    try:
+        return int(psutil.Process(pid_).create_time() * 100) != start_
+    except psutil.NoSuchProcess:
+        return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,14 +165,18 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+_LEFTOVERS = (".staging-", ".trash-")       # names of unfinished/retired dirs: prefix + owner
+
+
 @contextmanager
 def staging_dir(parent: Path) -> Iterator[Path]:
-    """A temp directory under `parent` that is removed if the block fails.
+    """A temp directory under `parent`, named after this process, that is removed if the block
+    fails (and by `sweep_leftovers` if the process is killed).
 
     Use `publish_dir` at the end of the block to move it to its content-addressed name."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".staging-"))
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".staging-{owner_tag()}-"))
     try:
         yield tmp
     finally:
@@ -128,15 +185,72 @@ def staging_dir(parent: Path) -> Iterator[Path]:
 
 
 def publish_dir(tmp: Path, parent: Path) -> tuple[Path, str]:
-    """Rename a finished staging dir to `parent/<digest>` (idempotent); return (path, digest)."""
-    digest = digest_path(tmp)
-    final = Path(parent) / digest
+    """Rename a finished staging dir to `parent/<digest>` with a manifest of its files (size,
+    mtime, content hash); return (path, digest). Idempotent: an existing copy that still
+    matches its manifest is kept, a damaged one is replaced. Holds the stage's publish lock."""
+    entries = build_manifest(tmp)
+    digest = _tree_digest((name, e.size, e.mtime_ns, e.blake2b) for name, e in entries.items())
+    write_manifest(tmp, entries, digest)
     os.chmod(tmp, 0o755)             # mkdtemp makes 0700; outputs are meant to be shared/read
-    if final.exists():           # identical content produced before: keep the old copy
-        shutil.rmtree(tmp)
-    else:
+    final = Path(parent) / digest
+    with file_lock(f"publish-{Path(parent).name}"):
+        if check_manifest(final) is None:       # identical content published before: keep it
+            shutil.rmtree(tmp)
+            return final, digest
+        if final.exists():                      # damaged or foreign: retire it, then replace
+            trash = Path(tempfile.mkdtemp(dir=parent, prefix=f".trash-{owner_tag()}-"))
+            os.replace(final, trash / digest)
+            shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
     return final, digest
+
+
+def sweep_leftovers(root: Path | None = None) -> list[Path]:
+    """Remove staging (and retired) directories under <project>/outputs/<stage>/ whose owning
+    process is gone: what a killed run left half-done. Returns what was removed."""
+    root = Path(root) if root else project_dir() / "outputs"
+    removed = []
+    for stage in (root.iterdir() if root.is_dir() else []):
+        for d in (stage.iterdir() if stage.is_dir() else []):
+            prefix = next((p for p in _LEFTOVERS if d.name.startswith(p)), None)
+            if prefix is None:
+                continue
+            owner = d.name[len(prefix):].rsplit("-", 1)[0]
+            if owner_gone(owner):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    return removed
+
+
+def published_dir(path: Path | str) -> Path | None:
+    """The content-addressed directory (<project>/outputs/<stage>/<digest>) holding `path`, or
+    None for a path outside the outputs (a user's own model, a hub id)."""
+    root = project_dir() / "outputs"
+    try:
+        parts = Path(path).relative_to(root).parts
+    except ValueError:
+        return None
+    return root / parts[0] / parts[1] if len(parts) >= 2 else None
+
+
+def verify_outputs(paths: list[str]) -> str | None:
+    """None if every published directory behind `paths` still matches its manifest and every
+    path exists; else the first problem, in words."""
+    for d in dict.fromkeys(d for d in map(published_dir, paths) if d is not None):
+        if problem := check_manifest(d):
+            return problem
+    for p in paths:
+        if published_dir(p) is not None and not Path(p).exists():
+            return f"{p} is missing"
+    return None
+
+
+def is_local_model_path(raw: str) -> bool:
+    """Whether a `base.path` names a local folder (it exists, or is spelled like a path) rather
+    than a hub id such as "Qwen/Qwen2.5-0.5B-Instruct"."""
+    raw = raw.strip()
+    return (Path(raw).expanduser().exists() or Path(raw).is_absolute()
+            or raw.startswith((".", "~")) or raw.count("/") > 1)
 
 
 def stage_root(stage: str) -> Path:
@@ -170,6 +284,11 @@ class StageResult:
 
     def exists(self) -> bool:
         return Path(self.path).exists() and all(Path(p).exists() for p in self.files.values())
+
+    def problem(self) -> str | None:
+        """None if the outputs this result points at are there as published (README "Failure
+        modes"), else what is wrong with them."""
+        return verify_outputs([self.path, *self.files.values()])
 
 
 def read_json(path: Path) -> Any:

@@ -9,20 +9,30 @@ from this model (`python -m tasks.config`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, \
+    model_validator
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-from tasks.common import REPO_DIR, SCHEMA_DIR, atomic_write_text
+from tasks.common import DATA_DIR, SCHEMA_DIR, atomic_write_text
 from tasks.methods import METHODS
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Device = Literal["auto", "cpu", "cuda"]
-#: a path; relative ones are taken relative to the repository, so defaults work from any cwd
-RepoPath = Annotated[Path, AfterValidator(lambda p: p if p.is_absolute() else REPO_DIR / p)]
+
+
+def _not_blank(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("is empty: expected a path")
+    return value
+
+
+#: a path as the user meant it: `~` expanded, a relative one taken from the current directory
+#: (the defaults are absolute paths into the repository)
+UserPath = Annotated[Path, BeforeValidator(_not_blank),
+                     AfterValidator(lambda p: Path(os.path.abspath(p.expanduser())))]
 
 
 class _Section(BaseModel):
@@ -30,10 +40,12 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: RepoPath = Field(Path("data/sample/plant_care_qa.txt"),
-                         description="Input data: a file, or a directory whose .txt/.json/"
-                                     ".jsonl files (in natural name order) form one data set "
-                                     "of one format.")
+    source: UserPath = Field(default_factory=lambda: DATA_DIR / "sample" / "plant_care_qa.txt",
+                             description="Input data: a file, or a directory whose .txt/.json/"
+                                         ".jsonl files (in natural name order) form one data "
+                                         "set of one format. A relative path is taken from the "
+                                         "current directory. Default: the bundled sample "
+                                         "corpus (data/sample/plant_care_qa.txt).")
     format: Literal["auto", "txt", "qa", "adgen", "alpaca", "instruct", "sharegpt",
                     "conversation"] = Field(
         "auto", description="auto: detected from the content. txt: blocks of 'question\\n"
@@ -66,7 +78,7 @@ class DataConfig(_Section):
                                                     "(no question in both train and dev), as "
                                                     "close to train_ratio as whole groups "
                                                     "allow.")
-    tokenizer: RepoPath | None = Field(None, description="Local tokenizer folder (Hugging Face "
+    tokenizer: UserPath | None = Field(None, description="Local tokenizer folder (Hugging Face "
                                        "format) for the token lengths in the data report; "
                                        "empty: jieba words.")
 
@@ -209,9 +221,10 @@ class ReportConfig(_Section):
     dev_examples: int = Field(8, ge=1, description="Dev prompts shown before/after.")
     eval_examples: int = Field(24, ge=1, description="Dev prompts scored before/after (ROUGE, "
                                "BLEU-4); capped at the dev set size.")
-    probes_file: RepoPath = Field(Path("data/sample/ood_probes.txt"),
-                              description="Out-of-domain probe questions, one per line "
-                                          "(catastrophic-forgetting check).")
+    probes_file: UserPath = Field(default_factory=lambda: DATA_DIR / "sample" / "ood_probes.txt",
+                                  description="Out-of-domain probe questions, one per line "
+                                              "(catastrophic-forgetting check). Default: "
+                                              "data/sample/ood_probes.txt of the repository.")
     max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
 
 
@@ -237,22 +250,6 @@ class PipelineConfig(_Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig,
                                      description="MLflow Model Registry.")
     experiment: str = Field("finetune-pipeline", description="MLflow experiment name.")
-
-
-def load_config(path: Path | None = None, overrides: list[str] = ()) -> PipelineConfig:
-    """Config from an optional JSON/YAML file plus dotted `key=value` overrides."""
-    data: dict[str, Any] = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        *parents, leaf = key.split(".")
-        node = data
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return PipelineConfig.model_validate(data or {})
-
 
 
 SCHEMA_PATH = SCHEMA_DIR / "pipeline_config.schema.json"

@@ -157,11 +157,35 @@ def _where(table: pa.Table, i: int) -> str:
     return f"{file}:{line}" if line is not None else f"{file} record #{record}"
 
 
+def _source_file(source: Path | None, name: str) -> str:
+    """Where a record's file is, as the user knows it: under the source directory, or the
+    source file itself (records.arrow keeps names relative to the source)."""
+    if source is None:
+        return name
+    return str(Path(source) / name) if Path(source).is_dir() else str(source)
+
+
+def _too_few_hint(source: Path | None, records: int, dropped: int, skipped: int) -> str:
+    if dropped:
+        return (f"{dropped} exact duplicate record(s) were dropped; set data.duplicates=keep "
+                "to keep them, or add records")
+    if skipped:
+        return (f"{skipped} malformed record(s) were skipped (data.on_error=skip): fix them "
+                "(see the warning above for the first one), or add records")
+    if records == 1 and source is not None and Path(source).is_file():
+        with open(source, "rb") as f:
+            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
+                return ("the file holds one JSON object: a data set is a JSON array of records "
+                        "([{...}, {...}]) or JSON Lines (one record per line)")
+    return "a train/dev split needs at least 2 records (more, to learn anything)"
+
+
 def build_conversations(records_arrow: Path, system_prompt: str | None = None,
                         train_ratio: float = 0.7, shuffle_seed: int | None = None,
-                        split_by: SplitBy = "record",
-                        duplicates: Duplicates = "drop") -> StageResult:
-    """records.arrow (from ingest) -> train/dev conversation JSON (+ Parquet copies)."""
+                        split_by: SplitBy = "record", duplicates: Duplicates = "drop", *,
+                        source: Path | None = None, skipped: int = 0) -> StageResult:
+    """records.arrow (from ingest) -> train/dev conversation JSON (+ Parquet copies). `source`
+    (the user's input) and `skipped` (records ingest skipped) only make errors clearer."""
     table = read_arrow(records_arrow)
     convs = with_system_prompt(single(table.column("conversations")), system_prompt)
     first_of = first_identical(convs)
@@ -170,9 +194,9 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
                 for i in dup_rows[:200].tolist()]
     if examples and duplicates == "fail":
         file, line, record = _origin(table, int(dup_rows[0]))
-        raise DataError(file, f"this record is an exact duplicate of "
-                              f"{examples[0]['duplicate_of']} (duplicates=fail)", line=line,
-                        record=record)
+        raise DataError(_source_file(source, file), f"this record is an exact duplicate of "
+                        f"{examples[0]['duplicate_of']} (duplicates=fail)", line=line,
+                        record=record, hint="remove it, or set data.duplicates=drop (or keep)")
     dropped = len(dup_rows) if duplicates == "drop" else 0
     if dropped:
         log.warning("dropped %d exact duplicate records; first: %s duplicates %s", dropped,
@@ -184,7 +208,9 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
     try:
         train_at, dev_at = split_indices(len(convs), train_ratio, shuffle_seed, groups)
     except ValueError as e:
-        raise DataError(records_arrow, str(e)) from None
+        hint = _too_few_hint(source, len(convs), dropped, skipped) if len(convs) < 2 else \
+            "set data.split_by=record"
+        raise DataError(source or records_arrow, str(e), hint=hint) from None
     parts = {"train": pa.Table.from_arrays([convs.take(train_at)], schema=CONVERSATIONS),
              "dev": pa.Table.from_arrays([convs.take(dev_at)], schema=CONVERSATIONS)}
     del table, convs                                      # the split copies are all we need

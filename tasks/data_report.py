@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.common import StageResult, atomic_write_json, atomic_write_text, publish_dir, \
-    read_json, stage_root, staging_dir
+from tasks.common import DataError, StageResult, atomic_write_json, atomic_write_text, \
+    publish_dir, read_json, stage_root, staging_dir
 from tasks.dataset_io import read_parquet, single, turns
 
 TOKEN_SAMPLE = 5000
@@ -35,7 +35,12 @@ def token_counter(tokenizer: Path | None) -> tuple[str, Counter_]:
     if tokenizer:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise DataError(tokenizer, f"data.tokenizer: not a loadable Hugging Face "
+                                       f"tokenizer folder ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0][:200]})") from None
         unit = f"tokens of {type(tok).__name__} from {tokenizer} (vocabulary {len(tok):,})"
         return unit, lambda texts: np.array(
             [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]], int)

@@ -31,7 +31,7 @@ import pyarrow as pa
 from tasks.common import DataError
 from tasks.dataset_io import conversations_array, pair_conversations, text_array
 from tasks.qa_text import parse_qa_bytes
-from tasks.sources import Issues, OnError, discover, first_char, read_text_bytes
+from tasks.sources import ArrayLines, Issues, OnError, discover, first_char, read_text_bytes
 
 Format = Literal["auto", "txt", "qa", "adgen", "alpaca", "instruct", "sharegpt", "conversation"]
 Turn = tuple[str, str, str, str]     # role, text, JSON paths (in the record) of text and role
@@ -224,6 +224,8 @@ def _json_records(path: Path, raw: bytes, issues: Issues
         except orjson.JSONDecodeError as e:
             raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})",
                             line=e.lineno) from None
+        if not isinstance(records, list):           # e.g. "[1] 2" is refused above
+            raise DataError(path, "expected a JSON array of records")
         if not records:
             raise DataError(path, "the JSON array is empty: no records")
         yield from ((i, None, r) for i, r in enumerate(records))
@@ -274,6 +276,20 @@ def _is_json(path: Path, raw: bytes, fmt: Format) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Where:
+    """Record `index` of a file, on `line` (JSON Lines) or on the line its array element
+    starts on (looked up only when an error needs it)."""
+
+    array: ArrayLines
+    index: int
+    line: int | None
+
+    def fields(self) -> dict[str, int | None]:
+        return {"record": self.index,
+                "line": self.array.line_of(self.index) if self.line is None else self.line}
+
+
 @dataclass
 class Collected:
     """Turns of all records so far, flat (columns to be), with where each record came from."""
@@ -295,27 +311,36 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
                     max_chars: int, issues: Issues, out: Collected) -> tuple[str, str]:
     """Convert the records of one JSON file into `out`. `fmt` is the data set's format so far
     ("auto" until a record decides it) and `origin` says where it came from; returns both."""
+    array = ArrayLines(raw)                 # where array records start: for errors only
     for index, line, rec in _json_records(path, raw, issues):
-        here = dict(record=index, line=line)
         prefix = "$" if line is not None else f"$[{index}]"
+        here = _Where(array, index, line)
         try:
             rec = _object(rec, "")
             candidates = [f.name for f in FORMATS.values() if f.matches(rec)]
+            if fmt == "auto" and candidates == ["sharegpt", "conversation"]:
+                # no turn tells which: an empty list has no turns; else read it as ChatGLM3's
+                # format, whose checks then say what its turns lack
+                if rec["conversations"] == []:
+                    raise _Bad("no-turns", ".conversations", "is an empty list: the record "
+                                                             "has no turns")
+                candidates = ["conversation"]
             if fmt not in candidates:
                 if fmt == "auto" and len(candidates) == 1:
                     fmt, origin = candidates[0], f"{path.name} record #{index}"
                 elif fmt == "auto" and candidates:
                     raise DataError(path, f"the record matches several formats ("
                                     f"{', '.join(candidates)}): set `format` in the config",
-                                    json_path=prefix, **here)
+                                    json_path=prefix, **here.fields())
                 elif fmt == "auto":
                     raise DataError(path, f"the record's fields ({', '.join(rec) or 'none'}) "
                                     f"match no known format; known formats: {KNOWN}",
-                                    json_path=prefix, **here)
+                                    json_path=prefix, **here.fields())
                 elif candidates:
                     raise DataError(path, f"this is {_an(candidates[0])} record, but the data "
                                     f"set's format is {fmt} (from {origin}): a file or "
-                                    "directory must hold one format", json_path=prefix, **here)
+                                    "directory must hold one format", json_path=prefix,
+                                    **here.fields())
                 else:
                     raise _Bad("missing-field", "", f"is not a {fmt} record "
                                f"{FORMATS[fmt].fields}: it has the fields "
@@ -324,7 +349,7 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
             _check_turns(turns, max_chars)
         except _Bad as bad:
             issues.report(bad.kind, DataError(path, bad.reason, json_path=prefix + bad.where,
-                                              **here))
+                                              **here.fields()))
             continue
         out.ignored_fields.update(k for k in rec if k not in FORMATS[fmt].known)
         out.roles += [t[0] for t in turns]

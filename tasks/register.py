@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tasks.common import file_lock
+
 
 @dataclass(frozen=True)
 class RegisteredVersion:
@@ -24,17 +26,19 @@ class RegisteredVersion:
 
 def register_version(client, name: str, *, source: str, run_id: str, digest: str,
                      tags: dict[str, str], description: str = "") -> RegisteredVersion:
-    """Create (or find, by `model_digest` tag) a version of registered model `name`."""
+    """Create (or find, by `model_digest` tag) a version of registered model `name`. Find and
+    create hold a lock: two runs registering the same model at once make one version."""
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name, description=description)
-    for mv in client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("model_digest") == digest:
-            return RegisteredVersion(name, mv.version, mv.source, created=False)
-    mv = client.create_model_version(name, source=source, run_id=run_id,
-                                     tags={"model_digest": digest, **tags},
-                                     description=description)
+    with file_lock("registry"):
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description=description)
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            if mv.tags.get("model_digest") == digest:
+                return RegisteredVersion(name, mv.version, mv.source, created=False)
+        mv = client.create_model_version(name, source=source, run_id=run_id,
+                                         tags={"model_digest": digest, **tags},
+                                         description=description)
     return RegisteredVersion(name, mv.version, mv.source, created=True)

@@ -3,7 +3,9 @@ and the bookkeeping of malformed records (fail at the first one, or skip and cou
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,20 +29,38 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _walk_error(error: OSError) -> None:
+    raise DataError(error.filename or "?", f"cannot be read: {error.strerror}",
+                    hint="check the permissions of the data directory") from None
+
+
 def discover(source: Path) -> tuple[list[Path], list[Path]]:
     """(data files, ignored files) of a source: a file, or a directory whose .txt/.json/.jsonl
     files (any depth, hidden ones excluded) form one data set, in natural path order."""
     source = Path(source)
-    if source.is_file():
+    try:
+        mode = source.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(source, "no such file or directory") from None
+    except OSError as e:
+        raise DataError(source, f"cannot be read: {e.strerror}") from None
+    if stat.S_ISREG(mode):
         return [source], []
-    if not source.is_dir():
-        raise DataError(source, "no such file or directory")
-    files, ignored = [], []
-    for p in sorted((p for p in source.rglob("*") if p.is_file()),
-                    key=lambda p: natural_key(p.relative_to(source).as_posix())):
-        rel = p.relative_to(source).parts
-        if any(part.startswith(".") for part in rel):
+    if not stat.S_ISDIR(mode):
+        raise DataError(source, "is neither a regular file nor a directory (a pipe, a socket "
+                                "or a device?)")
+    found, seen = [], set()
+    for top, dirs, names in os.walk(source, onerror=_walk_error, followlinks=True):
+        st = os.stat(top)
+        if (st.st_dev, st.st_ino) in seen:              # a symlink loop: been here
+            dirs[:] = []
             continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / n for n in names if not n.startswith(".")
+                  and (Path(top) / n).is_file()]
+    files, ignored = [], []
+    for p in sorted(found, key=lambda p: natural_key(p.relative_to(source).as_posix())):
         (files if p.suffix.lower() in SUFFIXES else ignored).append(p)
     if not files:
         raise DataError(source, f"the directory holds no {'/'.join(SUFFIXES)} files")
@@ -49,7 +69,10 @@ def discover(source: Path) -> tuple[list[Path], list[Path]]:
 
 def read_text_bytes(path: Path) -> bytes:
     """The file's bytes, checked to be non-empty UTF-8 text without NUL bytes (BOM removed)."""
-    raw = Path(path).read_bytes().removeprefix(BOM)
+    try:
+        raw = Path(path).read_bytes().removeprefix(BOM)
+    except OSError as e:
+        raise DataError(path, f"cannot be read: {e.strerror}") from None
     if not raw or raw.isspace():
         raise DataError(path, "the file is empty (or holds only white space)")
     if b"\0" in raw:
@@ -83,6 +106,37 @@ def first_char(raw: bytes) -> bytes:
     return found.group() if found else b""
 
 
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\\n]|\\.)*"|[\[\]{},\n]')
+
+
+class ArrayLines:
+    """The line each element of a (valid) JSON array starts on, found by scanning the bytes
+    only as far as asked: errors name a line, and the happy path never pays for it."""
+
+    def __init__(self, raw: bytes):
+        self._raw, self._tokens = raw, _JSON_TOKEN.finditer(raw)
+        self._starts: list[int] = []
+        self._line, self._depth = 1, 0
+
+    def line_of(self, index: int) -> int | None:
+        for m in self._tokens:
+            if len(self._starts) > index:
+                break
+            token = m.group()
+            if token == b"\n":
+                self._line += 1
+            elif token in (b"[", b"{"):
+                self._depth += 1
+            elif token in (b"]", b"}"):
+                self._depth -= 1
+            if self._depth == 1 and token in (b"[", b","):    # an element starts next
+                nxt = _NOT_SPACE.search(self._raw, m.end())
+                if nxt is not None and nxt.group() != b"]":
+                    self._starts.append(self._line + self._raw.count(
+                        b"\n", m.end(), nxt.start()))
+        return self._starts[index] if index < len(self._starts) else None
+
+
 @dataclass
 class Issues:
     """Malformed records: raised at once (on_error="fail") or skipped, counted by kind and kept
@@ -94,6 +148,9 @@ class Issues:
 
     def report(self, kind: str, error: DataError) -> None:
         if self.on_error == "fail":
+            error.hint = error.hint or ("fix the record, or set data.on_error=skip to skip "
+                                        "malformed records (they are counted and listed in "
+                                        "the data report)")
             raise error
         self.counts[kind] += 1
         if len(self.examples) < MAX_EXAMPLES:

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from tasks.base_model import read_conversations
-from tasks.common import DataError, atomic_write_bytes, atomic_write_text
+from tasks.common import ConfigError, atomic_write_bytes, atomic_write_text
 
 IGNORE = -100
 
@@ -76,8 +76,9 @@ def encode_file(tok: PreTrainedTokenizerBase, path: Path, max_length: int) -> tu
             continue
         examples.append(enc)
     if not examples:
-        raise DataError(path, f"no example has an assistant token within train.max_length="
-                              f"{max_length}: raise max_length")
+        raise ConfigError(f"train.max_length={max_length}", f"no training example keeps an "
+                          f"assistant token within {max_length} tokens (all "
+                          f"{dropped} would learn nothing)", hint="raise train.max_length")
     return examples, truncated, dropped
 
 

@@ -16,7 +16,7 @@ from tasks.config import DataConfig
 
 def test_code_closure_follows_helper_modules():
     names = {p.name for p in code_closure("tasks.conversations")}
-    assert names == {"conversations.py", "dataset_io.py", "common.py"}
+    assert names == {"conversations.py", "dataset_io.py", "common.py", "manifest.py"}
     assert {"formats.py", "qa_text.py", "sources.py", "dataset_io.py", "common.py"} <= \
         {p.name for p in code_closure("tasks.ingest")}
     assert "formats.py" not in {p.name for p in code_closure("tasks.validate")}
@@ -70,8 +70,8 @@ def test_changed_helper_module_changes_dependent_keys_only(repo_copy):
     assert all(stage_key(m, {}) != k for m, k in before.items())
     common = repo_copy / "tasks" / "common.py"               # a shared helper changes all
     keys = {m: stage_key(m, {}) for m in stages}
-    common.write_text(common.read_text(encoding="utf-8").replace("_CHUNK = 1 << 20",
-                                                                 "_CHUNK = 1 << 19"))
+    common.write_text(common.read_text(encoding="utf-8").replace(
+        "LARGE_FILE_BYTES = 256 << 20", "LARGE_FILE_BYTES = 255 << 20"))
     assert all(stage_key(m, {}) != k for m, k in keys.items())
 
 

@@ -8,8 +8,9 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from tasks.common import REPO_DIR
-from tasks.config import SCHEMA_PATH, PipelineConfig, config_schema, load_config
+from tasks.common import REPO_DIR, ConfigError
+from tasks.config import SCHEMA_PATH, PipelineConfig, config_schema
+from tasks.config_load import load_config
 
 
 def test_committed_schema_is_generated_from_the_model():
@@ -28,16 +29,27 @@ def test_defaults_are_the_embedded_default_and_validate_against_the_schema():
 def test_file_and_dotted_overrides(tmp_path):
     f = tmp_path / "run.yaml"
     f.write_text("train:\n  method: qlora\n  epochs: 2\n", encoding="utf-8")
-    cfg = load_config(f, ["train.lora_r=4", "data.shuffle_seed=7", "base.path=/models/x"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}", encoding="utf-8")
+    cfg = load_config(f, ["train.lora_r=4", "data.shuffle_seed=7",
+                          f"base.path={tmp_path / 'model'}"])
     assert (cfg.train.method, cfg.train.epochs, cfg.train.lora_r) == ("qlora", 2, 4)
-    assert (cfg.data.shuffle_seed, cfg.base.path) == (7, "/models/x")
+    assert (cfg.data.shuffle_seed, cfg.base.path) == (7, str(tmp_path / "model"))
 
 
-@pytest.mark.parametrize("override", ["train.methd=lora", "train.method=sgd",
-                                      "data.train_ratio=1.5"])
-def test_typos_and_bad_values_are_refused(override):
-    with pytest.raises(ValidationError):
+@pytest.mark.parametrize("override, words", [
+    ("train.methd=lora", "train.methd: unknown field"),
+    ("train.method=sgd", "train.method: Input should be 'lora', 'qlora' or 'ptuning'"),
+    ("data.train_ratio=1.5", "data.train_ratio: Input should be less than 1")])
+def test_typos_and_bad_values_are_refused_naming_the_argument(override, words):
+    with pytest.raises(ConfigError) as caught:
         load_config(None, [override])
+    assert str(caught.value) == f"--set {override}: {words}"
+
+
+def test_the_model_itself_still_refuses_bad_values():
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate({"train": {"method": "sgd"}})
 
 
 def test_every_method_of_the_registry_is_a_valid_train_method():

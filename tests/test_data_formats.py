@@ -107,7 +107,7 @@ def test_directory_of_one_format_is_one_data_set_in_natural_order():
 
 
 def test_configured_format_must_match_the_records():
-    with pytest.raises(DataError, match=r"qa.json record #0 at \$\[0\]: this is a qa record, "
+    with pytest.raises(DataError, match=r"qa.json:2 record #0 at \$\[0\]: this is a qa record, "
                                         r"but the data set's format is sharegpt \(from the "
                                         r"config's `format`\)"):
         ingest(FORMATS / "qa.json", "sharegpt")

@@ -1,0 +1,174 @@
+"""The command line of the flows (`python -m flows.pipeline|data|nightly`): how a run ends.
+
+* A data or config error (`DataError`, `ConfigError`) prints one line to stderr --
+  `file:line: what is wrong (stage ...)` -- plus a hint where one helps, and exits with 2.
+* Any other error is internal: one line, exit 1. `--debug` (or `PIPELINE_DEBUG=1`) prints the
+  full traceback instead, and leaves Prefect's own traceback logging as it is.
+* Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
+* The run's progress (Prefect's and MLflow's logs, warnings, anything a library or a child
+  process prints to stderr) goes to stdout, so stderr holds nothing but the error; without
+  `--debug`, log records carry no tracebacks.
+
+The Prefect flow run and the MLflow run record the failure either way (README "Failure modes").
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+import urllib.request
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from flows import hygiene, startup
+from tasks.common import ConfigError, DataError, file_lock
+
+EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def add_common_arguments(ap: argparse.ArgumentParser, *, config_file: bool = True,
+                         what: str = "a PipelineConfig field, e.g. train.method=qlora") -> None:
+    if config_file:
+        ap.add_argument("--config", type=Path, help="JSON/YAML file of PipelineConfig fields "
+                                                    "(schema: schemas/pipeline_config.schema."
+                                                    "json); relative paths in it are taken "
+                                                    "from the current directory")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help=f"override {what}; the value is a literal "
+                                              "string unless it parses as JSON (numbers, "
+                                              "true/false, null, lists)")
+    ap.add_argument("--debug", action="store_true",
+                    help="show full tracebacks (also: PIPELINE_DEBUG=1)")
+
+
+def debug_wanted(args: argparse.Namespace) -> bool:
+    return bool(args.debug) or os.environ.get("PIPELINE_DEBUG", "").lower() in (
+        "1", "true", "yes", "on")
+
+
+def describe(error: DataError) -> str:
+    """The one line (plus a hint line) a data or config error prints."""
+    line = str(error) + (f" (stage {error.stage})" if error.stage else "")
+    return line + (f"\nhint: {error.hint}" if error.hint else "")
+
+
+class _NoTracebacks(logging.Formatter):
+    """A handler's formatter, minus the traceback (the message line stays). Formats a copy of
+    the record: other handlers (Prefect's API log) still get the traceback."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def route_logs(debug: bool) -> None:
+    """Send the console logs of Prefect and MLflow (and Python warnings) to stdout, without
+    tracebacks unless `debug`: stderr is left to the error that ends the run."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    logging.captureWarnings(True)
+    loggers = [logging.getLogger()] + [logging.getLogger(name) for name in
+                                       list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setStream(sys.stdout)
+                handler.console.file = sys.stdout
+            elif isinstance(handler, logging.StreamHandler) and \
+                    logger.name.split(".")[0] == "mlflow":
+                handler.setStream(sys.stdout)
+            else:
+                continue
+            if not debug:
+                handler.setFormatter(_NoTracebacks(handler.formatter))
+
+
+def start_api_server() -> None:
+    """Without `PREFECT_API_URL` (and no server launched early by flows/startup.py), Prefect
+    runs a temporary API server on the project's database for this process. Two runs started together on a new project would both create
+    that database: start it here, under a lock, before the flow does. With it, check that
+    the server answers (else every step would retry and fail with a long traceback)."""
+    from prefect.client.orchestration import get_client
+
+    url = os.environ.get("PREFECT_API_URL")
+    if startup.temporary_server() is not None:       # launched early and waited for (ready)
+        problem = None
+    else:
+        with file_lock("prefect-db") if not url else nullcontext():
+            with get_client(sync_client=True) as client:
+                problem = client.api_healthcheck()
+    if problem is not None and url:
+        raise ConfigError(f"PREFECT_API_URL={url}", f"the Prefect API does not answer "
+                          f"({type(problem).__name__})", hint="start it (make stack), or "
+                          "unset PREFECT_API_URL to run on a temporary server")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")) and not _answers(f"{tracking}/health"):
+        raise ConfigError(f"MLFLOW_TRACKING_URI={tracking}", "the MLflow server does not "
+                          "answer", hint="start it (make stack), or unset MLFLOW_TRACKING_URI "
+                          "to track into the project's mlflow.db")
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+@contextmanager
+def _stderr_to_stdout() -> Iterator[None]:
+    """While the flow runs, whatever writes to stderr -- C extensions, child processes such as
+    the temporary Prefect server, libraries that print -- writes to stdout instead (file
+    descriptor 2 points at 1); stderr is left to the error that ends the run."""
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(1, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Namespace) -> int:
+    """`flow(load())` from the command line (the config is loaded and checked before any
+    server starts); return the exit code (see the module docstring)."""
+    debug = debug_wanted(args)
+    route_logs(debug)
+    try:
+        config = load()
+        with _stderr_to_stdout():
+            hygiene.start_watchdog()        # before Prefect's own temporary server starts
+            startup.ready()
+            start_api_server()
+            flow(config)
+    except DataError as error:
+        if debug:
+            traceback.print_exc()
+        print(describe(error), file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C): the MLflow run is marked KILLED; run again to resume "
+              "from the cache", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        first = (str(error).strip().splitlines() or [""])[0][:500]
+        print(f"internal error: {type(error).__name__}: {first}\n"
+              "hint: run again with --debug (or PIPELINE_DEBUG=1) for the full traceback",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+    return 0

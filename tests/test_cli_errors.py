@@ -1,0 +1,173 @@
+"""A corpus of bad inputs through the real command line: a data or config error exits with 2
+and prints, on stderr, the user's file:line (or the argument) and what is wrong in at most three
+lines, with no traceback anywhere; an internal error exits with 1; --debug shows the traceback.
+The flow run (Prefect) and the MLflow run still record the failure."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tasks.common import REPO_DIR
+import _cli  # noqa: E402  (tests/_cli.py)
+
+BAD = Path(__file__).parent / "data" / "bad"
+pytestmark = pytest.mark.server       # every run reports to one real Prefect server
+
+
+@pytest.fixture(scope="module")
+def api_url() -> str:
+    """One Prefect server for this module's runs (the session's temporary one), so each CLI
+    run does not start its own."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    """The user's current directory; the project home is beside it."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def check_one_line_error(result, *, code: int, where: str, words: str = "") -> list[str]:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, result.stderr + result.stdout[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert 1 <= len(lines) <= 3, lines
+    assert lines[0].startswith(where), lines
+    assert words in lines[0], lines
+    assert "records.arrow" not in result.stderr and "/outputs/" not in result.stderr
+    return lines
+
+
+# file (copied into the user's directory), --set extras, where (relative to the directory),
+# words of the message
+DATA_CASES = {
+    "answerless_last_block.txt": ([], "answerless_last_block.txt:7: ", "has no answer line"),
+    "wrong_type.json": ([], "wrong_type.json:3 record #1 at $[1].a: ", "expected a string"),
+    "trailing_comma.json": ([], "trailing_comma.json:3: ", "invalid JSON"),
+    "invalid_utf8.txt": ([], "invalid_utf8.txt:5: ", "is not valid UTF-8"),
+    "empty_array.json": ([], "empty_array.json: ", "no records"),
+    "mixed_formats_dir": ([], "mixed_formats_dir/b.json:1 record #0", "the data set's format"),
+    "duplicates.txt": (["duplicates=fail"], "duplicates.txt:7: ", "exact duplicate"),
+    "sharegpt_starts_with_gpt.jsonl": ([], "sharegpt_starts_with_gpt.jsonl:2 record #1",
+                                       "where a user turn is expected"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_CASES))
+def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, api_url):
+    extra, where, words = DATA_CASES[name]
+    src = BAD / name
+    (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
+    result = _cli.run("data", f"--set=source={name}", *[f"--set={e}" for e in extra],
+                      home=work.parent / "home", cwd=work, api_url=api_url)
+    lines = check_one_line_error(result, code=2, where=f"{work}/{where}", words=words)
+    assert "(stage ingest)" in lines[0] or "(stage conversations)" in lines[0]
+    assert lines[-1].startswith("hint: ") or len(lines) == 1
+
+
+def test_inputs_that_leave_too_few_records_name_the_users_file(work, api_url):
+    home = work.parent / "home"
+    (work / "one.json").write_text('{"q": "问题？", "a": "答案。"}\n', encoding="utf-8")
+    result = _cli.run("data", "--set", "source=one.json", home=home, cwd=work, api_url=api_url)
+    lines = check_one_line_error(result, code=2, where=f"{work}/one.json: ",
+                                 words="need at least 2 records")
+    assert "(stage conversations)" in lines[0] and "one JSON object" in lines[1]
+
+    (work / "mostly_bad.jsonl").write_text(
+        '{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n{"q": "", "a": "答案三"}\n',
+        encoding="utf-8")
+    result = _cli.run("data", "--set", "source=mostly_bad.jsonl", "--set", "on_error=skip",
+                      home=home, cwd=work, api_url=api_url)
+    lines = check_one_line_error(result, code=2, where=f"{work}/mostly_bad.jsonl: ",
+                                 words="got 1")
+    assert "2 malformed record(s) were skipped" in lines[1]
+
+    (work / "no_turns.json").write_text('[{"conversations": []}, {"conversations": []}]',
+                                        encoding="utf-8")
+    result = _cli.run("data", "--set", "source=no_turns.json", home=home, cwd=work,
+                      api_url=api_url)
+    check_one_line_error(result, code=2, where=f"{work}/no_turns.json:1 record #0",
+                         words="no turns")
+    assert "several formats" not in result.stderr
+
+
+def test_the_failure_is_recorded_in_mlflow_and_prefect(work, api_url):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    home = work.parent / "home"
+    shutil.copy(BAD / "odd_lines_block.txt", work / "odd.txt")
+    result = _cli.run("data", "--set", "source=odd.txt", home=home, cwd=work, api_url=api_url)
+    check_one_line_error(result, code=2, where=f"{work}/odd.txt:1: ")
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("finetune-pipeline").experiment_id])
+    parent = next(r for r in runs if "pipeline.kind" in r.data.tags)
+    ingest = next(r for r in runs if r.info.run_name == "ingest")
+    assert parent.info.status == ingest.info.status == "FAILED"
+    assert f"{work}/odd.txt:1" in parent.data.tags["pipeline.error"]
+    assert "[stage ingest]" in parent.data.tags["pipeline.error"]
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+    assert flow_run.state.is_failed() and f"{work}/odd.txt:1" in flow_run.state.message
+
+
+@pytest.mark.parametrize("args, where, words", [
+    (["--set", "train.methd=lora"], "--set train.methd=lora: train.methd: unknown field",
+     ""),
+    (["--set", "data.source=missing.txt"], "--set data.source=missing.txt: data.source: no "
+                                          "such file or directory", ""),
+    (["--set", "train"], "--set train: expected KEY=VALUE", ""),
+    (["--config", "run.yaml"], "run.yaml:4: train.epochs: ", "number"),
+    (["--config", "broken.yaml"], "broken.yaml:3: invalid YAML/JSON", ""),
+    (["--config", "nope.yaml"], "nope.yaml: no such config file", ""),
+])
+def test_config_mistakes_fail_in_one_line_before_anything_runs(args, where, words, work):
+    (work / "run.yaml").write_text("# a run\ntrain:\n  method: lora\n  epochs: many\n",
+                                   encoding="utf-8")
+    (work / "broken.yaml").write_text("train:\n  method: lora\n epochs: 2\n", encoding="utf-8")
+    home = work.parent / "home"
+    result = _cli.run("pipeline", *args, home=home, cwd=work)
+    check_one_line_error(result, code=2, where=where, words=words)
+    assert not (home / "mlflow.db").exists(), "nothing started"
+
+
+def test_set_values_and_relative_paths_are_read_as_meant(work, api_url):
+    """`#` is part of a file name, not a comment; a relative path is taken from the current
+    directory, not the repository."""
+    name = "q&a #1.txt"
+    shutil.copy(BAD / "odd_lines_block.txt", work / name)
+    result = _cli.run("data", "--set", f"source={name}", home=work.parent / "home", cwd=work,
+                      api_url=api_url)
+    check_one_line_error(result, code=2, where=f"{work}/{name}:1: ", words="block has 3 lines")
+    assert not (REPO_DIR / name).exists()
+
+
+def test_nightly_gate_arguments_are_checked(work):
+    result = _cli.run("nightly", "--gate", "metric=accuracy", home=work.parent / "home",
+                      cwd=work)
+    check_one_line_error(result, code=2, where="--gate metric=accuracy: metric: ")
+
+
+def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, api_url):
+    home = work.parent / "home"
+    home.mkdir()
+    (home / "outputs").write_text("not a directory", encoding="utf-8")   # a broken home
+    result = _cli.run("data", home=home, cwd=work, api_url=api_url)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) <= 3, result.stderr
+    assert lines[0].startswith("internal error: ") and "--debug" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    debug = _cli.run("data", "--debug", home=home, cwd=work, api_url=api_url)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    by_env = _cli.run("data", home=home, cwd=work, api_url=api_url,
+                      extra_env={"PIPELINE_DEBUG": "1"})
+    assert by_env.returncode == 1 and "Traceback (most recent call last)" in by_env.stderr

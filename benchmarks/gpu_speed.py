@@ -24,6 +24,7 @@ import datetime
 import json
 import math
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -211,7 +212,7 @@ def anchor_loop(base_dir: Path, train_json: Path, cfg, steps: int) -> dict:
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(0.05 * total), math.ceil(total))
     torch.cuda.reset_peak_memory_stats()
     model.train()
-    losses, useful = [], 0
+    losses, useful, ends = [], 0, []
     torch.cuda.synchronize()
     start = time.perf_counter()
     for step in range(steps):
@@ -226,16 +227,28 @@ def anchor_loop(base_dir: Path, train_json: Path, cfg, steps: int) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         useful += sum(len(e["input_ids"]) for e in chunk)
-    torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        ends.append(time.perf_counter())
     seconds = time.perf_counter() - start
+    gaps = [b - a for a, b in zip(ends, ends[1:])][2:]      # as tasks/train_control.StepTimes
     peak = torch.cuda.max_memory_allocated() / 2**20
     del model, opt
     release("cuda")
     return {"useful_tok_s": useful / seconds, "losses": losses, "peak_cuda_mib": peak,
-            "seconds": seconds}
+            "seconds": seconds, "step_s_median": statistics.median(gaps),
+            "tokens_per_step": useful / steps}
+
+
+def warm_up(base_dir: Path, train_json: Path, cfg) -> None:
+    """Pay the process's one-off CUDA costs (context, cuBLAS, bitsandbytes and attention
+    kernels' first use) before either loop is timed: two anchor steps."""
+    anchor_loop(base_dir, train_json, cfg, 2)
 
 
 def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
+    """The train stage, then the anchor, on a process warmed up first. Figures: useful tok/s
+    over each whole loop, and in steady state (median step time after two steps, the same
+    tokens per step)."""
     from tasks.config import TrainConfig
     from tasks.train import train_adapter
 
@@ -244,6 +257,7 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     cfg = TrainConfig(method="qlora", compute_dtype="bfloat16", batch_size=8, max_length=160,
                       learning_rate=2e-4, epochs=steps * 8 / n, shuffle=False, packing=True,
                       eval_steps=10_000, save_steps=10_000, sanity_examples=0, resume=False)
+    warm_up(base_dir, train_json, cfg)
     start = time.perf_counter()
     project = train_adapter(base_dir, train_json, dev_json, cfg)
     print(f"[qlora] project: {project.metrics['train_tokens_per_s']:.0f} useful tok/s, "
@@ -253,10 +267,13 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     anchor = anchor_loop(base_dir, train_json, cfg, steps_run)
     print(f"[qlora] anchor: {anchor['useful_tok_s']:.0f} useful tok/s", flush=True)
     project_losses = [h["loss"] for h in project.info["log_history"] if "loss" in h]
+    step_s = project.metrics["step_seconds_median"]
     return {"qlora": {
         "project_useful_tok_s": project.metrics["train_tokens_per_s"],
         "anchor_hf_peft_tok_s": anchor["useful_tok_s"],
         "speedup": project.metrics["train_tokens_per_s"] / anchor["useful_tok_s"],
+        "project_step_s_median": step_s, "anchor_step_s_median": anchor["step_s_median"],
+        "speedup_steady_state": anchor["step_s_median"] / step_s,
         "peak_cuda_mib": project.metrics["peak_gpu_memory_gib"] * 1024,
         "anchor_peak_cuda_mib": anchor["peak_cuda_mib"],
         "steps": steps_run, "project_settings": {

@@ -125,9 +125,11 @@ class TrainConfig(_Section):
                                                         "layers.")
     double_quant: bool = Field(True, description="qlora: nested (double) quantization.")
     gradient_checkpointing: bool | None = Field(None, description="Recompute activations in "
-                                                "the backward pass (less memory, ~30% slower; "
-                                                "lora/qlora); empty: on for qlora on a GPU, off "
-                                                "otherwise.")
+                                                "the backward pass (less memory, ~35% slower; "
+                                                "lora/qlora); empty: on a GPU, on only when a "
+                                                "full batch's activations (batch_size x "
+                                                "max_length tokens, estimated) would take more "
+                                                "than half the free GPU memory; off on a CPU.")
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded); "
                           "off: file order, e.g. to compare two training loops batch by batch.")
     seed: int = Field(42, description="Training seed.")

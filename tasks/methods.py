@@ -39,7 +39,6 @@ class Method:
     learning_rate: float      # default peak learning rate
     packing: bool             # padding-free batches work (a prefix is prepended once per row)
     gradient_checkpointing: bool   # supported (peft prefix tuning does not support it)
-    checkpointing_on_gpu: bool     # its default on a GPU (peft's QLoRA recipe: on)
 
     def serving_quantization(self, cfg: TrainConfig) -> dict[str, Any] | None:
         """How the un-merged adapter's base is loaded to serve it as it was trained."""
@@ -51,9 +50,9 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "lora": Method("lora", _lora, loads_4bit=False, mergeable=True, learning_rate=2e-3,
-                   packing=True, gradient_checkpointing=True, checkpointing_on_gpu=False),
+                   packing=True, gradient_checkpointing=True),
     "qlora": Method("qlora", _lora, loads_4bit=True, mergeable=True, learning_rate=2e-3,
-                    packing=True, gradient_checkpointing=True, checkpointing_on_gpu=True),
+                    packing=True, gradient_checkpointing=True),
     "ptuning": Method("ptuning", _prefix, loads_4bit=False, mergeable=False, learning_rate=2e-2,
-                      packing=False, gradient_checkpointing=False, checkpointing_on_gpu=False),
+                      packing=False, gradient_checkpointing=False),
 }

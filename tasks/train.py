@@ -27,6 +27,7 @@ stays one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PrinterCallback, \
@@ -48,7 +50,7 @@ from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes,
 from tasks.config import TrainConfig
 from tasks.methods import METHODS
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
-from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, ProgressLog, \
+from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, ProgressLog, StepTimes, \
     last_checkpoint, list_checkpoints, log_history
 from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss_curve, \
     write_sanity
@@ -93,32 +95,71 @@ def _init_prefix(model, ids: list[int]) -> None:
     emb.copy_(stacked.permute(2, 0, 1, 3).reshape(n, -1).to(emb.dtype))
 
 
-def gradient_checkpointing(cfg: TrainConfig, device: str) -> bool:
-    """`train.gradient_checkpointing`, or by default: on for qlora on a GPU (peft's QLoRA recipe,
-    `prepare_model_for_kbit_training`). At 6 B on an H200 it was not the slower choice: a bare
-    peft loop with it ran 0.41 s per batch of 8, the train stage without it 0.6 s, and it
-    halves peak memory (README "Fast at real scale")."""
+#: activations kept per token without gradient checkpointing, per layer, in bytes per unit of
+#: hidden size, plus per vocabulary entry for the logits and their loss: measured at 6 B on an
+#: H200 (QLoRA, bf16 autocast: 9.3 GiB peak for batches of 8 x <=160 tokens,
+#: benchmarks/qlora_profile.py, README "Fast at real scale") and rounded up
+ACTIVATION_BYTES = {"per_hidden_and_layer": 96, "per_vocab": 12}
+
+
+def activation_bytes(model_config: Any, tokens: int) -> int:
+    """Estimated activation memory of a training step of `tokens` tokens, no checkpointing."""
+    text = getattr(model_config, "text_config", None) or model_config
+    per_token = (ACTIVATION_BYTES["per_hidden_and_layer"] * text.hidden_size
+                 * text.num_hidden_layers + ACTIVATION_BYTES["per_vocab"] * text.vocab_size)
+    return tokens * per_token
+
+
+def gradient_checkpointing(cfg: TrainConfig, device: str, model: Any = None) -> bool:
+    """`train.gradient_checkpointing`, or by default: on a GPU, for a method that supports it,
+    on only when a full batch's activations (batch_size x max_length tokens) would take more
+    than half the GPU memory left after loading `model`. Off is the faster choice (a bare QLoRA
+    step at 6 B: 360 ms without, 563 ms with), on the smaller one (12.2 vs 6.6 GiB peak)."""
     if cfg.gradient_checkpointing is not None:
         return cfg.gradient_checkpointing
-    return METHODS[cfg.method].checkpointing_on_gpu and device.startswith("cuda")
+    if not (METHODS[cfg.method].gradient_checkpointing and device.startswith("cuda")):
+        return False
+    if model is None:
+        raise ValueError("the default gradient checkpointing choice needs the loaded model")
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return checkpointing_needed(model.config, cfg.batch_size * cfg.max_length, free)
+
+
+def checkpointing_needed(model_config: Any, tokens: int, free_bytes: int) -> bool:
+    """Whether a step of `tokens` tokens would keep activations of more than half of
+    `free_bytes` without gradient checkpointing (the default choice above)."""
+    return activation_bytes(model_config, tokens) > free_bytes / 2
+
+
+def attention_kernels(device: str):
+    """The SDPA kernels training may use: on CUDA, all but cuDNN attention, whose host-side
+    cost per call (a plan per sequence length) is paid on every packed batch; PyTorch picks
+    flash or memory-efficient attention instead (benchmarks/qlora_profile.py, README "Fast at
+    real scale")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
-                       init_ids: list[int] | None = None):
+                       init_ids: list[int] | None = None) -> tuple[Any, bool]:
     """The base with the method's peft adapter attached (tasks/methods.py): LoRA, on a 4-bit
     base for qlora, or a prefix (ptuning; initialised from the base's keys/values for
-    `init_ids` when given)."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    `init_ids` when given); and whether gradient checkpointing is on.
+
+    The 4-bit base is not passed through peft's `prepare_model_for_kbit_training`: its float32
+    copies of the norms, embeddings and head cost 2.9 GiB and 7 % of a step at 6 B, and peft
+    freezes the base itself (README "Fast at real scale")."""
+    from peft import get_peft_model
 
     method = METHODS[cfg.method]
     cuda = device.startswith("cuda")
-    checkpointing = gradient_checkpointing(cfg, device)
     if method.loads_4bit:
         model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
                            quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})   # works under DDP
         # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights for inference at the
         # first eval-mode forward (the dev eval) and never back: later training forwards then
         # take a kernel without autograd and silently drop gradients through the base layers.
@@ -128,14 +169,15 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
     else:
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         model = load_model(base_dir, device=device, dtype=dtype)
-        if checkpointing:
-            model.gradient_checkpointing_enable({"use_reentrant": False})
+    checkpointing = gradient_checkpointing(cfg, device, model)
+    if checkpointing:                                   # non-reentrant: works under DDP
+        model.gradient_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
     peft_cfg = method.peft_config(cfg, model.config.hidden_size)
     model = get_peft_model(model, peft_cfg)
     if peft_cfg.peft_type == "PREFIX_TUNING" and init_ids and not cfg.prefix_projection:
         _init_prefix(model, init_ids)
-    return model
+    return model, checkpointing
 
 
 def _num_gpus(cfg: TrainConfig) -> int:
@@ -200,7 +242,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     dev, dev_truncated, dev_dropped = encode_file(tok, dev_json, cfg.max_length)
 
     torch.manual_seed(cfg.seed)
-    model = _load_for_training(base_dir, cfg, device, init_ids=train[0]["input_ids"])
+    model, checkpointing = _load_for_training(base_dir, cfg, device,
+                                              init_ids=train[0]["input_ids"])
     trainable, total = model.get_nb_trainable_parameters()
     steps = math.ceil(len(train) / (cfg.batch_size * world)) * cfg.epochs
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
@@ -220,18 +263,19 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         include_num_input_tokens_seen="all")       # pads included: the padding share below
     collator = (DataCollatorWithFlattening(separator_id=IGNORE) if cfg.packing
                 else DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE))
-    sigterm = DeferredSigterm()
+    sigterm, step_times = DeferredSigterm(), StepTimes()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                       data_collator=collator,
-                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm)])
+                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm), step_times])
     trainer.remove_callback(PrinterCallback)      # the log history is returned instead
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with sigterm:
+    with sigterm, attention_kernels(device):
         result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - t0
-    eval_after = trainer.evaluate()["eval_loss"]
+    with attention_kernels(device):
+        eval_after = trainer.evaluate()["eval_loss"]
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     if rank != 0:
         return None
@@ -272,6 +316,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         "resumed_from_step": float(resumed_step), "checkpoints": float(len(checkpoints)),
         "num_processes": float(world), "peak_gpu_memory_gib": peak_gib,
     }
+    if (step_s := step_times.median()) is not None:     # steady state, evals left out
+        metrics["step_seconds_median"] = step_s
     files = {"adapter": str(out / "adapter_model.safetensors"),
              "adapter_config": str(out / "adapter_config.json"),
              "train_log": str(out / "train_log.json"), "loss_curve": str(out / "loss_curve.png")}
@@ -283,7 +329,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         stage="train", path=str(out), digest=digest, files=files,
         metrics={k: float(v) for k, v in metrics.items()},
         info={"log_history": log, "method": cfg.method, "base_dir": base_dir, "device": device,
-              "gradient_checkpointing": gradient_checkpointing(cfg, device),
+              "gradient_checkpointing": checkpointing,
               "learning_rate": learning_rate(cfg), "checkpoint_dir": str(ckpt),
               "checkpoints": checkpoints, "resumed_from": last,
               "target_modules": sorted(getattr(peft_cfg, "target_modules", None) or [])})

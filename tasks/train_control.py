@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import signal
+import statistics
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -40,6 +42,23 @@ class ProgressLog(TrainerCallback):
                  if k in ("loss", "eval_loss", "learning_rate")}
         if shown and state.is_world_process_zero:
             log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class StepTimes(TrainerCallback):
+    """Wall time between consecutive optimizer steps (the steady-state step cost: the first
+    steps, with their one-off allocations, are left out of `median`)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+    def median(self, skip: int = 2) -> float | None:
+        gaps = [b - a for a, b in zip(self.ends, self.ends[1:])][skip:]
+        return statistics.median(gaps) if gaps else None
 
 
 class DeferredSigterm:

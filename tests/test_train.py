@@ -151,7 +151,7 @@ def test_qlora_gradients_survive_an_eval_pass(data):
     """bitsandbytes 0.50 repacks 4-bit weights at the first CPU eval forward; training after the
     dev eval must still backpropagate through the base layers."""
     cfg = TrainConfig(method="qlora", lora_dropout=0.0)
-    model = _load_for_training(str(data["base"]), cfg, "cpu")
+    model, _ = _load_for_training(str(data["base"]), cfg, "cpu")
     x = torch.tensor([[5, 7, 40, 41, 42, 43, 6, 7, 44, 45, 2]])
 
     def grads() -> torch.Tensor:
@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(data, method):
     for on in (False, True):
         torch.manual_seed(0)
         cfg = TrainConfig(method=method, lora_dropout=0.0, gradient_checkpointing=on)
-        model = _load_for_training(str(data["base"]), cfg, "cpu")
+        model, _ = _load_for_training(str(data["base"]), cfg, "cpu")
         assert model.get_base_model().is_gradient_checkpointing == on
         model.train()
         model(input_ids=x, labels=x).loss.backward()
@@ -217,3 +217,20 @@ def test_a_model_without_chat_template_gets_the_default_one(data, tmp_path, home
     assert AutoTokenizer.from_pretrained(res.path).chat_template == DEFAULT_CHAT_TEMPLATE
     merged = merge_adapter(plain, res.path, "float32")          # served as it was trained
     assert AutoTokenizer.from_pretrained(merged.path).chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_gradient_checkpointing_default_follows_the_memory_estimate():
+    """Off where a full batch's activations fit easily (the sample at 6 B on an H200), on where
+    they would not (a 7 B model at 8 x 512 tokens on a 24 GB card); off on a CPU."""
+    from transformers import LlamaConfig
+
+    from tasks.train import activation_bytes, checkpointing_needed, gradient_checkpointing
+
+    six_b = LlamaConfig(hidden_size=4096, num_hidden_layers=28, vocab_size=65024)
+    seven_b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000)
+    assert activation_bytes(seven_b, 2 * 512) == 2 * activation_bytes(seven_b, 512)
+    assert not checkpointing_needed(six_b, 8 * 160, 130 << 30)
+    assert checkpointing_needed(seven_b, 8 * 512, 20 << 30)
+    assert not gradient_checkpointing(TrainConfig(method="qlora"), "cpu")
+    assert gradient_checkpointing(TrainConfig(method="qlora", gradient_checkpointing=True), "cpu")
+

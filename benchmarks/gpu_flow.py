@@ -53,14 +53,33 @@ def config(base_dir: Path, gpu: bool, epochs: float, repeats: int) -> dict:
     }
 
 
+def computed_figures(row: dict) -> dict:
+    """A stage's seconds and peaks when it was computed: this run's, or for a cache hit those of
+    the MLflow child run that computed it (an earlier flow run on the same PIPELINE_HOME, e.g.
+    one that a device call's time limit ended; README "Failure modes")."""
+    if not row["cached"]:
+        return {"seconds": row["seconds"], "peak_cuda_mib": row["peak_cuda_mib"] or 0.0,
+                "peak_rss_mib": row["peak_rss_mib"]}
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    m = MlflowClient(tracking_uri()).get_run(row["from_run"]).data.metrics
+    return {"seconds": m["stage_seconds"], "peak_cuda_mib": m.get("stage_peak_cuda_mib", 0.0),
+            "peak_rss_mib": m.get("stage_peak_rss_mib", 0.0), "computed_in_run": row["from_run"],
+            "hit_seconds": round(row["seconds"], 2)}
+
+
 def stage_table(out: dict) -> dict[str, dict]:
-    """Per stage: seconds, device, peaks. The benchmark measures in child processes: its peaks
-    are the largest of the flow process and its children."""
+    """Per stage: seconds, device, peaks, as computed (a cache hit's from the run that computed
+    it). The benchmark measures in child processes: its peaks are the largest of the flow
+    process and its children."""
     stages = {}
     for row in out["stages"] + out["steps"]:
-        entry = {"seconds": round(row["seconds"], 2), "device": row["device"] or "cpu",
-                 "peak_cuda_mib": round(row["peak_cuda_mib"] or 0.0, 1),
-                 "peak_rss_mib": round(row["peak_rss_mib"], 1), "cached": row["cached"]}
+        fig = computed_figures(row)
+        entry = {**fig, "seconds": round(fig["seconds"], 2), "device": row["device"] or "cpu",
+                 "peak_cuda_mib": round(fig["peak_cuda_mib"], 1),
+                 "peak_rss_mib": round(fig["peak_rss_mib"], 1), "cached": row["cached"]}
         if row["stage"] == "benchmark":
             for b in out["benchmark"]:
                 entry["peak_rss_mib"] = max(entry["peak_rss_mib"], round(b["peak_rss_mib"], 1))
@@ -88,7 +107,8 @@ def markdown(result: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="6b", help="a shape of benchmarks/models.py (default 6b)")
-    ap.add_argument("--home", type=Path, help="PIPELINE_HOME of the run (default: a temp dir)")
+    ap.add_argument("--home", type=Path, help="PIPELINE_HOME of the run (default: a temp dir); "
+                    "run again on the same one to resume from the cache")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                     help="folder of gpu_flow_<size>.json")
     ap.add_argument("--epochs", type=float, default=0.5, help="QLoRA epochs over the sample")
@@ -105,9 +125,13 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     start = time.perf_counter()
-    base_dir, params = build_random_model(args.size, home / "models" / args.size,
-                                          "cuda" if gpu else "cpu")
-    build_seconds = time.perf_counter() - start
+    base_dir, built = home / "models" / args.size, home / "models" / f"{args.size}.json"
+    if built.is_file():                               # a resumed run on the same --home
+        params, build_seconds = json.loads(built.read_text())
+    else:
+        _, params = build_random_model(args.size, base_dir, "cuda" if gpu else "cpu")
+        build_seconds = time.perf_counter() - start
+        built.write_text(json.dumps([params, build_seconds]))
     print(f"[gpu_flow] {args.size}: {params / 1e9:.2f} B parameters, built and saved in "
           f"{build_seconds:.1f} s -> {base_dir}", flush=True)
 

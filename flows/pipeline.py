@@ -19,6 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows import cli
 from flows.data import data_stages
+from flows.headline import generations_table, headline_metrics, log_headline
 from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
     parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
 from tasks.common import StageResult
@@ -90,6 +91,8 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
                        extra_sections={"Benchmark": bench.info.get("table", "")})
     create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
                              description=f"Before/after report, MLflow run {run.parent_id}")
+    log_headline(run.tracker.client, run.parent_id,
+                 headline_metrics(data, adapter, report, bench, int4), generations_table(report))
 
     versions = run.step("register", lambda: _register(run, cfg, data, adapter, merged, int4,
                                                       fast_int4, report))

@@ -101,6 +101,33 @@ def test_training_lowers_dev_loss_and_raises_dev_rouge(first, client):
     assert report["tuned_rouge_l"] > report["base_rouge_l"]
 
 
+def test_parent_run_carries_the_headline_metrics_and_a_generations_table(first, client):
+    """The runs table compares runs on the parent's own metrics (README "Where to look")."""
+    parent = client.get_run(first["mlflow_run_id"])
+    m = parent.data.metrics
+    kids = child_runs(client, parent.info.run_id)
+    train, report = kids["train"].data.metrics, kids["report"].data.metrics
+    assert m["dev_loss_before"] == pytest.approx(train["eval_loss_before"])
+    assert m["dev_loss_after"] == pytest.approx(train["eval_loss_after"])
+    for key in ("rouge_1", "rouge_2", "rouge_l", "bleu_4"):
+        assert m[f"dev_{key}_before"] == pytest.approx(report[f"base_{key}"])
+        assert m[f"dev_{key}_after"] == pytest.approx(report[f"tuned_{key}"])
+    for variant in ("base", "base_adapter", "merged", "int4"):
+        assert m[f"decode_tok_s.{variant}"] > 0 and m[f"peak_memory_mib.{variant}"] > 0
+    assert 0 < m["int4_size_ratio"] < 1
+    assert m["train_records"] > m["dev_records"] > 0
+    assert len([k for k in m if not k.startswith(("stage_total_seconds", "server_"))]) >= 8
+
+    from flows.headline import GENERATIONS_TABLE
+
+    table = client.load_table(client.get_run(parent.info.run_id).info.experiment_id,
+                              GENERATIONS_TABLE, run_ids=[parent.info.run_id])
+    gens = json.loads(Path(first["report"]["generations_json"]).read_text(encoding="utf-8"))
+    assert list(table["after"]) == [g["after"] for g in gens["dev"]]
+    assert list(table["reference"]) == [g["reference"] for g in gens["dev"]]
+    assert {"prompt", "before", "rouge_l_before", "rouge_l_after"} <= set(table.columns)
+
+
 def test_registry_has_a_version_of_merged_and_int4(first, client):
     regs = {r["name"]: r for r in first["registered"]}
     assert set(regs) == {"plant-care-chat", "plant-care-chat-int4"}

@@ -1,0 +1,69 @@
+"""What a run's MLflow parent run shows at a glance (README "Where to look"): its headline
+metrics, comparable across runs as columns of the runs table, and the before/after generations
+as an MLflow table (`mlflow.log_table`), which the UI shows and compares across runs.
+
+Plain functions of the stage results; `log_headline` is the one MLflow call site.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tasks.common import StageResult, read_json
+from tasks.report import SCORES
+
+#: the artifact the generations table is logged as (the MLflow UI's "Evaluation" tab and the
+#: artifact view read it)
+GENERATIONS_TABLE = "generations_table.json"
+
+
+def headline_metrics(data: StageResult, adapter: StageResult, report: StageResult,
+                     bench: StageResult, int4: StageResult | None) -> dict[str, float]:
+    """Record counts, dev loss and scores before/after, decode speed and memory per variant
+    (the benchmark's first engine and smallest batch), and the int4 size ratio."""
+    m: dict[str, float] = {k: data.metrics[k] for k in ("train_records", "dev_records")
+                           if k in data.metrics}
+    for when in ("before", "after"):
+        if f"eval_loss_{when}" in adapter.metrics:
+            m[f"dev_loss_{when}"] = adapter.metrics[f"eval_loss_{when}"]
+    for key in SCORES:
+        for who, when in (("base", "before"), ("tuned", "after")):
+            if f"{who}_{key}" in report.metrics:
+                m[f"dev_{key}_{when}"] = report.metrics[f"{who}_{key}"]
+    rows = bench.info.get("rows", [])
+    if rows:
+        engine, batch = rows[0]["engine"], min(r["batch"] for r in rows)
+        for r in rows:
+            if r["engine"] == engine and r["batch"] == batch:
+                name = r["variant"].replace("+", "_")
+                m[f"decode_tok_s.{name}"] = r["decode_tok_s"]
+                m[f"peak_memory_mib.{name}"] = r["peak_cuda_mib"] or r["peak_rss_mib"]
+    if int4 is not None and "size_ratio_vs_merged" in int4.metrics:
+        m["int4_size_ratio"] = int4.metrics["size_ratio_vs_merged"]
+    return m
+
+
+def generations_table(report: StageResult) -> dict[str, list[Any]]:
+    """The report's dev prompts with their reference, the answers before and after, and each
+    answer's scores: one row per prompt, columns as lists."""
+    dev = read_json(report.files["generations_json"])["dev"]
+    table: dict[str, list[Any]] = {
+        "prompt": [e["prompt"][-1]["content"] if isinstance(e["prompt"], list) else e["prompt"]
+                   for e in dev],
+        "reference": [e["reference"] for e in dev],
+        "before": [e["before"] for e in dev],
+        "after": [e["after"] for e in dev],
+        "scored": [e["scored"] for e in dev]}
+    for key in SCORES:
+        table[f"{key}_before"] = [e["scores"]["base"][key] for e in dev]
+        table[f"{key}_after"] = [e["scores"]["tuned"][key] for e in dev]
+    return table
+
+
+def log_headline(client: Any, run_id: str, metrics: dict[str, float],
+                 table: dict[str, list[Any]]) -> None:
+    """Both on the parent run `run_id`."""
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()])
+    client.log_table(run_id, data=table, artifact_file=GENERATIONS_TABLE)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,7 +102,12 @@ def local_model(version, tracking_uri: str) -> Path:
     if not found:
         raise FileNotFoundError(f"champion {version.name} v{version.version}: no model folder "
                                 f"(config.json) under {version.source}")
-    return found[0]
+    folder = found[0]
+    tokenizer = folder.parent / "components" / "tokenizer"   # an MLflow transformers model
+    if tokenizer.is_dir() and not (folder / "tokenizer_config.json").is_file():
+        for f in tokenizer.iterdir():
+            shutil.copy2(f, folder / f.name)
+    return folder
 
 
 def _scores_from_tags(version, cfg: GateConfig, digest: str) -> Candidate:

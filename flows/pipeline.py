@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from tasks.config import PipelineConfig
 from tasks.config_load import load_config
 from tasks.methods import METHODS
 from tasks.modeling import pick_device, resolve_dtype
-from tasks.register import RegisteredVersion, register_version
+from tasks.register import RegisteredVersion, log_chat_model, register_version
 from tasks.report import read_dev_prompts
 
 
@@ -120,6 +121,10 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
     return device.startswith("cuda")
 
 
+#: the registered folders that are logged as MLflow models (tasks/register.py)
+MLFLOW_MODELS = ("merged_model", "int4_model")
+
+
 def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
               merged: StageResult | None, int4: StageResult | None,
               fast_int4: StageResult | None, report: StageResult) -> list[RegisteredVersion]:
@@ -138,6 +143,9 @@ def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter:
     for name, result, stage, folder in entries:
         origin = run.origins[stage]
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
+        if folder in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
+            source = partial(log_chat_model, result.path, origin,
+                             quantized=folder == "int4_model")
         versions.append(register_version(
             client, name, source=source, run_id=origin, digest=result.digest,
             tags={**tags, "variant": folder},

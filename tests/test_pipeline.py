@@ -139,6 +139,26 @@ def test_registry_has_a_version_of_merged_and_int4(first, client):
         assert client.list_artifacts(mv.run_id), "the version's run holds the model"
 
 
+def test_the_registered_merged_model_is_an_mlflow_model_that_answers_a_chat(first, client):
+    """MLflow's own loaders take the version (README "Where to look"), without our code."""
+    import mlflow
+
+    reg = next(r for r in first["registered"] if r["name"] == "plant-care-chat")
+    uri = f"models:/plant-care-chat/{reg['version']}"
+    assert client.get_model_version("plant-care-chat", reg["version"]).source.startswith("models:/")
+    pipe = mlflow.transformers.load_model(uri)
+    out = pipe([{"role": "user", "content": "绿萝叶子发黄是什么原因？"}], max_new_tokens=8)
+    assert out[0]["generated_text"][-1]["role"] == "assistant"
+    chat = mlflow.pyfunc.load_model(uri).predict(
+        {"messages": [{"role": "user", "content": "多肉植物多久浇一次水？"}], "max_tokens": 8})
+    assert chat[0]["choices"][0]["message"]["role"] == "assistant"
+    assert chat[0]["choices"][0]["message"]["content"].strip()
+    int4 = next(r for r in first["registered"] if r["name"] == "plant-care-chat-int4")
+    chat = mlflow.pyfunc.load_model(f"models:/plant-care-chat-int4/{int4['version']}").predict(
+        {"messages": [{"role": "user", "content": "多肉植物多久浇一次水？"}], "max_tokens": 8})
+    assert chat[0]["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_report_shows_before_and_after(first):
     report_md = Path(first["report"]["report_md"]).read_text(encoding="utf-8")
     gens = json.loads(Path(first["report"]["generations_json"]).read_text(encoding="utf-8"))

@@ -15,7 +15,7 @@ TORCH  ?= $(TORCH_PIN)
 STAMP  := $(VENV)/.installed
 HF_OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup run data test test-fast test-latest lock browsers clean-state
+.PHONY: setup run data serve test test-fast test-latest lock browsers clean-state
 
 $(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,10 @@ test: setup            ## the whole test suite (what CI runs)
 FAST := -m "not slow and not browser and not server"
 test-fast: setup       ## the fast tests only
 	$(HF_OFFLINE) $(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
+
+MODEL ?= plant-care-chat
+serve: setup           ## serve MODEL@champion with MLflow's model server on 127.0.0.1:5001; follows promotions
+	$(HF_OFFLINE) $(BIN)/python -m flows.serve --model $(MODEL) $(ARGS)
 
 clean-state:           ## forget all runs, caches and outputs of this project (keeps .venv)
 	rm -rf outputs .prefect .cache .locks mlflow.db mlruns/[!.]*

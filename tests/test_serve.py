@@ -1,0 +1,99 @@
+"""`make serve` (flows/serve.py): MLflow's own model server answers an OpenAI-style chat request
+for the registry's @champion, over real HTTP, and follows the alias to a newly promoted version
+(README "Where to look")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+
+import httpx
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from flows.tracking import Tracker
+from tasks.common import REPO_DIR
+from tasks.merge import merge_adapter
+from tasks.register import log_chat_model, register_version
+from tests._tiny_model import make_adapter, make_base
+
+pytestmark = pytest.mark.server
+MODEL = "serve-chat"
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory) -> list[tuple[str, str]]:
+    """Two registered MLflow models (tiny merged models of two adapters): (version, folder)."""
+    root = tmp_path_factory.mktemp("serve")
+    base = make_base(root / "base")
+    tracker = Tracker("serve-test")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    out = []
+    for seed in (1, 2):
+        merged = merge_adapter(base, make_adapter(base, root / f"adapter{seed}", seed=seed))
+        v = register_version(tracker.client, MODEL, run_id=run_id, digest=merged.digest, tags={},
+                             source=partial(log_chat_model, merged.path, run_id,
+                                            quantized=False))
+        out.append((v.version, merged.path))
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answer(port: int, served_folder: str, proc: subprocess.Popen,
+            timeout: float = 240) -> dict:
+    """POST a chat request until the server answers from `served_folder` (or time out, or
+    `make serve` exits)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/invocations", timeout=60, json={
+                "messages": [{"role": "user", "content": "绿萝叶子发黄是什么原因？"}],
+                "max_tokens": 8})
+            last = r.json() if r.status_code == 200 else r.text
+            if r.status_code == 200 and last[0]["model"] == served_folder:
+                return last[0]
+        except httpx.HTTPError as e:
+            last = repr(e)
+        time.sleep(2)
+    log = proc.communicate(timeout=60)[0] if proc.poll() is not None else "(still running)"
+    pytest.fail(f"no answer from {served_folder} within {timeout:.0f} s; last: {last}; "
+                f"flows.serve output:\n{log[-3000:]}")
+
+
+def test_the_served_champion_answers_and_follows_a_promotion(versions):
+    client = MlflowClient(Tracker("serve-test").uri)
+    (v1, folder1), (v2, folder2) = versions
+    assert v1 != v2 and folder1 != folder2
+    client.set_registered_model_alias(MODEL, "champion", v1)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--model", MODEL, "--port",
+                             str(port), "--poll", "1"], cwd=REPO_DIR, env={**os.environ},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tree: list[psutil.Process] = []
+    log = ""
+    try:
+        first = _answer(port, folder1, proc)
+        message = first["choices"][0]["message"]
+        assert message["role"] == "assistant" and message["content"].strip()
+        assert first["object"] == "chat.completion" and first["usage"]["completion_tokens"] > 0
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        client.set_registered_model_alias(MODEL, "champion", v2)      # the gate promotes v2
+        assert _answer(port, folder2, proc)["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    assert f"serving {MODEL} v{v1}" in log and f"serving {MODEL} v{v2}" in log
+    assert f"@champion moved: {MODEL} v{v1} -> v{v2}" in log
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"model server processes outlived make serve: {alive}"

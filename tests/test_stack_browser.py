@@ -208,8 +208,8 @@ def ui_run(stack, api, deployments, browser) -> dict:
         page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
     page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
     # while the pipeline runs, the browser shows a blank page: rendering the live run page in
-    # software takes a core (and Chromium, as root, raises its own priority), which starved
-    # the run on a 2-core machine; the UI is checked again once the run has ended
+    # software took most of a core (Chromium, as root, raises its own priority) from a run
+    # that shares two; the UI is checked again once the run has ended
     page.goto("about:blank")
     api.wait(flow_run_id)
     page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")

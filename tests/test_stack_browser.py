@@ -176,7 +176,7 @@ def artifact_files(mlflow: MlflowClient, run_id: str, path: str | None = None) -
 @pytest.fixture(scope="module")
 def ui_run(stack, api, deployments, browser) -> dict:
     """Deployments -> full-pipeline -> Run -> Custom run -> change the training seed -> Submit ->
-    View run; once the run has ended (waited for through the API), its page says Completed."""
+    View run -> wait on the flow-run page until it says Completed."""
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(30_000)
@@ -207,13 +207,7 @@ def ui_run(stack, api, deployments, browser) -> dict:
     else:
         page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
     page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
-    # while the pipeline runs, the browser shows a blank page: rendering the live run page in
-    # software took most of a core (Chromium, as root, raises its own priority) from a run
-    # that shares two; the UI is checked again once the run has ended
-    page.goto("about:blank")
-    api.wait(flow_run_id)
-    page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
-    deadline, last_reload, state = time.monotonic() + 120, time.monotonic(), ""
+    deadline, last_reload, state = time.monotonic() + RUN_TIMEOUT_S, time.monotonic(), ""
     while state not in {"Completed", "Failed", "Crashed", "Cancelled"}:
         assert time.monotonic() < deadline, f"the UI still shows {state!r} after the timeout"
         page.wait_for_timeout(3000)

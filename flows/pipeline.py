@@ -125,20 +125,6 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
 MLFLOW_MODELS = ("merged_model", "int4_model")
 
 
-def _chat_model_or_folder(path: str, run_id: str, folder_source: str, quantized: bool) -> str:
-    """The logged MLflow model's URI; where MLflow refuses to log it (runs of the local stack:
-    "an mlflow-artifacts URI ... the tracking URI must be http", README "Where to look"), the
-    artifact folder, said in the log."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return log_chat_model(path, run_id, quantized=quantized)
-    except MlflowException as e:
-        print(f"register: {path} not logged as an MLflow model ({str(e)[:200]}); registering "
-              "its artifact folder instead")
-        return folder_source
-
-
 def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
               merged: StageResult | None, int4: StageResult | None,
               fast_int4: StageResult | None, report: StageResult) -> list[RegisteredVersion]:
@@ -158,7 +144,7 @@ def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter:
         origin = run.origins[stage]
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
         if folder in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
-            source = partial(_chat_model_or_folder, result.path, origin, source,
+            source = partial(log_chat_model, result.path, origin,
                              quantized=folder == "int4_model")
         versions.append(register_version(
             client, name, source=source, run_id=origin, digest=result.digest,

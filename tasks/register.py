@@ -96,9 +96,14 @@ def _pipeline_class_resolved(task: str) -> Iterator[None]:
 
 def log_chat_model(folder: str, run_id: str, *, quantized: bool) -> str:
     """Log the Hugging Face model folder `folder` as an MLflow transformers model (task
-    `CHAT_TASK`) in run `run_id`, from its files (the model is not loaded); return its URI."""
+    `CHAT_TASK`) in run `run_id`, from its files (the model is not loaded); return its URI.
+
+    MLflow creates the logged model in the *active* experiment, not the run's
+    (`mlflow.tracking.fluent._create_logged_model`): without `set_experiment` it would land in
+    "Default", whose artifact root is `mlflow-artifacts:` when the MLflow server made the DB."""
     import mlflow
 
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
     with _pipeline_class_resolved("text-generation"):
         info = mlflow.transformers.log_model(
             transformers_model=folder, name="chat_model", task=CHAT_TASK, run_id=run_id,

@@ -97,3 +97,22 @@ def test_the_served_champion_answers_and_follows_a_promotion(versions):
     assert f"@champion moved: {MODEL} v{v1} -> v{v2}" in log
     _, alive = psutil.wait_procs(tree, timeout=30)
     assert not alive, f"model server processes outlived make serve: {alive}"
+
+
+def test_a_model_is_logged_into_its_runs_experiment(tmp_path, monkeypatch):
+    """A DB the stack's MLflow server made has a "Default" experiment under `mlflow-artifacts:`
+    that only an http client can write to; a model logged from a sqlite client (the stack's
+    worker) must land in its run's experiment, not there."""
+    import sqlite3
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path))
+    tracker = Tracker("finetune-pipeline")
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:           # as `mlflow server` makes it
+        db.execute("update experiments set artifact_location = 'mlflow-artifacts:/0' "
+                   "where experiment_id = 0")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    uri = log_chat_model(str(make_base(tmp_path / "base")), run_id, quantized=False)
+    model = tracker.client.get_logged_model(uri.removeprefix("models:/"))
+    assert model.experiment_id == tracker.experiment_id and model.source_run_id == run_id
+    assert model.artifact_location.startswith((tmp_path / "mlruns").as_uri())

@@ -271,6 +271,8 @@ def test_1_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
     assert "config.json" in artifact_files(mlflow, kids["merge"].info.run_id)  # the model
     versions = mlflow.search_model_versions("name = 'plant-care-chat'")
     assert [v.run_id for v in versions] == [kids["merge"].info.run_id]
+    assert versions[0].source.startswith("models:/")      # an MLflow model, not a folder
+    assert "generations_table.json" in artifact_files(mlflow, parent.info.run_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,6 +313,19 @@ def test_2_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
     report = page.frame_locator("iframe").first
     report.get_by_text("Fine-tuning report").first.wait_for()
     shot(page, "mlflow-4-report")
+
+
+def test_2_the_generations_table_opens_in_the_mlflow_ui(stack, ui_run, page):
+    mlflow = MlflowClient(stack.mlflow_url)
+    exp = mlflow.get_experiment_by_name("finetune-pipeline")
+    parent = mlflow.search_runs([exp.experiment_id],
+                                f"tags.`prefect.flow_run_id` = '{ui_run['id']}'")[0]
+    page.goto(f"{stack.mlflow_url}/#/experiments/{exp.experiment_id}/runs/"
+              f"{parent.info.run_id}/artifacts/generations_table.json")
+    close_assistant(page)
+    for column in ("prompt", "reference", "before", "after"):    # shown as a table, by column
+        page.get_by_text(column, exact=True).first.wait_for()
+    shot(page, "mlflow-5-generations-table")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The wrappers live here rather than beside each core so that `tasks/` never imports Prefect: the
 cores run in pytest, notebooks and on the GPU machine, where Prefect is not installed. Each task
 passes upstream `StageResult`s (not bare paths), so its cache key sees their content digests.
-Cores are imported inside the task bodies, so the data-only flow never imports torch.
+Cores are imported inside the task bodies, so the data-only flow never imports torch. On a GPU
+machine every model stage's core runs in a process of its own (`_model_core`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,18 @@ from tasks.resources import peak_memory
 def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """A model load spec minus the "digest" the flow adds only for the cache key."""
     return {k: v for k, v in spec.items() if k != "digest"}
+
+
+def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
+    """`core(*args, **kwargs)`; where there is a GPU, in a fresh process (tasks/child_process.py),
+    so that the flow process never holds a model and each stage's host memory peak is its own
+    (README "The whole flow on a GPU"). On a CPU (the tiny default) here: no start-up cost."""
+    from tasks import child_process
+    from tasks.modeling import pick_device
+
+    if pick_device("auto").startswith("cuda"):
+        return child_process.call(core, *args, **kwargs)
+    return core(*args, **kwargs)
 
 
 def _stage(module: str, *, name: str | None = None, model_libs: bool = False,
@@ -97,14 +110,15 @@ def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks import train
 
-    return train.train_adapter(base.path, data.file("train_json"), data.file("dev_json"), cfg)
+    return _model_core(train.train_adapter, base.path, data.file("train_json"),
+                       data.file("dev_json"), cfg)
 
 
 @_stage("tasks.merge", model_libs=True)
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks import merge
 
-    return merge.merge_adapter(base.path, adapter.path, cfg.dtype, cfg.device)
+    return _model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
 @_stage("tasks.quantize", model_libs=True)
@@ -112,7 +126,7 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
     from tasks import quantize
 
-    return quantize.quantize_int4(merged.path, cfg, device, fmt)
+    return _model_core(quantize.quantize_int4, merged.path, cfg, device, fmt)
 
 
 #: the torchao int4 model: the same core and cache policy, its own stage (and MLflow child run)
@@ -134,9 +148,8 @@ def report_task(base: dict[str, Any], tuned: dict[str, Any], data: StageResult,
                 ) -> StageResult:
     from tasks import report
 
-    return report.build_report(_load_spec(base), _load_spec(tuned), data.file("dev_json"),
-                               probes_file, cfg,
-                               extra_sections=extra_sections)
+    return _model_core(report.build_report, _load_spec(base), _load_spec(tuned),
+                       data.file("dev_json"), probes_file, cfg, extra_sections=extra_sections)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """Stage "benchmark": generation speed and memory of model variants on the same prompts.
 
 Each variant (base, base+adapter, merged, int4, ...) is loaded and measured in a FRESH Python
-process (`python -m tasks.benchmark --worker spec.json result.json`), so peak memory is that
-model's own. In it, every engine and batch size of the config is measured on the same prompts
+process (tasks/child_process.py), so peak memory is that model's own. In it, every engine and batch size of the config is measured on the same prompts
 (cycled to fill a batch, left-padded), generating exactly `new_tokens` greedy tokens per row:
 
 * `static`: the fast loop of tasks/decode.py (static KV cache; on a GPU each decode step is a
@@ -23,20 +22,17 @@ Standalone (e.g. on the GPU machine, no Prefect/MLflow needed):
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-from tasks.common import REPO_DIR, DataError, StageResult, atomic_write_json, \
+from tasks import child_process
+from tasks.common import DataError, StageResult, atomic_write_json, \
     atomic_write_text, publish_dir, read_json, stage_root, staging_dir
+from tasks.resources import own_peak_rss_mib
 
 if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydantic
     from tasks.config import BenchmarkConfig
@@ -75,19 +71,6 @@ def batches(prompts: list, batch: int) -> list[list]:
 # ---------------------------------------------------------------------------------------------
 # Child process: load one variant, measure every engine and batch size, write its rows
 # ---------------------------------------------------------------------------------------------
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process in MiB. Linux keeps ru_maxrss across fork+exec (a child of a
-    1 GB flow process would report 1 GB), so read VmHWM, which belongs to the address space
-    exec created; ru_maxrss elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024                      # kB -> MiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _quant_label(spec: dict) -> str | None:
     if spec.get("quantization"):
         return spec["quantization"]["quant_type"]
@@ -124,7 +107,7 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
 
     if threads:
         torch.set_num_threads(threads)
-    rss0 = _peak_rss_mib()
+    rss0 = own_peak_rss_mib()
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
@@ -193,29 +176,8 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
                 "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                 "footprint_mib": model.get_memory_footprint() / 2**20,
                 "load_seconds": load_seconds, "rss_before_load_mib": rss0})
-    peak = _peak_rss_mib()
+    peak = own_peak_rss_mib()
     return [{**r, "peak_rss_mib": peak} for r in rows]
-
-
-def _worker(spec_file: str, result_file: str) -> None:
-    job = read_json(Path(spec_file))
-    atomic_write_json(Path(result_file), _measure(**job))
-
-
-def _run_child(job: dict) -> list[dict]:
-    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        spec_file, result_file = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        atomic_write_json(spec_file, job)
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_DIR), env.get("PYTHONPATH"))
-                                            if p)
-        proc = subprocess.run([sys.executable, "-m", "tasks.benchmark", "--worker",
-                               str(spec_file), str(result_file)], env=env, cwd=REPO_DIR,
-                              capture_output=True, text=True)
-        if proc.returncode != 0 or not result_file.is_file():
-            raise RuntimeError(f"benchmark of variant {job['name']!r} failed (exit "
-                               f"{proc.returncode}):\n{proc.stderr[-3000:]}")
-        return read_json(result_file)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +247,10 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
     with Progress("benchmark runs (a fresh process each)", cfg.repeats * len(specs)) as progress:
         for _ in range(cfg.repeats):
             for name, spec in specs.items():
-                measured.append(_run_child({
-                    "name": name, "spec": spec, "prompts": prompts, "device": device,
-                    "new_tokens": cfg.new_tokens, "warmup": cfg.warmup,
-                    "threads": cfg.cpu_threads, "batch_sizes": sizes, "engines": cfg.engines,
-                    "compile": cfg.compile}))
+                measured.append(child_process.call(
+                    _measure, name, spec, prompts, cfg.new_tokens, cfg.warmup, device,
+                    threads=cfg.cpu_threads, batch_sizes=tuple(sizes),
+                    engines=tuple(cfg.engines), compile=cfg.compile))
                 progress.update()
     rows = summarise(measured)
     table = markdown_table(rows)
@@ -317,7 +278,6 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "RESULT"), help=argparse.SUPPRESS)
     ap.add_argument("--variant", action="append", dest="items", default=[], metavar="NAME=PATH",
                     help="a model folder to measure (repeatable)")
     ap.add_argument("--adapter", action="append", dest="items", metavar="NAME=BASE,ADAPTER",
@@ -339,8 +299,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads per process (0: torch default, one per core)")
     args = ap.parse_args(argv)
-    if args.worker:
-        return _worker(*args.worker)
 
     variants: dict[str, dict] = {}
     for item in args.items:

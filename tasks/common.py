@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -53,6 +54,11 @@ class DataError(ValueError):
         if json_path:
             where += f" at {json_path}"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):
+        """Pickled with its fields (a stage computed in a child process hands it back)."""
+        return (partial(type(self), self.path, self.reason, line=self.line, record=self.record,
+                        json_path=self.json_path, hint=self.hint), (), {"stage": self.stage})
 
 
 class ConfigError(DataError):

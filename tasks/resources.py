@@ -4,7 +4,8 @@ Host: Linux's high-water mark of the resident set (`VmHWM` in /proc/self/status)
 start through /proc/self/clear_refs ("5", Linux >= 4.0; where that is refused, the peak counts
 from the process start, and `Peaks.rss_since_start` says so). CUDA: the peak of torch's caching
 allocator, reset likewise; only when torch is already imported (the data-only flow never imports
-it) and sees a GPU.
+it) and has used the GPU (checking never creates a CUDA context). Work done in child processes
+(`tasks.child_process`) reports its own peaks, which count as the block's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ class Peaks:
     rss_since_start: bool = False
 
 
+#: peaks of the child processes that finished since the innermost open `peak_memory()` began
+_children: list[Peaks] = []
+
+
 def _hwm_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -31,15 +36,33 @@ def _hwm_mib() -> float:
     return 0.0
 
 
+def own_peak_rss_mib() -> float:
+    """This process's peak RSS in MiB: VmHWM, which belongs to the address space exec created
+    (ru_maxrss survives fork+exec: a child of a 1 GB process would report 1 GB); ru_maxrss where
+    /proc is missing."""
+    try:
+        return _hwm_mib()
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_child_peaks(peaks: Peaks) -> None:
+    """Count a finished child process's peaks in the open `peak_memory()` block."""
+    _children.append(peaks)
+
+
 def _cuda():
     torch = sys.modules.get("torch")
-    return torch.cuda if torch is not None and torch.cuda.is_available() else None
+    return torch.cuda if torch is not None and torch.cuda.is_available() and \
+        torch.cuda.is_initialized() else None
 
 
 @contextmanager
 def peak_memory() -> Iterator[Peaks]:
     """`with peak_memory() as peaks: ...` fills `peaks` when the block ends (also on error)."""
-    peaks = Peaks()
+    peaks, first_child = Peaks(), len(_children)
     gc.collect()                       # what an earlier stage left is not this block's memory
     if (cuda := _cuda()) is not None:
         cuda.empty_cache()
@@ -58,3 +81,8 @@ def peak_memory() -> Iterator[Peaks]:
             pass
         if (cuda := _cuda()) is not None:
             peaks.cuda_mib = cuda.max_memory_allocated() / 2**20
+        for child in _children[first_child:]:
+            peaks.rss_mib = max(peaks.rss_mib, child.rss_mib)
+            if child.cuda_mib is not None:
+                peaks.cuda_mib = max(peaks.cuda_mib or 0.0, child.cuda_mib)
+        del _children[first_child:]

@@ -1,0 +1,29 @@
+"""Module-level functions for tests/test_child_process.py: a job a child process runs must be
+importable by its module and name."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+
+def hold_memory(mib: int) -> int:
+    """Touch `mib` MiB of host memory, say so on the progress logger, return its length."""
+    block = bytearray(mib << 20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    logging.getLogger("tasks.progress").info("held %d MiB in pid %d", mib, os.getpid())
+    return len(block)
+
+
+def die_by_sigkill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Unpicklable(Exception):
+    def __init__(self, a: int, b: int):
+        super().__init__(f"{a} and {b}")
+
+
+def raise_unpicklable() -> None:
+    raise Unpicklable(1, 2)

@@ -4,7 +4,8 @@
     PYTHONPATH=. python benchmarks/gpu_speed.py --out benchmarks/results     # all parts
     PYTHONPATH=. python benchmarks/gpu_speed.py --parts decode                # one part
 
-Parts, each adding its figures to gpu_speed_<size>.json as it finishes:
+Parts, each adding its figures to gpu_speed_<size>.json as it finishes (qlora before decode,
+whose compiled engine takes longest):
 * roofline: device-to-device copy bandwidth, and from it the batch-1 decode roofline of the bf16
   and int4 weights (every weight byte read once per token);
 * decode: greedy decode tok/s at batch 1 and 8 of HF `generate` (eager, the anchor) and of the
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -235,8 +237,20 @@ def anchor_loop(base_dir: Path, train_json: Path, cfg, steps: int) -> dict:
     del model, opt
     release("cuda")
     return {"useful_tok_s": useful / seconds, "losses": losses, "peak_cuda_mib": peak,
-            "seconds": seconds, "step_s_median": statistics.median(gaps),
+            "seconds": seconds, "step_s_median": statistics.median(gaps) if gaps else None,
             "tokens_per_step": useful / steps}
+
+
+def qlora_config(train_json: Path, steps: int, checkpointing: bool | None = None):
+    """The train stage's settings for the comparison: `steps` batches of 8 in file order, r=16
+    all-linear LoRA on nf4, bf16 compute, packing; no eval or checkpoint inside the steps."""
+    from tasks.config import TrainConfig
+
+    n = len(json.loads(train_json.read_text(encoding="utf-8")))
+    return TrainConfig(method="qlora", compute_dtype="bfloat16", batch_size=8, max_length=160,
+                       learning_rate=2e-4, epochs=steps * 8 / n, shuffle=False, packing=True,
+                       gradient_checkpointing=checkpointing, eval_steps=10_000,
+                       save_steps=10_000, sanity_examples=0, resume=False)
 
 
 def warm_up(base_dir: Path, train_json: Path, cfg) -> None:
@@ -249,14 +263,10 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     """The train stage, then the anchor, on a process warmed up first. Figures: useful tok/s
     over each whole loop, and in steady state (median step time after two steps, the same
     tokens per step)."""
-    from tasks.config import TrainConfig
     from tasks.train import train_adapter
 
     train_json, dev_json = sample_split(work)
-    n = len(json.loads(train_json.read_text(encoding="utf-8")))
-    cfg = TrainConfig(method="qlora", compute_dtype="bfloat16", batch_size=8, max_length=160,
-                      learning_rate=2e-4, epochs=steps * 8 / n, shuffle=False, packing=True,
-                      eval_steps=10_000, save_steps=10_000, sanity_examples=0, resume=False)
+    cfg = qlora_config(train_json, steps)
     warm_up(base_dir, train_json, cfg)
     start = time.perf_counter()
     project = train_adapter(base_dir, train_json, dev_json, cfg)
@@ -307,7 +317,9 @@ def main() -> None:
         print(f"[model] {params / 1e9:.2f} B built and saved in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
     result |= {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
-               "size": args.size, "torch": torch.__version__}
+               "size": args.size, "torch": torch.__version__,
+               "command": "bash benchmarks/on_device.sh python3 benchmarks/gpu_speed.py "
+                          + " ".join(sys.argv[1:])}
 
     def save():
         args.out.mkdir(parents=True, exist_ok=True)
@@ -317,15 +329,15 @@ def main() -> None:
         result["copy_tb_s"] = copy_bandwidth() / 1e12
         save()
         print(f"[roofline] copy {result['copy_tb_s']:.2f} TB/s", flush=True)
+    if "qlora" in args.parts:
+        result |= run_qlora(base_dir, work)
+        save()
     if "decode" in args.parts:
         result |= run_decode(base_dir, args.new_tokens, not args.no_compile)
         if "copy_tb_s" in result:        # batch-1 roofline: every weight byte read per token
             for label, key in (("bf16", "bf16"), ("int4", "int4-torchao")):
                 result[f"roofline_{label}_tok_s"] = (result["copy_tb_s"] * 1e12
                                                      / (result["weights_gib"][key] * 2**30))
-        save()
-    if "qlora" in args.parts:
-        result |= run_qlora(base_dir, work)
         save()
     print(json.dumps({k: v for k, v in result.items() if k not in ("qlora",)}, indent=1,
                      default=str)[:3000])

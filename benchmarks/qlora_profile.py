@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_speed import sample_split
+from benchmarks.gpu_speed import qlora_config, sample_split
 from benchmarks.models import build_random_model
 from tasks.modeling import bnb_config, load_model, load_tokenizer, release
 from tasks.train import attention_kernels
@@ -150,14 +150,9 @@ def run_project(base_dir: Path, train_json: Path, dev_json: Path, steps: int,
                 checkpointing: bool | None) -> dict:
     """The train stage itself (tasks/train.py: HF Trainer, padding-free packing) on the same
     batches in file order; its steady-state step time is `step_seconds_median`."""
-    from tasks.config import TrainConfig
     from tasks.train import train_adapter
 
-    n = len(json.loads(train_json.read_text(encoding="utf-8")))
-    cfg = TrainConfig(method="qlora", compute_dtype="bfloat16", batch_size=8, max_length=160,
-                      learning_rate=2e-4, epochs=steps * 8 / n, shuffle=False, packing=True,
-                      gradient_checkpointing=checkpointing, eval_steps=10_000,
-                      save_steps=10_000, sanity_examples=0, resume=False)
+    cfg = qlora_config(train_json, steps, checkpointing)
     t0 = time.perf_counter()
     r = train_adapter(base_dir, train_json, dev_json, cfg)
     release("cuda")

@@ -39,7 +39,7 @@ def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
 def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
     """`core(*args, **kwargs)`; where there is a GPU, in a fresh process (tasks/child_process.py),
     so that the flow process never holds a model and each stage's host memory peak is its own
-    (README "The whole flow on a GPU"). On a CPU (the tiny default) here: no start-up cost."""
+    (README "At 6 B on one GPU"). On a CPU (the tiny default) here: no start-up cost."""
     from tasks import child_process
     from tasks.modeling import pick_device
 

@@ -4,7 +4,7 @@
 
 At 6 B, a process that has loaded a model keeps gigabytes of host memory after releasing it
 (the CUDA context, allocator arenas, pinned staging buffers), and the next stage's peak
-starts from there; a child that exits returns all of it (README "The whole flow on a GPU").
+starts from there; a child that exits returns all of it (README "At 6 B on one GPU").
 
 * The job (function, arguments) and the answer (result or exception) travel as pickles in
   files of a temporary folder: a function is pickled by its module and name, so it must be a

@@ -28,6 +28,7 @@ from tasks.common import DataError, StageResult, atomic_write_json, publish_dir,
     staging_dir
 from tasks.dataset_io import CONVERSATIONS, conversations_array, read_arrow, single, \
     string_bytes, text_array, turns, write_json_records, write_parquet
+from tasks.progress import Progress
 
 Conversation = dict[str, list[dict[str, str]]]
 Duplicates = Literal["drop", "keep", "fail"]
@@ -186,6 +187,7 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
                         source: Path | None = None, skipped: int = 0) -> StageResult:
     """records.arrow (from ingest) -> train/dev conversation JSON (+ Parquet copies). `source`
     (the user's input) and `skipped` (records ingest skipped) only make errors clearer."""
+    progress = Progress("conversations", total=3)         # split, train written, dev written
     table = read_arrow(records_arrow)
     convs = with_system_prompt(single(table.column("conversations")), system_prompt)
     first_of = first_identical(convs)
@@ -214,12 +216,15 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
     parts = {"train": pa.Table.from_arrays([convs.take(train_at)], schema=CONVERSATIONS),
              "dev": pa.Table.from_arrays([convs.take(dev_at)], schema=CONVERSATIONS)}
     del table, convs                                      # the split copies are all we need
-    with staging_dir(stage_root("conversations")) as tmp:
-        def write(name: str) -> None:
+    progress.update(note=f"{len(train_at):,} train and {len(dev_at):,} dev records")
+    with progress, staging_dir(stage_root("conversations")) as tmp:
+        def write(name: str) -> str:
             write_json_records(tmp / f"{name}.json", parts[name])
             write_parquet(tmp / f"{name}.parquet", parts[name])
+            return name
         with ThreadPoolExecutor(2) as pool:               # Arrow kernels release the GIL
-            list(pool.map(write, parts))
+            for name in pool.map(write, parts):
+                progress.update(note=f"wrote {name}")
         if dropped:
             atomic_write_json(tmp / "duplicates.json", {"dropped": dropped,
                                                         "examples": examples})

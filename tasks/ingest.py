@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from tasks.common import StageResult, atomic_write_json, publish_dir, stage_root, staging_dir
 from tasks.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
 from tasks.formats import Format, Loaded, read_source
+from tasks.progress import Progress
 from tasks.sources import Issues, OnError
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,15 @@ def ingest(source: Path, fmt: Format = "auto", on_error: OnError = "fail",
     """Read `source` (a file, or a directory of one format) into records.arrow (+ qa.json)."""
     source = Path(source)
     issues = Issues(on_error)
-    loaded = read_source(source, fmt, on_error=on_error, max_chars=max_chars, issues=issues)
+    with Progress(f"ingest {source.name}", total=3) as progress:
+        loaded = read_source(source, fmt, on_error=on_error, max_chars=max_chars, issues=issues)
+        progress.update(note=f"read {loaded.table.num_rows:,} records")
+        return _publish(source, loaded, issues, on_error, progress)
+
+
+def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
+             progress: Progress) -> StageResult:
+    """records.arrow (+ qa.json, skipped.json) of what was read, published; the stage result."""
     names = _relative_names(loaded, source)
     table = loaded.table.set_column(
         loaded.table.schema.get_field_index("file"), "file",
@@ -49,6 +58,7 @@ def ingest(source: Path, fmt: Format = "auto", on_error: OnError = "fail",
                     issues.skipped, dict(issues.counts), issues.examples[0]["message"])
     with staging_dir(stage_root("ingest")) as tmp:
         write_arrow(tmp / "records.arrow", table)
+        progress.update(note="wrote records.arrow")
         if qa:
             write_json_records(tmp / "qa.json", table.select(["conversations"]), qa_json)
         if issues.skipped:

@@ -11,18 +11,24 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger("tasks.progress")
 
+#: seconds between two progress lines on the logger (the terminal bar updates every second)
+EVERY_S = 10.0
+
 
 class Progress:
-    """`with Progress("pretraining", total) as p: ... p.update()`."""
+    """`with Progress("pretraining", total) as p: ... p.update()`. Work without a loop to count
+    (the data stages' vectorised steps) counts its steps: `p.update(note="read 1,000 records")`;
+    a line is logged only where `every_s` seconds passed since the last one."""
 
-    def __init__(self, desc: str, total: int, every_s: float = 10.0):
-        self.desc, self.total, self.every_s = desc, total, every_s
+    def __init__(self, desc: str, total: int, every_s: float | None = None):
+        self.desc, self.total = desc, total
+        self.every_s = EVERY_S if every_s is None else every_s
         self.done, self.start = 0, time.monotonic()
         self.last_log = self.start
         self.bar = tqdm(total=total, desc=desc, mininterval=1.0, leave=False, disable=None,
                         dynamic_ncols=True)
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: int = 1, note: str | None = None) -> None:
         self.done += n
         self.bar.update(n)
         now = time.monotonic()
@@ -30,8 +36,8 @@ class Progress:
             self.last_log = now
             rate = self.done / (now - self.start)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s: %d/%d, %.0f s elapsed, about %.0f s left", self.desc, self.done,
-                     self.total, now - self.start, eta)
+            log.info("%s: %d/%d%s, %.0f s elapsed, about %.0f s left", self.desc, self.done,
+                     self.total, f" ({note})" if note else "", now - self.start, eta)
 
     def close(self) -> None:
         self.bar.close()

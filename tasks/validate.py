@@ -30,6 +30,7 @@ from jsonschema import Draft202012Validator
 
 from tasks.common import SCHEMA_DIR, DataError, StageResult
 from tasks.dataset_io import arrow_schema_of, scan_json_records
+from tasks.progress import Progress
 
 SCHEMAS = {"qa": "qa.schema.json", "conversation": "conversation.schema.json"}
 Check = Callable[[pa.Array], np.ndarray]          # column -> ok per value
@@ -231,9 +232,13 @@ def check_file(path: Path, kind: str) -> tuple[int, str]:
 
 def validate(files: dict[str, tuple[Path, str]]) -> StageResult:
     """Validate named files, `{name: (path, kind)}`; fails on the first violation."""
-    with ThreadPoolExecutor(2) as pool:            # pyarrow parses without the GIL; 2 files at
+    checked = {}
+    with Progress("validate", total=len(files)) as progress, \
+            ThreadPoolExecutor(2) as pool:         # pyarrow parses without the GIL; 2 files at
                                                    # a time bound the memory
-        checked = dict(zip(files, pool.map(lambda f: check_file(*f), files.values())))
+        for name, result in zip(files, pool.map(lambda f: check_file(*f), files.values())):
+            checked[name] = result
+            progress.update(note=f"{name}: {result[0]:,} records")
     counts = {name: n for name, (n, _) in checked.items()}
     paths = {name: how for name, (_, how) in checked.items()}
     return StageResult(stage="validate", path=str(Path(next(iter(files.values()))[0]).parent),

@@ -8,14 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from tasks.common import REPO_DIR
 from tasks.merge import merge_adapter
-from tasks.modeling import _from_pretrained, bnb_config, load_model
+from tasks.modeling import _from_pretrained, bnb_config
 from tests._tiny_model import make_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

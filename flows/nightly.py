@@ -3,18 +3,19 @@
     python -m flows.nightly                                  # what the schedule runs
     python -m flows.nightly --set data.source=data/incoming --gate metric=bleu_4
 
-1. The whole pipeline runs again. Every stage is cached by content, so unchanged data (and code
-   and config) means every stage is a cache hit and registration finds the existing version:
-   no new model version. New or changed input files change the digests and recompute what
-   depends on them.
-2. Before anything is registered, the new merged model (challenger) and the model under the
-   registry alias `champion` are evaluated on the same, current dev set, plus the out-of-domain
-   probes (tasks/gate.py). A failure here fails the run like any other stage: nothing registered.
-3. The pipeline registers the challenger as a version (idempotent by digest); it takes the alias
-   only if the gate says so. The first model ever becomes champion.
-4. The decision and both scores go to an MLflow child run `gate` (params, metrics, tags,
-   gate_decision.json), to tags on the model version and the parent run, and to the Prefect
-   artifact `champion-gate`.
+1. `build`: the pipeline's stages run again (flows/pipeline.py). Every stage is cached by
+   content, so unchanged data (and code and config) means every stage is a cache hit and
+   registration finds the existing version: no new model version. New or changed input files
+   change the digests and recompute what depends on them.
+2. `evaluate_candidates`, before anything is registered: the new merged model (challenger) and
+   the model under the registry alias `champion` are evaluated on the same, current dev set,
+   plus the out-of-domain probes (tasks/gate.py). A failure here fails the run like any other
+   stage: nothing registered.
+3. `register` (the pipeline's) registers the challenger as a version (idempotent by digest); it
+   takes the alias only if the gate says so. The first model ever becomes champion.
+4. `decide`, `record_decision`, `apply_decision`: the decision and both scores go to an MLflow
+   child run `gate` (params, metrics, tags, gate_decision.json), to tags on the model version
+   and the parent run, and to the Prefect artifact `champion-gate`.
 """
 
 from __future__ import annotations
@@ -23,22 +24,23 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from flows import cli
 from flows.caching import stage_task_options
-from flows.pipeline import run_stages
+from flows.pipeline import Built, build, finish, register
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.common import StageResult, project_dir
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config, load_model
 from tasks.methods import METHODS
+from tasks.register import RegisteredVersion
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
@@ -51,24 +53,6 @@ def evaluate_task(role: str, spec: dict[str, Any], dev_json: Path | None, probes
     result = evaluate_model({k: v for k, v in spec.items() if k != "digest"}, dev_json,
                             probes_file, eval_examples, max_new_tokens)
     return replace(result, stage=f"evaluate_{role}")
-
-
-@dataclass
-class GatedRun(PipelineRun):
-    """A PipelineRun that keeps every stage's result (by `StageResult.stage`) and calls
-    `after_report` as soon as the report stage is done -- i.e. after the model is built and
-    before the pipeline registers it."""
-
-    results: dict[str, StageResult] = field(default_factory=dict)
-    after_report: Callable[["GatedRun"], None] | None = None
-
-    def stage(self, stage_task, **kwargs: Any) -> StageResult:
-        result = super().stage(stage_task, **kwargs)
-        self.results[result.stage] = result
-        if result.stage == "report" and self.after_report:
-            hook, self.after_report = self.after_report, None
-            hook(self)
-        return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,18 +104,18 @@ def _scores_from_tags(version, cfg: GateConfig, digest: str) -> Candidate:
 # ------------------------------------------------------------------------------------------------
 # The gate
 # ------------------------------------------------------------------------------------------------
-def evaluate_candidates(run: GatedRun, cfg: PipelineConfig, gate: GateConfig
+def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig, built: Built
                         ) -> tuple[Candidate, Candidate | None]:
     """Evaluate challenger (the merge stage's model) and champion on the same dev set."""
     client = run.tracker.client
-    merged = run.results["merge"]
+    merged = built.merged
     champ = champion_version(client, cfg.registry.model_name, gate.alias)
     if champ is not None and champ.tags.get("model_digest") == merged.digest:
         same = _scores_from_tags(champ, gate, merged.digest)
         return replace(same, version=None), same          # unchanged: nothing to evaluate
 
-    base = run.results["base"]              # built, or the user's base.path (a stage too)
-    dev_json = run.results["conversations"].file("dev_json")
+    base = built.base                       # built, or the user's base.path (a stage too)
+    dev_json = built.data.file("dev_json")
     common = {"probes_file": Path(cfg.report.probes_file), "eval_examples": gate.eval_examples,
               "max_new_tokens": gate.max_new_tokens}
 
@@ -171,7 +155,7 @@ def record_decision(tracker: Tracker, parent_id: str, decision: GateDecision,
     return child
 
 
-def apply_decision(client, decision: GateDecision, registered: list[dict[str, Any]],
+def apply_decision(client, decision: GateDecision, registered: list[RegisteredVersion],
                    gate: GateConfig, parent_id: str) -> dict[str, str]:
     """Tag the challenger's versions with the verdict; on promote, move the alias to them (the
     merged model and its int4 sibling). Returns {model name: champion version}."""
@@ -186,12 +170,12 @@ def apply_decision(client, decision: GateDecision, registered: list[dict[str, An
             tags["gate.ood_retention"] = f"{c.ood:.4f}"
         if decision.champion is None or decision.champion.digest != c.digest:
             for k, val in tags.items():
-                client.set_model_version_tag(v["name"], v["version"], k, val)
+                client.set_model_version_tag(v.name, v.version, k, val)
         if decision.promote:
-            client.set_registered_model_alias(v["name"], gate.alias, v["version"])
-        current = champion_version(client, v["name"], gate.alias)
+            client.set_registered_model_alias(v.name, gate.alias, v.version)
+        current = champion_version(client, v.name, gate.alias)
         if current is not None:
-            champions[v["name"]] = str(current.version)
+            champions[v.name] = str(current.version)
     return champions
 
 
@@ -207,27 +191,23 @@ def nightly(config: PipelineConfig = PipelineConfig(),
                          f"standalone); train.method={config.train.method} yields a prefix "
                          f"adapter that cannot be merged: use {' or '.join(mergeable)}, or run "
                          "the full-pipeline deployment")
-    evaluated: dict[str, Any] = {}
     params = {**config.model_dump(mode="json"), "gate": gate.model_dump(mode="json")}
-    with parent_run(config.experiment, "nightly", params) as outer:
-        run = GatedRun(outer.tracker, outer.parent_id, after_report=lambda r: evaluated.update(
-            zip(("challenger", "champion"), evaluate_candidates(r, config, gate))))
-        out = run_stages(run, config)
-        if not evaluated:                     # the pipeline changed shape: gate after all
-            evaluated.update(zip(("challenger", "champion"),
-                                 evaluate_candidates(run, config, gate)))
-        mine = [v for v in out["registered"] if v["name"].startswith(config.registry.model_name)]
-        merged = next(v for v in mine if v["name"] == config.registry.model_name)
-        decision = decide(replace(evaluated["challenger"], version=str(merged["version"])),
-                          evaluated["champion"], gate)
+    with parent_run(config.experiment, "nightly", params) as run:
+        built = build(run, config)
+        challenger, champion = evaluate_candidates(run, config, gate, built)
+        versions = register(run, config, built)
+        mine = [v for v in versions if v.name.startswith(config.registry.model_name)]
+        merged = next(v for v in mine if v.name == config.registry.model_name)
+        decision = decide(replace(challenger, version=str(merged.version)), champion, gate)
         gate_run = record_decision(run.tracker, run.parent_id, decision, gate)
         champions = apply_decision(run.tracker.client, decision, mine, gate, run.parent_id)
+        out = finish(run, built, versions)
     create_markdown_artifact(key="champion-gate", markdown=decision.markdown(),
                              description=f"Champion gate, MLflow run {run.parent_id}")
     print(decision.markdown())
     return {"mlflow_run_id": run.parent_id, "gate_run_id": gate_run,
             "decision": decision.as_dict(), "champions": champions, "stages": run.rows,
-            "registered": out["registered"]}
+            "registered": out["registered"], "summary": out["summary"]}
 
 
 def main(argv: list[str] | None = None) -> int:

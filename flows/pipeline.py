@@ -1,5 +1,6 @@
-"""The full pipeline flow: data -> base -> train -> merge -> quantize -> benchmark -> report ->
-register, every stage a cached Prefect task and an MLflow child run of one parent run.
+"""The full pipeline flow: `build` (data -> base -> train -> merge -> quantize -> benchmark ->
+report), then `register`; every stage a cached Prefect task and an MLflow child run of one
+parent run. flows/nightly.py composes the same two steps with its champion gate between them.
 
     python -m flows.pipeline                                # embedded default, offline, CPU
     python -m flows.pipeline --set train.method=qlora --set base.path=/models/Qwen2.5-0.5B-Instruct
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,29 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     """Raw Q/A text -> fine-tuned, merged, int4-quantized, benchmarked, reported and registered
     chat model. Every stage is cached by content; every artifact and metric goes to MLflow."""
     with parent_run(config.experiment, "pipeline", config.model_dump(mode="json")) as run:
-        return run_stages(run, config)
+        built = build(run, config)
+        versions = register(run, config, built)
+        return finish(run, built, versions)
 
 
-def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
-    """Every stage of the pipeline inside an open parent run (the body of `pipeline`; the nightly
-    flow runs it too, with a PipelineRun that gates registration)."""
+@dataclass(frozen=True)
+class Built:
+    """Every stage result of `build` (README "What each stage produces"). A P-Tuning v2 prefix
+    is not mergeable: then `merged` and `int4` are None and the adapter is what is served."""
+
+    data: StageResult                       # conversations: train/dev JSON
+    base: StageResult
+    adapter: StageResult
+    merged: StageResult | None
+    int4: StageResult | None                # bitsandbytes nf4
+    fast_int4: StageResult | None           # torchao int4 (on a GPU)
+    benchmark: StageResult
+    report: StageResult
+
+
+def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
+    """Every stage up to the report, inside an open parent run; the parent run gets the
+    headline metrics and the generations table. Nothing is registered."""
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
@@ -94,16 +113,25 @@ def run_stages(run: PipelineRun, cfg: PipelineConfig) -> dict[str, Any]:
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
                  headline_metrics(data, adapter, report, bench, int4), generations_table(report))
+    return Built(data, base, adapter, merged, int4, fast_int4, bench, report)
 
-    versions = run.step("register", lambda: _register(run, cfg, data, adapter, merged, int4,
-                                                      fast_int4, report))
+
+def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
+    """The registry versions of what `build` made (idempotent by digest), as the step
+    "register"; each version's number goes on the parent run as a tag."""
+    versions = run.step("register", lambda: _register(run, cfg, built))
     for v in versions:
         run.tracker.client.set_tag(run.parent_id, f"registered.{v.name}", v.version)
-    text = _summary(run, report, bench, versions)
+    return versions
+
+
+def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion]) -> dict[str, Any]:
+    """Print the run's summary; the flow's return value."""
+    text = _summary(run, built.report, built.benchmark, versions)
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
-            "report": report.files,
-            "benchmark": bench.info.get("rows", []),
+            "report": built.report.files,
+            "benchmark": built.benchmark.info.get("rows", []),
             "registered": [v.__dict__ for v in versions], "summary": text}
 
 
@@ -125,19 +153,18 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
 MLFLOW_MODELS = ("merged_model", "int4_model")
 
 
-def _register(run: PipelineRun, cfg: PipelineConfig, data: StageResult, adapter: StageResult,
-              merged: StageResult | None, int4: StageResult | None,
-              fast_int4: StageResult | None, report: StageResult) -> list[RegisteredVersion]:
+def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
+    data, adapter, merged, report = built.data, built.adapter, built.merged, built.report
     client = run.tracker.client
     tags = {"data_digest": data.digest, "method": cfg.train.method,
             **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **report.metrics}.items()
                if k.startswith(("eval_loss", "tuned_", "base_"))}}
     versions = []
     entries = [(cfg.registry.model_name, merged, "merge", "merged_model"),
-               (f"{cfg.registry.model_name}-int4", int4, "quantize", "int4_model")]
-    if fast_int4 is not None:
-        entries.append((f"{cfg.registry.model_name}-int4-torchao", fast_int4, "quantize_torchao",
-                        "int4_torchao_model"))
+               (f"{cfg.registry.model_name}-int4", built.int4, "quantize", "int4_model")]
+    if built.fast_int4 is not None:
+        entries.append((f"{cfg.registry.model_name}-int4-torchao", built.fast_int4,
+                        "quantize_torchao", "int4_torchao_model"))
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
         entries = [(f"{cfg.registry.model_name}-prefix", adapter, "train", "adapter")]
     for name, result, stage, folder in entries:

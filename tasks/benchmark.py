@@ -1,8 +1,9 @@
 """Stage "benchmark": generation speed and memory of model variants on the same prompts.
 
 Each variant (base, base+adapter, merged, int4, ...) is loaded and measured in a FRESH Python
-process (tasks/child_process.py), so peak memory is that model's own. In it, every engine and batch size of the config is measured on the same prompts
-(cycled to fill a batch, left-padded), generating exactly `new_tokens` greedy tokens per row:
+process (tasks/child_process.py), so peak memory is that model's own. In it, every engine and
+batch size of the config is measured on the same prompts (cycled to fill a batch, left-padded),
+generating exactly `new_tokens` greedy tokens per row:
 
 * `static`: the fast loop of tasks/decode.py (static KV cache; on a GPU each decode step is a
   replayed CUDA graph, optionally compiled first; its capture/compile time is reported apart);

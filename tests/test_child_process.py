@@ -40,7 +40,8 @@ def test_the_childs_peak_memory_and_progress_lines_come_back(caplog):
 
 def test_a_data_error_comes_back_as_itself(tmp_path):
     bad = tmp_path / "qa.txt"
-    bad.write_text("绿萝怎么养？\n绿萝喜散射光。\n\n只有问题没有答案？\n", encoding="utf-8")
+    bad.write_text("绿萝怎么养？\n绿萝喜散射光。\n\n只有问题没有答案？\n",
+                   encoding="utf-8")
     with pytest.raises(DataError) as here:
         read_qa_text(bad)
     with pytest.raises(DataError) as there:

@@ -150,9 +150,13 @@ def wait_for_server() -> None:
     if it died, or after `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`."""
     if _server is None or _server.ready_seconds is not None:
         return
-    start = time.perf_counter()
+    start, said = time.perf_counter(), _server.launched
     limit = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
     while True:
+        if time.perf_counter() - said >= 10:              # never silent for long (README)
+            said = time.perf_counter()
+            print(f"waiting for the temporary Prefect server at {_server.url} "
+                  f"({said - _server.launched:.0f} s since it was started)", flush=True)
         if (code := _server.process.poll()) is not None:
             raise RuntimeError(f"the temporary Prefect server ({_server.url}) exited with "
                                f"code {code} before it answered")

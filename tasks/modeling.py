@@ -9,10 +9,10 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, \
@@ -121,9 +121,12 @@ def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
     process until loading ends: a 6 B model costs 12 GiB of host RSS on the way to the GPU. The
     files are therefore opened with safetensors' `pread` backend and handed to `from_pretrained`
     as a lazy state dict (the path transformers itself takes on Windows and MPS,
-    `modeling_utils.PreTrainedModel._load_pretrained_model`)."""
+    `modeling_utils.PreTrainedModel._load_pretrained_model`). A torchao folder's quantizer also
+    gets the files' metadata (`_torchao_metadata`): at 6 B its int4 model then peaks at 2.4 GiB
+    of host RSS instead of 4.8, with identical logits (benchmarks/torchao_load.py, README "At 6
+    B on one GPU")."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not stream or not files or _is_torchao_folder(path):
+    if not stream or not files:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
@@ -131,6 +134,8 @@ def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
 
     config = AutoConfig.from_pretrained(path)
     with ExitStack() as stack:
+        if _is_torchao_folder(path):
+            stack.enter_context(_torchao_metadata(files))
         handles = [stack.enter_context(safe_open(f, framework="pt", device="cpu",
                                                  backend="pread")) for f in files]
         weights = {key: h.get_slice(key) for h in handles for key in h.keys()}
@@ -139,6 +144,29 @@ def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
+
+
+@contextmanager
+def _torchao_metadata(files: list[Path]) -> Iterator[None]:
+    """While it lasts, transformers' torchao quantizer reads the tensor-subclass metadata of
+    `files` also when the weights come as a state dict. It reads them only from the
+    `checkpoint_files` that `from_pretrained(path)` resolves, and those are None for a state
+    dict (`quantizers/quantizer_torchao.py`, `_process_model_before_weight_loading` and
+    `set_metadata`)."""
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    original = TorchAoHfQuantizer._process_model_before_weight_loading
+
+    def with_metadata(self, model, checkpoint_files=None, **kwargs):
+        original(self, model, checkpoint_files=checkpoint_files, **kwargs)
+        if checkpoint_files is None:
+            self.set_metadata([str(f) for f in files])
+
+    TorchAoHfQuantizer._process_model_before_weight_loading = with_metadata
+    try:
+        yield
+    finally:
+        TorchAoHfQuantizer._process_model_before_weight_loading = original
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,

@@ -23,6 +23,7 @@ import psutil
 from filelock import FileLock
 
 from tasks.manifest import build_manifest, check_manifest, files_of, hash_file, write_manifest
+from tasks.progress import step
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_DIR / "data"
@@ -194,7 +195,8 @@ def publish_dir(tmp: Path, parent: Path) -> tuple[Path, str]:
     """Rename a finished staging dir to `parent/<digest>` with a manifest of its files (size,
     mtime, content hash); return (path, digest). Idempotent: an existing copy that still
     matches its manifest is kept, a damaged one is replaced. Holds the stage's publish lock."""
-    entries = build_manifest(tmp)
+    with step(f"hashed the files of {Path(parent).name}'s output"):
+        entries = build_manifest(tmp)
     digest = _tree_digest((name, e.size, e.mtime_ns, e.blake2b) for name, e in entries.items())
     write_manifest(tmp, entries, digest)
     os.chmod(tmp, 0o755)             # mkdtemp makes 0700; outputs are meant to be shared/read

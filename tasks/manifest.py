@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +46,15 @@ def files_of(root: Path) -> list[Path]:
 
 
 def build_manifest(root: Path) -> dict[str, Entry]:
-    """Hash every file of `root` (relative POSIX name -> Entry)."""
-    out = {}
-    for p in files_of(root):
-        st = p.stat()
-        out[p.relative_to(root).as_posix()] = Entry(st.st_size, st.st_mtime_ns, hash_file(p))
-    return out
+    """Hash every file of `root` (relative POSIX name -> Entry), several files at a time:
+    hashlib releases the GIL, so a 6 B model's 12.5 GB hash in 5 s on 8 threads instead of 21
+    (benchmarks/stage_phases.py)."""
+    files = files_of(root)
+    stats = [p.stat() for p in files]               # before hashing: a later write shows
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        hashes = list(pool.map(hash_file, files))
+    return {p.relative_to(root).as_posix(): Entry(st.st_size, st.st_mtime_ns, digest)
+            for p, st, digest in zip(files, stats, hashes)}
 
 
 def write_manifest(root: Path, entries: dict[str, Entry], digest: str) -> Path:

@@ -18,6 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, \
     PreTrainedModel, PreTrainedTokenizerBase
 
+from tasks.progress import step
+
 Message = dict[str, str]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: shard size of saved models: what saving from a GPU holds in host memory at a time
@@ -105,42 +107,43 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     kwargs: dict = {"dtype": DTYPES[resolve_dtype(dtype, device)], "device_map": {"": device}}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
-    model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
-    if adapter is not None:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, str(adapter))
+    how = "" if quantization is None else f" as {type(quantization).__name__}"
+    with step(f"loaded {path}{how} onto {device}"):
+        model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
+        if adapter is not None:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
 
 
 def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)`; with `stream` (an accelerator's
-    weights) the safetensors files are read with `pread`, one tensor at a time.
+    weights) the safetensors files are read one tensor at a time onto the device, and each
+    tensor's file pages leave the process once it is there (`tasks.mapped_weights`).
 
     On a CPU, transformers maps the safetensors files and the weights stay backed by them (no
     copy). For an accelerator, the pages of a mapped file that were read stay resident in this
     process until loading ends: a 6 B model costs 12 GiB of host RSS on the way to the GPU. The
-    files are therefore opened with safetensors' `pread` backend and handed to `from_pretrained`
-    as a lazy state dict (the path transformers itself takes on Windows and MPS,
-    `modeling_utils.PreTrainedModel._load_pretrained_model`). A torchao folder's quantizer also
-    gets the files' metadata (`_torchao_metadata`): at 6 B its int4 model then peaks at 2.4 GiB
-    of host RSS instead of 4.8, with identical logits (benchmarks/torchao_load.py, README "At 6
-    B on one GPU")."""
+    files are therefore handed to `from_pretrained` as a lazy state dict (the path transformers
+    itself takes on Windows and MPS, `modeling_utils.PreTrainedModel._load_pretrained_model`).
+    A torchao folder's quantizer also gets the files' metadata (`_torchao_metadata`)."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not stream or not files:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-    from safetensors import safe_open
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from tasks.mapped_weights import mapped_state_dict
+
     config = AutoConfig.from_pretrained(path)
+    device = str(kwargs.get("device_map", {}).get("", "cpu"))
     with ExitStack() as stack:
         if _is_torchao_folder(path):
             stack.enter_context(_torchao_metadata(files))
-        handles = [stack.enter_context(safe_open(f, framework="pt", device="cpu",
-                                                 backend="pread")) for f in files]
-        weights = {key: h.get_slice(key) for h in handles for key in h.keys()}
+        weights = mapped_state_dict(files, device, stack)
         model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
             None, config=config, state_dict=weights, **kwargs)
+        del weights
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
     return model
@@ -173,7 +176,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
                folder: Path) -> Path:
     """`save_pretrained` in shards of SHARD_SIZE: saving from a GPU copies one shard at a time
     to host memory (transformers' default is a single 50 GB shard, i.e. the whole model)."""
-    model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
+    with step(f"saved the model to {folder}"):
+        model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)             # with its chat template
     return folder

@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 from tqdm.auto import tqdm
+
+from tasks.resources import own_peak_rss_mib, rss_mib
 
 log = logging.getLogger("tasks.progress")
 
 #: seconds between two progress lines on the logger (the terminal bar updates every second)
 EVERY_S = 10.0
+#: a `step` shorter than this is not logged
+STEP_MIN_S = 1.0
 
 
 class Progress:
@@ -47,3 +53,16 @@ class Progress:
 
     def __exit__(self, *_) -> None:
         self.close()
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Log `what` once it is done, if it took STEP_MIN_S or more, with its seconds and this
+    process's host memory: a model stage's long steps (a 6 B load, save or hash) in Prefect's
+    task-run log, where a stage was otherwise silent for a minute."""
+    start = time.monotonic()
+    yield
+    seconds = time.monotonic() - start
+    if seconds >= STEP_MIN_S:
+        log.info("%s: %.1f s (host RSS %s MiB, peak so far %s MiB)", what, seconds,
+                 f"{rss_mib():,.0f}", f"{own_peak_rss_mib():,.0f}")

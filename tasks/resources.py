@@ -29,11 +29,23 @@ class Peaks:
 _children: list[Peaks] = []
 
 
-def _hwm_mib() -> float:
+def _status_mib(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _hwm_mib() -> float:
+    return _status_mib("VmHWM")
+
+
+def rss_mib() -> float:
+    """This process's resident set now, MiB (0 where /proc is missing)."""
+    try:
+        return _status_mib("VmRSS")
+    except OSError:
+        return 0.0
 
 
 def own_peak_rss_mib() -> float:

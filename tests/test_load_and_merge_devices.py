@@ -77,3 +77,33 @@ def test_streamed_loading_holds_one_copy_in_host_memory(tmp_path):
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert size > 100
     assert size * 0.8 < m["peak"] - m["base"] < 1.5 * size, (size, m)
+
+
+def test_mapped_tensors_read_as_safetensors_reads_them(tmp_path):
+    """Every dtype and shape the lazy state dict maps (scalars, empty tensors, odd offsets)
+    reads back exactly as safetensors' own loader reads it; other dtypes go through pread."""
+    from contextlib import ExitStack
+
+    from safetensors.torch import load_file, save_file
+
+    from tasks.mapped_weights import DTYPES, MappedTensor, mapped_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{name}": (torch.randn(3, 5, 7, generator=g) * 50).to(dtype)
+               for name, dtype in DTYPES.items()}
+    tensors |= {"scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
+                "odd": torch.arange(5, dtype=torch.uint8),
+                "complex": torch.randn(2, 2, dtype=torch.complex64, generator=g)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path)
+    want = load_file(path)
+    with ExitStack() as stack:
+        lazy = mapped_state_dict([path], "cpu", stack)
+        assert set(lazy) == set(want)
+        assert not isinstance(lazy["complex"], MappedTensor)          # not mapped: pread
+        for name, tensor in want.items():
+            got = lazy[name][...]
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+            assert torch.equal(got.flatten().view(torch.uint8),           # bytes: NaN-safe
+                               tensor.flatten().view(torch.uint8)), name
+        assert lazy["t.BF16"].get_dtype() == "BF16" and lazy["t.BF16"].get_shape() == [3, 5, 7]

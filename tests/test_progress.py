@@ -54,3 +54,27 @@ def test_the_data_stages_report_their_steps_on_a_large_input(tmp_path, monkeypat
                    ("conversations", "1", "3", "140,000 train and 60,000 dev records"),
                    ("conversations", "2", "3", "wrote train"),
                    ("validate", "1", "2", "train: 140,000 records")], lines
+
+
+def test_a_model_stage_logs_its_long_steps_with_host_memory(tmp_path, monkeypatch, caplog):
+    """Loading, saving and hashing each say how long they took and the host memory then (at
+    6 B each takes seconds; here every step is logged, `STEP_MIN_S=0`)."""
+    from tasks import progress
+    from tasks.merge import merge_adapter
+    from tests._tiny_model import make_all
+
+    base, adapter = make_all(tmp_path / "tiny")
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(progress, "STEP_MIN_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+        merge_adapter(base, adapter)
+    tail = r": \d+\.\d s \(host RSS [\d,]+ MiB, peak so far [\d,]+ MiB\)$"
+    lines = [r.getMessage() for r in caplog.records]
+    for what in (rf"loaded {re.escape(str(base))} onto cpu", r"saved the model to .*\.staging-.*",
+                 r"hashed the files of merge's output"):
+        assert any(re.fullmatch(what + tail, m) for m in lines), (what, lines)
+    caplog.clear()
+    monkeypatch.setattr(progress, "STEP_MIN_S", 3600.0)
+    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+        merge_adapter(base, adapter)
+    assert not caplog.records                                # short steps stay quiet

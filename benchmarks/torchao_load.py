@@ -1,6 +1,7 @@
 """Host memory of loading a saved torchao int4 folder onto the GPU: transformers' own path
-(memory-mapped safetensors) against `tasks.modeling.load_model`'s (`pread`, one tensor at a
-time, the torchao metadata handed to the quantizer). Each load runs in a fresh process; the
+(memory-mapped safetensors) against `tasks.modeling.load_model`'s (one tensor at a time, the
+torchao metadata handed to the quantizer; the 2026-11-30 result was taken when load_model read
+with safetensors' `pread`, before tasks/mapped_weights.py). Each load runs in a fresh process; the
 logits of both must be identical. Writes benchmarks/results/torchao_load_<size>.json.
 
     bash benchmarks/on_device.sh python3 benchmarks/torchao_load.py --size 6b --out $OUT
@@ -74,16 +75,16 @@ def main() -> None:
     del model
     print(json.dumps({"saved": sorted(p.name for p in (work / "int4").iterdir())[:6]}),
           flush=True)
-    for how in ("mmap", "pread"):
+    for how in ("mmap", "load_model"):
         subprocess.run([sys.executable, __file__, "--child", str(work / "int4"), how],
                        check=True)
-    a, b = (torch.load(work / f"logits-{h}.pt") for h in ("mmap", "pread"))
+    a, b = (torch.load(work / f"logits-{h}.pt") for h in ("mmap", "load_model"))
     result = {"gpu": torch.cuda.get_device_name(0), "date": datetime.date.today().isoformat(),
               "size": args.size, "command": "bash benchmarks/on_device.sh python3 "
               "benchmarks/torchao_load.py " + " ".join(sys.argv[1:]),
               "loads": [json.loads((work / f"row-{h}.json").read_text())
-                        for h in ("mmap", "pread")],
-              "max_abs_logit_diff_pread_vs_mmap": (a - b).abs().max().item()}
+                        for h in ("mmap", "load_model")],
+              "max_abs_logit_diff_load_model_vs_mmap": (a - b).abs().max().item()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"torchao_load_{args.size}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

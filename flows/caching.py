@@ -14,6 +14,7 @@ function's own source. Our key covers what really determines a stage's output:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -66,6 +67,8 @@ def fingerprint(value: Any, path_key: Callable[[Path], Any] = _path_content) -> 
         return path_key(value)
     if isinstance(value, BaseModel):
         return fingerprint(value.model_dump(mode="python"), path_key)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):   # e.g. a ModelSpec
+        return fingerprint(dataclasses.asdict(value), path_key)
     if isinstance(value, dict):
         return {str(k): fingerprint(v, path_key)
                 for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}

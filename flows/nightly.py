@@ -40,18 +40,18 @@ from tasks.common import StageResult, project_dir
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config, load_model
 from tasks.methods import METHODS
+from tasks.model_spec import ModelSpec
 from tasks.register import RegisteredVersion
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
 @task(name="evaluate", **stage_task_options("tasks.gate", model_libs=True))
-def evaluate_task(role: str, spec: dict[str, Any], dev_json: Path | None, probes_file: Path,
+def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                   eval_examples: int, max_new_tokens: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
     from tasks.gate import evaluate_model
 
-    result = evaluate_model({k: v for k, v in spec.items() if k != "digest"}, dev_json,
-                            probes_file, eval_examples, max_new_tokens)
+    result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens)
     return replace(result, stage=f"evaluate_{role}")
 
 
@@ -121,7 +121,7 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
 
     def evaluate(who: str, path: str | Path, digest: str, dev: Path | None) -> StageResult:
         return run.stage(evaluate_task.with_options(name=f"evaluate_{who}"), role=who,
-                         spec={"path": str(path), "digest": digest, "dtype": cfg.merge.dtype},
+                         spec=ModelSpec(path, cfg.merge.dtype, digest=digest),
                          dev_json=dev, **common)
 
     base_answers = probe_answers(evaluate("base", base.path, base.digest, None))

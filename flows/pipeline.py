@@ -29,6 +29,7 @@ from tasks.common import StageResult
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
 from tasks.methods import METHODS
+from tasks.model_spec import ModelSpec
 from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, log_chat_model, register_version
 from tasks.report import read_dev_prompts
@@ -92,15 +93,14 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                                   artifacts=lambda r: {"int4_torchao_model": r.path})
 
     dtype = resolve_dtype(cfg.merge.dtype, device)
-    base_spec = {"path": base.path, "digest": base.digest, "dtype": dtype}
-    adapted = {**base_spec, "adapter": adapter.path, "digest": adapter.digest}
-    if quantization := method.serving_quantization(cfg.train):   # served as it was trained
-        adapted["quantization"] = quantization
+    base_spec = ModelSpec(base.path, dtype, digest=base.digest)
+    adapted = ModelSpec(base.path, dtype, adapter=adapter.path, digest=adapter.digest,
+                        quantization=method.serving_quantization(cfg.train))  # as trained
     variants = {"base": base_spec, "base+adapter": adapted}
     for name, result in (("merged", merged), ("int4", int4), ("int4-torchao", fast_int4)):
         if result is not None:
-            variants[name] = {"path": result.path, "digest": result.digest,
-                              "dtype": result.info.get("compute_dtype") or result.info["dtype"]}
+            variants[name] = ModelSpec(result.path, result.info.get("compute_dtype")
+                                       or result.info["dtype"], digest=result.digest)
     bench = run.stage(benchmark_task, variants=variants,
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],

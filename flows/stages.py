@@ -28,12 +28,8 @@ from flows.tracking import Tracker
 from tasks.common import DataError, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
     ReportConfig, TrainConfig
+from tasks.model_spec import ModelSpec
 from tasks.resources import peak_memory
-
-
-def _load_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """A model load spec minus the "digest" the flow adds only for the cache key."""
-    return {k: v for k, v in spec.items() if k != "digest"}
 
 
 def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
@@ -134,22 +130,21 @@ quantize_torchao_task = quantize_task.with_options(name="quantize_torchao")
 
 
 @_stage("tasks.benchmark", model_libs=True)
-def benchmark_task(variants: dict[str, dict[str, Any]], prompts: list, cfg: BenchmarkConfig,
+def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: BenchmarkConfig,
                    device: str) -> StageResult:
     from tasks import benchmark
 
-    return benchmark.run_benchmark({name: _load_spec(v) for name, v in variants.items()},
-                                   prompts, cfg.model_copy(update={"device": device}))
+    return benchmark.run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
 @_stage("tasks.report", model_libs=True)
-def report_task(base: dict[str, Any], tuned: dict[str, Any], data: StageResult,
+def report_task(base: ModelSpec, tuned: ModelSpec, data: StageResult,
                 probes_file: Path, cfg: ReportConfig, extra_sections: dict[str, str]
                 ) -> StageResult:
     from tasks import report
 
-    return _model_core(report.build_report, _load_spec(base), _load_spec(tuned),
-                       data.file("dev_json"), probes_file, cfg, extra_sections=extra_sections)
+    return _model_core(report.build_report, base, tuned, data.file("dev_json"), probes_file,
+                       cfg, extra_sections=extra_sections)
 
 
 @dataclass(frozen=True)

@@ -26,19 +26,20 @@ import argparse
 import re
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from tasks import child_process
-from tasks.common import DataError, StageResult, atomic_write_json, \
+from tasks.common import StageResult, atomic_write_json, \
     atomic_write_text, publish_dir, read_json, stage_root, staging_dir
+from tasks.model_spec import FourBit, ModelSpec
 from tasks.resources import own_peak_rss_mib
 
 if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydantic
     from tasks.config import BenchmarkConfig
 
-SPEC_KEYS = {"path", "adapter", "dtype", "quantization"}
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
 #: figures taken per measurement; the table shows their median and spread over the repeats
@@ -48,18 +49,6 @@ TIMED = ("decode_tok_s", "aggregate_tok_s", "e2e_tok_s", "ttft_ms", "load_second
 def metric_key(name: str) -> str:
     """A variant name as an MLflow metric key part (letters, digits, _ - . / only)."""
     return re.sub(r"[^A-Za-z0-9_\-./]", "_", name.replace("+", "_plus_"))
-
-
-def _check_spec(name: str, spec: dict) -> dict:
-    unknown = set(spec) - SPEC_KEYS
-    if unknown or "path" not in spec:
-        raise ValueError(f"benchmark variant {name!r}: spec needs 'path' and may carry only "
-                         f"{sorted(SPEC_KEYS)}; got {sorted(spec)}")
-    for key in ("path", "adapter"):
-        if spec.get(key) is not None and not Path(spec[key]).is_dir():
-            raise DataError(spec[key], f"benchmark variant {name!r}: {key} folder not found")
-    return {k: (str(v) if k in ("path", "adapter") and v is not None else v)
-            for k, v in spec.items()}
 
 
 def batches(prompts: list, batch: int) -> list[list]:
@@ -72,17 +61,17 @@ def batches(prompts: list, batch: int) -> list[list]:
 # ---------------------------------------------------------------------------------------------
 # Child process: load one variant, measure every engine and batch size, write its rows
 # ---------------------------------------------------------------------------------------------
-def _quant_label(spec: dict) -> str | None:
-    if spec.get("quantization"):
-        return spec["quantization"]["quant_type"]
-    config = Path(spec["path"]) / "config.json"
+def _quant_label(spec: ModelSpec) -> str | None:
+    if spec.quantization:
+        return spec.quantization.quant_type
+    config = Path(spec.path) / "config.json"
     quant = read_json(config).get("quantization_config") if config.is_file() else None
     if not quant:
         return None
     return quant.get("bnb_4bit_quant_type") or f"{quant.get('quant_method')} int4"
 
 
-def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, warmup: int,
+def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: int, warmup: int,
              device: str, threads: int = 0, batch_sizes: tuple[int, ...] = (1,),
              engines: tuple[str, ...] = ("static", "generate"), compile: bool = False
              ) -> list[dict]:
@@ -90,9 +79,7 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
     from transformers.generation.streamers import BaseStreamer
 
     from tasks.decode import StaticDecoder, left_pad
-    from tasks.merge import TOKENIZER_FILES
-    from tasks.modeling import bnb_config, generate_ids, load_model, load_tokenizer, \
-        prefix_length, prompt_ids
+    from tasks.modeling import generate_ids, load_tokenizer, prefix_length, prompt_ids
 
     class Stamps(BaseStreamer):
         """Records the wall time of every `put` (the prompt first, then each new token)."""
@@ -112,12 +99,8 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
-    adapter = spec.get("adapter")
-    has_tok = adapter and any((Path(adapter) / f).is_file() for f in TOKENIZER_FILES)
-    tokenizer = load_tokenizer(adapter if has_tok else spec["path"])
-    quant = spec.get("quantization")
-    model = load_model(spec["path"], dtype=spec.get("dtype", "float32"), device=device,
-                       quantization=bnb_config(**quant) if quant else None, adapter=adapter)
+    tokenizer = load_tokenizer(spec.tokenizer_dir())
+    model = spec.load(device)
     sync()
     load_seconds = time.perf_counter() - t0
     pad = tokenizer.pad_token_id
@@ -169,7 +152,7 @@ def _measure(name: str, spec: dict, prompts: list[list[dict]], new_tokens: int, 
             rows.append({
                 "variant": name, "engine": engine, "batch": batch, "device": device,
                 "dtype": str(model.dtype).removeprefix("torch."), "quant": _quant_label(spec),
-                "adapter": adapter is not None, "prompts": len(prompts),
+                "adapter": spec.adapter is not None, "prompts": len(prompts),
                 "new_tokens": new_tokens, "threads": torch.get_num_threads(),
                 "decode_tok_s": per_seq, "aggregate_tok_s": per_seq * batch,
                 "e2e_tok_s": batch * new_tokens / (first + rest),
@@ -229,10 +212,10 @@ def markdown_table(rows: list[dict]) -> str:
                                            else "") + ", generate: HF generate."]) + "\n"
 
 
-def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
+def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
                   cfg: BenchmarkConfig) -> StageResult:
-    """Measure each variant (name -> {"path", optional "adapter", "dtype", "quantization"}) in
-    fresh processes on the same first `cfg.prompts` chat prompts; write benchmark.json/.md."""
+    """Measure each variant (name -> the model it loads) in fresh processes on the same first
+    `cfg.prompts` chat prompts; write benchmark.json/.md."""
     from tasks.modeling import pick_device
     from tasks.progress import Progress
 
@@ -241,7 +224,7 @@ def run_benchmark(variants: dict[str, dict], prompts: list[list[dict]],
     prompts = [list(p) for p in prompts[:cfg.prompts]]
     if not prompts:
         raise ValueError("benchmark: no prompts given")
-    specs = {name: _check_spec(name, spec) for name, spec in variants.items()}
+    specs = {name: spec.check(f"benchmark variant {name!r}") for name, spec in variants.items()}
     device = pick_device(cfg.device)
     sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
     measured = []
@@ -301,19 +284,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch CPU threads per process (0: torch default, one per core)")
     args = ap.parse_args(argv)
 
-    variants: dict[str, dict] = {}
+    variants: dict[str, ModelSpec] = {}
     for item in args.items:
         name, sep, value = item.partition("=")
         if not sep:
             ap.error(f"expected NAME=VALUE, got {item!r}")
         path, _, adapter = value.partition(",")
-        variants[name] = {"path": path, "dtype": args.dtype, **({"adapter": adapter}
-                                                               if adapter else {})}
+        variants[name] = ModelSpec(path, dtype=args.dtype, adapter=adapter or None)
     for name in args.load_4bit:
         if name not in variants:
             ap.error(f"--load-4bit {name}: no such variant")
-        variants[name]["quantization"] = {"quant_type": "nf4", "double_quant": True,
-                                          "compute_dtype": args.dtype}
+        variants[name] = replace(variants[name], quantization=FourBit(compute_dtype=args.dtype))
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (decode speed needs a second token)")
     if not variants:

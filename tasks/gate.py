@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common import StageResult, atomic_write_json, publish_dir, read_json, stage_root, \
     staging_dir
+from tasks.model_spec import ModelSpec
 
 Metric = Literal["rouge_1", "rouge_2", "rouge_l", "bleu_4"]
 
@@ -46,11 +47,10 @@ class GateConfig(BaseModel):
                        "production.")
 
 
-def evaluate_model(spec: dict[str, Any], dev_json: Path | None, probes_file: Path,
+def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                    eval_examples: int, max_new_tokens: int) -> StageResult:
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
-    model (`spec` as for tasks.modeling.load_model: "path", optional "adapter", "dtype", ...);
-    score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
+    model; score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
     from tasks.report import SCORES, answer_prompts, read_dev_prompts, read_probes, score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
@@ -64,7 +64,7 @@ def evaluate_model(spec: dict[str, Any], dev_json: Path | None, probes_file: Pat
     root = stage_root("evaluate")
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "evaluation.json", {
-            "model": {k: str(v) for k, v in spec.items()}, "max_new_tokens": max_new_tokens,
+            "model": spec.describe(), "max_new_tokens": max_new_tokens,
             "dev": [{"reference": ref, "answer": a, "scores": s}
                     for (_, ref), a, s in zip(dev, dev_answers, per_prompt)],
             "probes": [{"question": q, "answer": a} for q, a in zip(probes, probe_answers)],

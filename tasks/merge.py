@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
-from tasks.modeling import _is_bnb_folder, load_model, load_tokenizer, pick_device, prompt_ids, \
+from tasks.model_spec import ModelSpec
+from tasks.modeling import is_prequantized, load_model, load_tokenizer, pick_device, prompt_ids, \
     resolve_dtype, save_model
 
 #: a short chat used to compare merged vs base+adapter logits
@@ -29,7 +30,6 @@ PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
 #: bounds catch a wrong merge (scale, transposition, missing layers: errors of order 1), not
 #: rounding; the figures are reported either way.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.25}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def weights_mib(folder: Path) -> float:
@@ -47,7 +47,7 @@ def _check_inputs(base_dir: Path, adapter_dir: Path) -> None:
     if not (base_dir / "config.json").is_file():
         raise DataError(base_dir, "base model folder has no config.json (not a Hugging Face "
                                   "model folder)")
-    if _is_bnb_folder(base_dir):
+    if is_prequantized(base_dir):
         raise DataError(base_dir / "config.json", "base model is saved quantized "
                         "(quantization_config); merge needs the full-precision base — merging "
                         "into 4-bit weights drifts")
@@ -65,8 +65,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
     _check_inputs(base_dir, adapter_dir)
     device = pick_device(device)
     dtype = resolve_dtype(dtype, device)
-    has_tok = any((adapter_dir / f).is_file() for f in TOKENIZER_FILES)
-    tokenizer = load_tokenizer(adapter_dir if has_tok else base_dir)
+    tokenizer_dir = ModelSpec(base_dir, adapter=adapter_dir).tokenizer_dir()
+    tokenizer = load_tokenizer(tokenizer_dir)
 
     model = load_model(base_dir, dtype=dtype, device=device, adapter=adapter_dir)
     ids = probe_ids(tokenizer).to(device)
@@ -94,5 +94,5 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
         metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
                  "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
         info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
-              "device": device,
-              "tokenizer_from": "adapter" if has_tok else "base", "probe_tokens": ids.shape[1]})
+              "device": device, "probe_tokens": ids.shape[1],
+              "tokenizer_from": "adapter" if tokenizer_dir == str(adapter_dir) else "base"})

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from tasks.model_spec import FourBit
+
 if TYPE_CHECKING:
     from tasks.config import TrainConfig
 
@@ -40,12 +42,11 @@ class Method:
     packing: bool             # padding-free batches work (a prefix is prepended once per row)
     gradient_checkpointing: bool   # supported (peft prefix tuning does not support it)
 
-    def serving_quantization(self, cfg: TrainConfig) -> dict[str, Any] | None:
+    def serving_quantization(self, cfg: TrainConfig) -> FourBit | None:
         """How the un-merged adapter's base is loaded to serve it as it was trained."""
         if not self.loads_4bit:
             return None
-        return {"quant_type": "nf4", "double_quant": cfg.double_quant,
-                "compute_dtype": cfg.compute_dtype}
+        return FourBit("nf4", cfg.double_quant, cfg.compute_dtype)
 
 
 METHODS: dict[str, Method] = {

@@ -190,7 +190,9 @@ def release(device: str | torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _is_bnb_folder(path: str | Path) -> bool:
+def is_prequantized(path: str | Path) -> bool:
+    """Whether the model folder at `path` was saved quantized (its config has a
+    `quantization_config`: bitsandbytes or torchao)."""
     cfg = Path(path) / "config.json"
     return cfg.is_file() and '"quantization_config"' in cfg.read_text(encoding="utf-8")
 

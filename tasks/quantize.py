@@ -27,7 +27,7 @@ import torch
 
 from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
 from tasks.merge import PROBE, probe_ids, weights_mib
-from tasks.modeling import _is_bnb_folder, bnb_config, generate, load_model, load_tokenizer, \
+from tasks.modeling import bnb_config, generate, is_prequantized, load_model, load_tokenizer, \
     release, resolve_dtype, save_model
 
 if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydantic
@@ -77,7 +77,7 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
     merged_dir = Path(merged_dir)
     if not (merged_dir / "config.json").is_file():
         raise DataError(merged_dir, "merged model folder has no config.json")
-    if _is_bnb_folder(merged_dir):
+    if is_prequantized(merged_dir):
         raise DataError(merged_dir / "config.json", "model is already quantized "
                                                     "(quantization_config present)")
     if fmt == "torchao" and not device.startswith("cuda"):

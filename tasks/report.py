@@ -27,8 +27,8 @@ from rouge_chinese import Rouge
 from tasks.common import DataError, StageResult, atomic_write_json, atomic_write_text, \
     publish_dir, read_json, stage_root, staging_dir
 from tasks.config import ReportConfig
-from tasks.modeling import Message, answer, bnb_config, load_model, load_tokenizer, \
-    pick_device, release
+from tasks.model_spec import ModelSpec
+from tasks.modeling import Message, answer, load_tokenizer, pick_device, release
 
 jieba.setLogLevel(logging.WARNING)
 SCORES = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "bleu_4": "BLEU-4"}
@@ -111,18 +111,14 @@ def read_probes(probes_file: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-def answer_prompts(spec: dict, prompts: list[list[Message]], max_new_tokens: int) -> dict[str, Any]:
-    """Load one model from its spec, answer every prompt greedily (`tasks.modeling.answer`),
-    free it again. `new_tokens` counts each answer's tokens, its EOS included, so "ended with
-    eos before max_new_tokens" is exact."""
-    if "path" not in spec:
-        raise ValueError(f"model spec {spec!r} has no 'path'")
-    quant = spec.get("quantization")
-    device = spec.get("device") or pick_device("auto")
-    model = load_model(spec["path"], dtype=spec.get("dtype", "float32"), device=device,
-                       quantization=bnb_config(**quant) if quant else None,
-                       adapter=spec.get("adapter"))
-    tokenizer = load_tokenizer(spec.get("tokenizer", spec["path"]))
+def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens: int
+                   ) -> dict[str, Any]:
+    """Load one model from its spec (on the GPU where there is one), answer every prompt
+    greedily (`tasks.modeling.answer`), free it again. `new_tokens` counts each answer's tokens,
+    its EOS included, so "ended with eos before max_new_tokens" is exact."""
+    device = pick_device("auto")
+    model = spec.load(device)
+    tokenizer = load_tokenizer(spec.tokenizer_dir())
     threads = torch.get_num_threads()
     if (next(model.parameters()).device.type == "cpu"
             and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS):
@@ -197,12 +193,11 @@ def _html(ctx: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
-def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg: ReportConfig,
-                 title: str = "Fine-tuning report",
+def build_report(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_file: Path,
+                 cfg: ReportConfig, title: str = "Fine-tuning report",
                  extra_sections: dict[str, str] | None = None) -> StageResult:
-    """Before/after report of `base` vs `tuned` (load specs for tasks.modeling.load_model:
-    {"path", optional "adapter", "quantization" (bnb_config kwargs), "dtype", "device",
-    "tokenizer"}) on dev prompts and out-of-domain probes -> outputs/report/<digest>/."""
+    """Before/after report of the `base` vs the `tuned` model on dev prompts and out-of-domain
+    probes -> outputs/report/<digest>/."""
     dev = read_dev_prompts(Path(dev_json))
     probes = read_probes(Path(probes_file))
     n_show, n_eval = min(cfg.dev_examples, len(dev)), min(cfg.eval_examples, len(dev))
@@ -239,7 +234,7 @@ def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg
               "tuned": metrics["tuned_mean_answer_chars"]},
              {"name": "ended with eos (%)", "base": 100 * metrics["base_eos_rate"],
               "tuned": 100 * metrics["tuned_eos_rate"]}]
-    ctx = {"title": title, "base_label": _label(base), "tuned_label": _label(tuned),
+    ctx = {"title": title, "base_label": base.label(), "tuned_label": tuned.label(),
            "max_new_tokens": cfg.max_new_tokens, "eval_examples": n_eval, "rows": rows,
            "examples": examples[:n_show], "probes": probe_rows, "extra": extra_sections or {}}
     markdown = _markdown(ctx)
@@ -249,7 +244,7 @@ def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg
         atomic_write_text(tmp / "report.md", markdown)
         atomic_write_text(tmp / "report.html", _html(ctx))
         atomic_write_json(tmp / "generations.json", {
-            "base": _jsonable(base), "tuned": _jsonable(tuned),
+            "base": base.describe(), "tuned": tuned.describe(),
             "max_new_tokens": cfg.max_new_tokens,
             "eval_examples": n_eval, "dev": examples, "probes": probe_rows,
             "scores": {k: {key: metrics[f"{k}_{key}"] for key in SCORES} for k in runs}})
@@ -258,21 +253,7 @@ def build_report(base: dict, tuned: dict, dev_json: Path, probes_file: Path, cfg
                        files={"report_md": str(out / "report.md"),
                               "report_html": str(out / "report.html"),
                               "generations_json": str(out / "generations.json")},
-                       metrics=metrics, info={"markdown": markdown,
-                                              "device": base.get("device") or pick_device()})
-
-
-def _jsonable(spec: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in spec.items()}
-
-
-def _label(spec: dict) -> str:
-    label = str(spec.get("path"))
-    if spec.get("adapter"):
-        label += f" + adapter {spec['adapter']}"
-    if spec.get("quantization"):
-        label += " (4-bit)"
-    return label
+                       metrics=metrics, info={"markdown": markdown, "device": pick_device()})
 
 
 HTML_TEMPLATE = """<!doctype html>

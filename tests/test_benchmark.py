@@ -13,6 +13,7 @@ from _tiny_model import make_all  # noqa: E402
 from tasks.common import DataError, read_json  # noqa: E402
 from tasks.benchmark import batches, metric_key, run_benchmark  # noqa: E402
 from tasks.config import BenchmarkConfig  # noqa: E402
+from tasks.model_spec import ModelSpec  # noqa: E402
 
 PROMPTS = [[{"role": "user", "content": "绿萝叶子发黄怎么办？"}],
            [{"role": "user", "content": "多肉植物需要阳光吗？"}]]
@@ -32,8 +33,8 @@ def test_benchmark_two_variants(tmp_path):
     base, adapter = make_all(tmp_path)
     cfg = BenchmarkConfig(device="cpu", prompts=2, new_tokens=4, warmup=1, cpu_threads=1,
                           batch_sizes=[1, 2], repeats=2)
-    res = run_benchmark({"base": {"path": base}, "base+adapter": {"path": base,
-                                                                 "adapter": adapter}},
+    res = run_benchmark({"base": ModelSpec(base), "base+adapter": ModelSpec(base,
+                                                                          adapter=adapter)},
                         PROMPTS, cfg)
     rows = read_json(res.file("benchmark.json"))
     assert rows == res.info["rows"]
@@ -65,7 +66,7 @@ def test_batches_cycle_the_prompts():
 
 def test_benchmark_bad_spec(tmp_path):
     cfg = BenchmarkConfig(device="cpu", prompts=1, new_tokens=2)
-    with pytest.raises(DataError, match="not found"):
-        run_benchmark({"x": {"path": tmp_path / "nope"}}, PROMPTS, cfg)
-    with pytest.raises(ValueError, match="may carry only"):
-        run_benchmark({"x": {"path": tmp_path, "bits": 4}}, PROMPTS, cfg)
+    with pytest.raises(DataError, match=r"nope: benchmark variant 'x': model folder not found"):
+        run_benchmark({"x": ModelSpec(tmp_path / "nope")}, PROMPTS, cfg)
+    with pytest.raises(DataError, match=r"gone: benchmark variant 'x': adapter folder not found"):
+        run_benchmark({"x": ModelSpec(tmp_path, adapter=tmp_path / "gone")}, PROMPTS, cfg)

@@ -18,6 +18,7 @@ from _tiny_report_model import make_tiny_chat_model  # noqa: E402
 
 from tasks.common import DataError, read_json  # noqa: E402
 from tasks.config import ReportConfig  # noqa: E402
+from tasks.model_spec import ModelSpec  # noqa: E402
 from tasks.report import build_report, mean_scores, read_dev_prompts, read_probes, \
     score_answer  # noqa: E402
 
@@ -95,7 +96,7 @@ def test_inputs_are_read_and_bad_ones_refused(inputs, tmp_path):
 def test_report_builds(inputs, home):
     cfg = _cfg(inputs["probes"])
     extra = {"Benchmark": "| model | tok/s |\n|---|---:|\n| base | 1.0 |"}
-    res = build_report({"path": str(inputs["base"])}, {"path": inputs["tuned"]}, inputs["dev"],
+    res = build_report(ModelSpec(inputs["base"]), ModelSpec(inputs["tuned"]), inputs["dev"],
                        inputs["probes"], cfg, title="Tiny report", extra_sections=extra)
     assert res.stage == "report" and res.exists()
     assert Path(res.path).parent == home / "outputs" / "report"
@@ -133,8 +134,8 @@ def test_report_builds(inputs, home):
 
 
 def test_identical_models_score_identically(inputs):
-    spec = {"path": inputs["base"], "dtype": "float32"}
-    res = build_report(spec, dict(spec), inputs["dev"], inputs["probes"], _cfg(inputs["probes"]))
+    spec = ModelSpec(inputs["base"], "float32")
+    res = build_report(spec, spec, inputs["dev"], inputs["probes"], _cfg(inputs["probes"]))
     m = res.metrics
     for key in ("rouge_1", "rouge_2", "rouge_l", "bleu_4", "mean_answer_chars", "eos_rate"):
         assert m[f"base_{key}"] == m[f"tuned_{key}"]
@@ -145,8 +146,8 @@ def test_identical_models_score_identically(inputs):
 def test_empty_answers_that_end_with_eos(inputs, tmp_path):
     mute = make_tiny_chat_model(tmp_path / "mute", seed=2, mute=True)
     cfg = _cfg(inputs["probes"])
-    res = build_report({"path": inputs["base"]}, {"path": mute}, inputs["dev"], inputs["probes"],
-                       cfg)
+    res = build_report(ModelSpec(inputs["base"]), ModelSpec(mute), inputs["dev"],
+                       inputs["probes"], cfg)
     m = res.metrics
     assert m["tuned_eos_rate"] == 1 and m["tuned_mean_new_tokens"] == 1
     assert m["tuned_mean_answer_chars"] == 0

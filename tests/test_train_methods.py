@@ -15,6 +15,8 @@ from tasks.base_model import build_base_model
 from tasks.config import PipelineConfig
 from tasks.conversations import build_conversations
 from tasks.ingest import ingest
+from tasks.methods import METHODS
+from tasks.model_spec import ModelSpec
 from tasks.report import build_report
 from tasks.train import train_adapter
 
@@ -71,11 +73,9 @@ def test_method_beats_the_base_on_dev(embedded, method, monkeypatch):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
     # before/after on the report's dev prompts, the tuned model as it was trained
-    tuned = {"path": embedded["base"], "adapter": res.path}
-    if method == "qlora":
-        tuned["quantization"] = {"quant_type": "nf4", "double_quant": cfg.double_quant,
-                                 "compute_dtype": cfg.compute_dtype}
-    report = build_report({"path": embedded["base"]}, tuned, embedded["dev"],
+    tuned = ModelSpec(embedded["base"], adapter=res.path,
+                      quantization=METHODS[method].serving_quantization(cfg))
+    report = build_report(ModelSpec(embedded["base"]), tuned, embedded["dev"],
                           DEFAULT.report.probes_file, DEFAULT.report)
     r = report.metrics
     assert r["eval_examples"] == DEFAULT.report.eval_examples

@@ -23,12 +23,12 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from tasks.common import DataError, StageResult, atomic_write_bytes, atomic_write_json, \
-    digest_bytes, digest_path, is_local_model_path, publish_dir, read_json, stage_root, \
+    digest_bytes, digest_path, is_local_model_path, publish_dir, stage_root, \
     staging_dir
 from tasks.config import BaseModelConfig
 from tasks.modeling import DEFAULT_CHAT_TEMPLATE
 from tasks.progress import Progress
-from tasks.validate import validate_file
+from tasks.validate import read_conversations
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 ROLES = ("system", "user", "assistant")
@@ -41,13 +41,6 @@ REQUIRED_CHARS = "▁" + string.ascii_letters + string.digits + string.punctuati
 
 CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE          # the embedded default's, saved with it
 PRETRAIN_BATCH = 4
-
-
-def read_conversations(path: Path) -> list[list[dict[str, str]]]:
-    """The turn lists of a ChatGLM3 conversation file, validated against its schema (file,
-    record and JSON path named on error)."""
-    validate_file(Path(path), "conversation")
-    return [rec["conversations"] for rec in read_json(path)]
 
 
 def train_sentencepiece(texts: list[str], vocab_size: int) -> tuple[bytes, int]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from tasks.base_model import read_conversations
+from tasks.validate import read_conversations
 from tasks.common import ConfigError, atomic_write_bytes, atomic_write_text
 
 IGNORE = -100

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from jsonschema import Draft202012Validator
 
-from tasks.common import SCHEMA_DIR, DataError, StageResult
+from tasks.common import SCHEMA_DIR, DataError, StageResult, read_json
 from tasks.dataset_io import arrow_schema_of, scan_json_records
 from tasks.progress import Progress
 
@@ -246,3 +246,10 @@ def validate(files: dict[str, tuple[Path, str]]) -> StageResult:
                                            for name, n in counts.items()},
                        info={"schemas": {name: SCHEMAS[kind] for name, (_, kind) in
                                          files.items()}, "validated_by": paths})
+
+
+def read_conversations(path: Path) -> list[list[dict[str, str]]]:
+    """The turn lists of a ChatGLM3 conversation file, validated against its schema (file,
+    record and JSON path named on error)."""
+    validate_file(Path(path), "conversation")
+    return [rec["conversations"] for rec in read_json(path)]

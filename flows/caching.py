@@ -9,6 +9,8 @@ function's own source. Our key covers what really determines a stage's output:
 * the code of the stage module **and every `tasks.*` module it imports, transitively**, read
   from disk as a syntax tree (so editing a helper module recomputes the stages that use it, and
   only those; a comment or formatting change recomputes nothing);
+* the source of the Prefect task that wraps the core (flows/stages.py), docstrings excepted:
+  what it passes to the core is part of the stage;
 * the versions of the libraries that shape model outputs.
 """
 
@@ -17,16 +19,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
+import inspect
 import json
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+from prefect import Task, task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
 from flows.results import StageResultSerializer, cache_key_storage
-from tasks.code_version import code_digest
+from tasks.code_version import code_digest, code_text
 from tasks.common import StageResult, file_lock
 from tasks.digest_memo import memo_digest_path
 
@@ -88,28 +93,44 @@ def inputs_lock(stage: str, parameters: dict[str, Any]):
     return file_lock(f"stage-{stage}-{hashlib.blake2b(blob.encode()).hexdigest()[:2]}")
 
 
-def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = False) -> str:
+def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = False,
+              wrapper: str = "") -> str:
+    """The cache key of the stage whose core is `module`, on these task parameters; `wrapper`:
+    the digest of the task function's code (`wrapper_digest`)."""
     payload = {"code": code_digest(module), "inputs": fingerprint(parameters)}
     if model_libs:
         payload["libs"] = _lib_versions()
+    if wrapper:
+        payload["wrapper"] = wrapper
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
     return f"{module.rsplit('.', 1)[-1]}-{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}"
 
 
+def wrapper_digest(fn: Callable) -> str:
+    """Digest of a task function's source (its decorator line included, docstrings not)."""
+    text = code_text(textwrap.dedent(inspect.getsource(fn)))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def stage_cache_policy(module: str, *, model_libs: bool = False,
-                       ignore: tuple[str, ...] = ()) -> CachePolicy:
+                       ignore: tuple[str, ...] = (), wrapper: str = "") -> CachePolicy:
     """Cache policy for a task wrapping the core of `module` (e.g. "tasks.ingest"), its
     records kept where only plain-JSON stage results are read back (flows/results.py).
     `ignore`: parameters that do not shape the output (e.g. a name shown in errors)."""
     return CacheKeyFnPolicy(
         cache_key_fn=lambda _ctx, parameters: stage_key(
             module, {k: v for k, v in parameters.items() if k not in ignore},
-            model_libs=model_libs)
+            model_libs=model_libs, wrapper=wrapper)
     ).configure(key_storage=cache_key_storage())
 
 
-def stage_task_options(module: str, *, model_libs: bool = False,
-                       ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Options of a cached stage task: its cache policy, its result persisted as JSON."""
-    return {"persist_result": True, "result_serializer": StageResultSerializer(),
-            "cache_policy": stage_cache_policy(module, model_libs=model_libs, ignore=ignore)}
+def cached_stage(module: str, *, name: str | None = None, model_libs: bool = False,
+               ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
+    """Decorator: a cached Prefect task (named after `module` unless `name`) over a stage core,
+    keyed as this module's docstring says, its result persisted as JSON."""
+    def make(fn: Callable) -> Task:
+        policy = stage_cache_policy(module, model_libs=model_libs, ignore=ignore,
+                                    wrapper=wrapper_digest(fn))
+        return task(fn, name=name or module.rsplit(".", 1)[-1], persist_result=True,
+                    result_serializer=StageResultSerializer(), cache_policy=policy)
+    return make

@@ -28,11 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows import cli
-from flows.caching import stage_task_options
+from flows.caching import cached_stage
 from flows.pipeline import Built, build, finish, register
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
@@ -45,7 +45,7 @@ from tasks.register import RegisteredVersion
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
-@task(name="evaluate", **stage_task_options("tasks.gate", model_libs=True))
+@cached_stage("tasks.gate", name="evaluate", model_libs=True)
 def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                   eval_examples: int, max_new_tokens: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""

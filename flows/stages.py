@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import hygiene, startup
-from flows.caching import inputs_lock, stage_task_options
+from flows.caching import cached_stage, inputs_lock
 from flows.mlflow_files import DatasetFile
 from flows.tracking import Tracker
 from tasks.common import DataError, StageResult
@@ -44,13 +44,7 @@ def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) 
     return core(*args, **kwargs)
 
 
-def _stage(module: str, *, name: str | None = None, model_libs: bool = False,
-           ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
-    return task(name=name or module.rsplit(".", 1)[-1],
-                **stage_task_options(module, model_libs=model_libs, ignore=ignore))
-
-
-@_stage("tasks.ingest")
+@cached_stage("tasks.ingest")
 def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
                 max_chars: int = 100_000) -> StageResult:
     from tasks import ingest
@@ -58,7 +52,7 @@ def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
     return ingest.ingest(source, fmt, on_error, max_chars)
 
 
-@_stage("tasks.conversations", ignore=("source",))
+@cached_stage("tasks.conversations", ignore=("source",))
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
                        shuffle_seed: int | None, split_by: str = "record",
                        duplicates: str = "drop", source: str | None = None) -> StageResult:
@@ -70,7 +64,7 @@ def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: 
         duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
 
 
-@_stage("tasks.validate")
+@cached_stage("tasks.validate")
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
     from tasks import validate
 
@@ -79,7 +73,7 @@ def validate_task(qa: StageResult, data: StageResult) -> StageResult:
                               "dev": (data.file("dev_json"), "conversation")})
 
 
-@_stage("tasks.data_report")
+@cached_stage("tasks.data_report")
 def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None = None
                      ) -> StageResult:
     from tasks import data_report
@@ -95,14 +89,14 @@ def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
     return base_model.resolve_base_model(cfg)
 
 
-@_stage("tasks.base_model", name="base", model_libs=True)
+@cached_stage("tasks.base_model", name="base", model_libs=True)
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks import base_model
 
     return base_model.build_base_model(data.file("train_json"), cfg)
 
 
-@_stage("tasks.train", model_libs=True)
+@cached_stage("tasks.train", model_libs=True)
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks import train
 
@@ -110,14 +104,14 @@ def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageR
                        data.file("dev_json"), cfg)
 
 
-@_stage("tasks.merge", model_libs=True)
+@cached_stage("tasks.merge", model_libs=True)
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks import merge
 
     return _model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
-@_stage("tasks.quantize", model_libs=True)
+@cached_stage("tasks.quantize", model_libs=True)
 def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
     from tasks import quantize
@@ -129,7 +123,7 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
 quantize_torchao_task = quantize_task.with_options(name="quantize_torchao")
 
 
-@_stage("tasks.benchmark", model_libs=True)
+@cached_stage("tasks.benchmark", model_libs=True)
 def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: BenchmarkConfig,
                    device: str) -> StageResult:
     from tasks import benchmark
@@ -137,7 +131,7 @@ def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: Benchmark
     return benchmark.run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
-@_stage("tasks.report", model_libs=True)
+@cached_stage("tasks.report", model_libs=True)
 def report_task(base: ModelSpec, tuned: ModelSpec, data: StageResult,
                 probes_file: Path, cfg: ReportConfig, extra_sections: dict[str, str]
                 ) -> StageResult:

@@ -1,5 +1,9 @@
 """The version of a stage's code: a digest of the syntax trees of its module and of every
-`tasks.*` module it imports, transitively (comments and formatting do not count).
+`tasks.*` module it imports, transitively. Comments, formatting and docstrings do not count.
+
+The config schema (`tasks/config.py`, `tasks/config_load.py`) is not part of it: a stage sees
+its own config section as an input value, so a reworded field description of one section
+changes no stage, and a changed default changes exactly the stages whose section it is in.
 
 Used by the Prefect cache keys (flows/caching.py) and by the train stage's checkpoint key, so
 neither a cached result nor a resumed checkpoint outlives a change to the code that made it.
@@ -14,9 +18,13 @@ from pathlib import Path
 from tasks.common import REPO_DIR
 
 
+#: modules keyed by the values they produce (each stage's config section), not by their code
+SCHEMA_MODULES = ("tasks.config", "tasks.config_load")
+
+
 def _module_file(name: str) -> Path | None:
     parts = name.split(".")
-    if parts[0] != "tasks":
+    if parts[0] != "tasks" or name in SCHEMA_MODULES:
         return None
     path = REPO_DIR.joinpath(*parts).with_suffix(".py")
     return path if path.is_file() else None
@@ -51,12 +59,24 @@ def code_closure(module: str) -> list[Path]:
     return sorted(seen.values())
 
 
+def code_text(source: str) -> str:
+    """What counts of a module's source: its syntax tree without docstrings."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def code_digest(module: str) -> str:
     """Digest of `code_closure(module)`, read from disk on every call: a long-running server
     process must see code edited under it."""
     h = hashlib.blake2b(digest_size=16)
     for path in code_closure(module):
-        tree = ast.dump(ast.parse(path.read_text(encoding="utf-8")))  # comments don't count
+        tree = code_text(path.read_text(encoding="utf-8"))
         h.update(path.relative_to(REPO_DIR).as_posix().encode() + b"\0" + tree.encode())
         # sibling templates/data a module reads (e.g. report_template.html) count as code too
         for extra in sorted(path.parent.glob(f"{path.stem}_*.html")):

@@ -85,3 +85,78 @@ def test_key_of_a_directory_source_follows_its_files(tmp_path):
     assert stage_key("tasks.ingest", {"source": d}) == key
     (d / "b.jsonl").write_text('{"q": "Q2", "a": "A2"}\n', encoding="utf-8")
     assert stage_key("tasks.ingest", {"source": d}) != key
+
+
+MODEL_STAGES = ("tasks.train", "tasks.merge", "tasks.quantize", "tasks.benchmark",
+                "tasks.report")
+
+
+def test_training_a_users_model_does_not_depend_on_the_tiny_model_builder(repo_copy):
+    """The embedded default's builder (tasks/base_model.py) is no helper of any other stage."""
+    assert all("base_model.py" not in {p.name for p in code_closure(m)} for m in MODEL_STAGES)
+    before = {m: stage_key(m, {}) for m in (*MODEL_STAGES, "tasks.base_model")}
+    builder = repo_copy / "tasks" / "base_model.py"
+    builder.write_text(builder.read_text(encoding="utf-8").replace("PRETRAIN_BATCH = 4",
+                                                                   "PRETRAIN_BATCH = 5"))
+    assert stage_key("tasks.base_model", {}) != before["tasks.base_model"]
+    assert all(stage_key(m, {}) == before[m] for m in MODEL_STAGES)
+
+
+def test_each_stage_is_keyed_on_its_own_config_section_not_the_schema_text(repo_copy):
+    """Rewording a ReportConfig field description changes no stage (nor the train stage's
+    checkpoint folder, which follows code_digest); a changed value changes only the stage whose
+    section holds it."""
+    from tasks.code_version import code_digest
+    from tasks.config import ReportConfig, TrainConfig
+
+    inputs = {m: {"cfg": ReportConfig() if m == "tasks.report" else TrainConfig()}
+              for m in MODEL_STAGES}
+    before = {m: stage_key(m, inputs[m]) for m in MODEL_STAGES}
+    train_code = code_digest("tasks.train")
+    config = repo_copy / "tasks" / "config.py"
+    config.write_text(config.read_text(encoding="utf-8").replace(
+        'description="Dev prompts shown before/after."',
+        'description="How many dev prompts the report shows, before and after."'))
+    assert {m: stage_key(m, inputs[m]) for m in MODEL_STAGES} == before
+    assert code_digest("tasks.train") == train_code
+    assert stage_key("tasks.report", {"cfg": ReportConfig(dev_examples=3)}) \
+        != before["tasks.report"]
+
+
+def test_docstrings_and_comments_change_no_key_code_does(repo_copy):
+    before = stage_key("tasks.ingest", {})
+    ingest = repo_copy / "tasks" / "ingest.py"
+    src = ingest.read_text(encoding="utf-8")
+    reworded = src.replace('"""Stage 1, ingest:', '"""Stage one (ingest):', 1).replace(
+        '"""File names as the data set knows them', '"""The names of the files, as the data set '
+        'knows them', 1)
+    assert reworded != src
+    ingest.write_text(reworded + "\n# and a comment\n", encoding="utf-8")
+    assert stage_key("tasks.ingest", {}) == before
+    ingest.write_text(src.replace("def _relative_names(loaded: Loaded, source: Path)",
+                                  "def _relative_names(loaded: Loaded, source: Path, x=1)"),
+                      encoding="utf-8")
+    assert stage_key("tasks.ingest", {}) != before
+
+
+def test_the_task_wrapper_is_part_of_the_key(tmp_path):
+    """What the Prefect task passes to its core is part of the stage (flows/stages.py); its
+    docstring is not."""
+    import importlib.util
+
+    from flows.caching import wrapper_digest
+
+    def wrapper_of(name: str, doc: str, body: str):
+        path = tmp_path / f"{name}.py"
+        path.write_text(f'def train_task(base, cfg):\n    """{doc}"""\n    return {body}\n')
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return wrapper_digest(module.train_task)
+
+    plain = wrapper_of("a", "Train.", "core(base, cfg)")
+    assert wrapper_of("b", "Fine-tune an adapter on the base.", "core(base, cfg)") == plain
+    changed = wrapper_of("c", "Train.", "core(base, cfg, 'bfloat16')")
+    assert changed != plain
+    assert stage_key("tasks.train", {}, wrapper=plain) != stage_key("tasks.train", {},
+                                                                  wrapper=changed)

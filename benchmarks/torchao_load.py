@@ -21,17 +21,12 @@ from pathlib import Path
 import torch
 
 
-def hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def child(folder: Path, how: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    rss0 = hwm_mib()
+    from tasks.resources import own_peak_rss_mib
+
+    rss0 = own_peak_rss_mib()
     start = time.perf_counter()
     if how == "mmap":
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
@@ -49,7 +44,7 @@ def child(folder: Path, how: str) -> None:
     kinds = sorted({type(m.weight).__name__ for m in model.modules()
                     if isinstance(m, torch.nn.Linear)})
     row = {"how": how, "load_s": round(seconds, 1), "rss_before_mib": rss0,
-           "peak_rss_mib": hwm_mib(), "linear_weight_types": kinds}
+           "peak_rss_mib": own_peak_rss_mib(), "linear_weight_types": kinds}
     (folder.parent / f"row-{how}.json").write_text(json.dumps(row))
     print(json.dumps(row), flush=True)
 

@@ -38,7 +38,6 @@ from tasks.common import REPO_DIR
 from tasks.resources import Peaks, add_child_peaks, own_peak_rss_mib
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
 
 
 def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:

@@ -4,6 +4,7 @@ project home, as a user would."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,16 @@ def start(module: str, *args: str, home: Path, cwd: Path | None = None,
     with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", f"flows.{module}", *args],
                                 cwd=cwd or home.parent, env=cli_env(home, api_url),
-                                stdout=stdout, stderr=stderr)
+                                stdout=stdout, stderr=stderr, preexec_fn=_as_in_a_terminal)
     proc.output_files = files
     return proc
+
+
+def _as_in_a_terminal() -> None:
+    """Ctrl-C reaches the run as it does in a terminal, also where this test process was
+    started with SIGINT ignored (a shell's background job without job control: `cmd &` in a
+    script), which an exec'd child inherits and Python then keeps."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output(proc: subprocess.Popen) -> tuple[str, str]:

@@ -66,13 +66,17 @@ run: setup             ## full pipeline, embedded default (ARGS="--set train.met
 data: setup            ## data stage only
 	$(BIN)/python -m flows.data $(ARGS)
 
+# pytest-xdist: WORKERS processes, each test module whole on one of them (its module fixtures --
+# a pipeline run, a stack -- are built once); WORKERS=0 runs in this process (e.g. for pdb)
+WORKERS ?= 2
+XDIST  := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 test: setup            ## the whole test suite (what CI runs)
-	$(HF_OFFLINE) $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(HF_OFFLINE) $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # the inner loop: no servers, no browser, no training beyond tiny models (README "Tests")
 FAST := -m "not slow and not browser and not server"
 test-fast: setup       ## the fast tests only
-	$(HF_OFFLINE) $(BIN)/python -m pytest $(FAST) $(PYTEST_ARGS)
+	$(HF_OFFLINE) $(BIN)/python -m pytest $(FAST) $(XDIST) $(PYTEST_ARGS)
 
 MODEL ?= plant-care-chat
 serve: setup           ## serve MODEL@champion with MLflow's model server on 127.0.0.1:5001; follows promotions

@@ -9,7 +9,7 @@ TINY: dict[str, Any] = {
     "base": {"vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
              "max_seq_len": 64, "pretrain_epochs": 4, "learning_rate": 0.005},
     "train": {"epochs": 1, "batch_size": 16, "max_length": 64, "eval_steps": 50},
-    "benchmark": {"prompts": 1, "new_tokens": 2, "warmup": 0, "cpu_threads": 1},
+    "benchmark": {"prompts": 1, "new_tokens": 2, "warmup": 0, "cpu_threads": 1, "repeats": 1},
     "report": {"dev_examples": 1, "eval_examples": 2, "max_new_tokens": 8},
 }
 #: the gate scores 4 dev prompts per model (answers of at most 8 tokens)

@@ -1,6 +1,8 @@
 """The full pipeline on the embedded default, for real: Prefect flow, MLflow runs and registry,
 models trained on CPU. One module-scoped first run is shared by the assertions; a second run
-must be all cache hits, and one changed Q/A pair must recompute every stage."""
+must be all cache hits, and one changed Q/A pair must recompute every stage. The models are the
+embedded default's; the benchmark measures each of them once, not three times (the median over
+repeats is tests/test_benchmark.py's)."""
 
 from __future__ import annotations
 
@@ -40,9 +42,14 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
+def config(corpus: Path) -> PipelineConfig:
+    """The embedded default on `corpus`, one benchmark round."""
+    return PipelineConfig(data={"source": corpus}, benchmark={"repeats": 1})
+
+
 @pytest.fixture(scope="module")
 def first(corpus) -> dict:
-    return pipeline(PipelineConfig(data={"source": corpus}))
+    return pipeline(config(corpus))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +186,7 @@ def test_benchmark_measures_four_variants(first):
 
 
 def test_second_run_is_all_cache_hits(first, corpus, client):
-    second = pipeline(PipelineConfig(data={"source": corpus}))
+    second = pipeline(config(corpus))
     assert all(r["cached"] for r in second["stages"]), second["stages"]
     assert "10/10 stages were cache hits" in second["summary"]
     assert [r["version"] for r in second["registered"]] == \
@@ -195,6 +202,6 @@ def test_one_changed_pair_recomputes_everything_downstream(first, corpus):
     lines = corpus.read_text(encoding="utf-8").split("\n")
     lines[1] += "（修订）"                                # the first answer changes
     corpus.write_text("\n".join(lines), encoding="utf-8")
-    third = pipeline(PipelineConfig(data={"source": corpus}))
+    third = pipeline(config(corpus))
     assert [r["stage"] for r in third["stages"] if r["cached"]] == []
     assert all(r["created"] for r in third["registered"])

@@ -10,14 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common import StageResult, read_json
-from tasks.report import SCORES
+from tasks.generations import SCORES
 
 #: the artifact the generations table is logged as (the MLflow UI's "Evaluation" tab and the
 #: artifact view read it)
 GENERATIONS_TABLE = "generations_table.json"
 
 
-def headline_metrics(data: StageResult, adapter: StageResult, report: StageResult,
+def headline_metrics(data: StageResult, adapter: StageResult, generations: StageResult,
                      bench: StageResult, int4: StageResult | None) -> dict[str, float]:
     """Record counts, dev loss and scores before/after, decode speed and memory per variant
     (the benchmark's first engine and smallest batch), and the int4 size ratio."""
@@ -28,8 +28,8 @@ def headline_metrics(data: StageResult, adapter: StageResult, report: StageResul
             m[f"dev_loss_{when}"] = adapter.metrics[f"eval_loss_{when}"]
     for key in SCORES:
         for who, when in (("base", "before"), ("tuned", "after")):
-            if f"{who}_{key}" in report.metrics:
-                m[f"dev_{key}_{when}"] = report.metrics[f"{who}_{key}"]
+            if f"{who}_{key}" in generations.metrics:
+                m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
     rows = bench.info.get("rows", [])
     if rows:
         engine, batch = rows[0]["engine"], min(r["batch"] for r in rows)
@@ -43,10 +43,10 @@ def headline_metrics(data: StageResult, adapter: StageResult, report: StageResul
     return m
 
 
-def generations_table(report: StageResult) -> dict[str, list[Any]]:
-    """The report's dev prompts with their reference, the answers before and after, and each
-    answer's scores: one row per prompt, columns as lists."""
-    dev = read_json(report.files["generations_json"])["dev"]
+def generations_table(generations: StageResult) -> dict[str, list[Any]]:
+    """The generations stage's dev prompts with their reference, the answers before and after,
+    and each answer's scores: one row per prompt, columns as lists."""
+    dev = read_json(generations.files["generations_json"])["dev"]
     table: dict[str, list[Any]] = {
         "prompt": [e["prompt"][-1]["content"] if isinstance(e["prompt"], list) else e["prompt"]
                    for e in dev],

@@ -1,5 +1,5 @@
 """The full pipeline flow: `build` (data -> base -> train -> merge -> quantize -> benchmark ->
-report), then `register`; every stage a cached Prefect task and an MLflow child run of one
+generations -> report), then `register`; every stage a cached Prefect task and an MLflow child run of one
 parent run. flows/nightly.py composes the same two steps with its champion gate between them.
 
     python -m flows.pipeline                                # embedded default, offline, CPU
@@ -23,8 +23,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows import cli
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
-from flows.stages import PipelineRun, base_model_task, benchmark_task, merge_task, \
-    parent_run, quantize_task, quantize_torchao_task, report_task, resolve_base_task, train_task
+from flows.stages import PipelineRun, base_model_task, benchmark_task, generations_task, \
+    merge_task, parent_run, quantize_task, quantize_torchao_task, report_task, \
+    resolve_base_task, train_task
 from tasks.common import StageResult
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
@@ -32,7 +33,7 @@ from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
 from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, log_chat_model, register_version
-from tasks.report import read_dev_prompts
+from tasks.generations import read_dev_prompts
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -57,7 +58,8 @@ class Built:
     int4: StageResult | None                # bitsandbytes nf4
     fast_int4: StageResult | None           # torchao int4 (on a GPU)
     benchmark: StageResult
-    report: StageResult
+    generations: StageResult                # base and tuned answers, scored
+    report: StageResult                     # rendered: generations + the benchmark table
 
 
 def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
@@ -105,15 +107,17 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
-    report = run.stage(report_task, base=base_spec, tuned=variants.get("merged", adapted),
-                       data=data,
-                       probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
+    generations = run.stage(generations_task, base=base_spec,
+                            tuned=variants.get("merged", adapted), data=data,
+                            probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
+    report = run.stage(report_task, generations=generations,
                        extra_sections={"Benchmark": bench.info.get("table", "")})
     create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
-                 headline_metrics(data, adapter, report, bench, int4), generations_table(report))
-    return Built(data, base, adapter, merged, int4, fast_int4, bench, report)
+                 headline_metrics(data, adapter, generations, bench, int4),
+                 generations_table(generations))
+    return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report)
 
 
 def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
@@ -130,7 +134,7 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion]) ->
     text = _summary(run, built.report, built.benchmark, versions)
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
-            "report": built.report.files,
+            "generations": built.generations.files, "report": built.report.files,
             "benchmark": built.benchmark.info.get("rows", []),
             "registered": [v.__dict__ for v in versions], "summary": text}
 
@@ -154,10 +158,10 @@ MLFLOW_MODELS = ("merged_model", "int4_model")
 
 
 def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
-    data, adapter, merged, report = built.data, built.adapter, built.merged, built.report
+    data, adapter, merged, scored = built.data, built.adapter, built.merged, built.generations
     client = run.tracker.client
     tags = {"data_digest": data.digest, "method": cfg.train.method,
-            **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **report.metrics}.items()
+            **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **scored.metrics}.items()
                if k.startswith(("eval_loss", "tuned_", "base_"))}}
     versions = []
     entries = [(cfg.registry.model_name, merged, "merge", "merged_model"),

@@ -131,14 +131,20 @@ def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: Benchmark
     return benchmark.run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
-@cached_stage("tasks.report", model_libs=True)
-def report_task(base: ModelSpec, tuned: ModelSpec, data: StageResult,
-                probes_file: Path, cfg: ReportConfig, extra_sections: dict[str, str]
-                ) -> StageResult:
+@cached_stage("tasks.generations", model_libs=True)
+def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probes_file: Path,
+                     cfg: ReportConfig) -> StageResult:
+    from tasks import generations
+
+    return _model_core(generations.generate_answers, base, tuned, data.file("dev_json"),
+                       probes_file, cfg)
+
+
+@cached_stage("tasks.report")
+def report_task(generations: StageResult, extra_sections: dict[str, str]) -> StageResult:
     from tasks import report
 
-    return _model_core(report.build_report, base, tuned, data.file("dev_json"), probes_file,
-                       cfg, extra_sections=extra_sections)
+    return report.render_report(generations.file("generations_json"), extra_sections)
 
 
 @dataclass(frozen=True)

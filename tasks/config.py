@@ -236,8 +236,8 @@ class RegistryConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    """A full pipeline run: data -> base -> train -> merge -> quantize -> benchmark -> report ->
-    register."""
+    """A full pipeline run: data -> base -> train -> merge -> quantize -> benchmark ->
+    generations -> report -> register."""
 
     data: DataConfig = Field(default_factory=DataConfig, description="Input data and split.")
     base: BaseModelConfig = Field(default_factory=BaseModelConfig, description="Base model.")

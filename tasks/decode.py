@@ -1,5 +1,5 @@
-"""Fast greedy decoding for the benchmark and report stages: a static KV cache, and on CUDA one
-decode step replayed as a CUDA graph (optionally compiled first).
+"""Fast greedy decoding for the benchmark and generations stages: a static KV cache, and on CUDA
+one decode step replayed as a CUDA graph (optionally compiled first).
 
 HF `generate` with a dynamic cache is host-bound at batch 1 on a fast GPU: issuing one step's
 hundreds of kernels takes as long as running them (README "Measured on a GPU"). Here the step's

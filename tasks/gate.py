@@ -1,9 +1,9 @@
 """Champion gate: does a retrained model (the challenger) replace the current champion?
 
 Both models answer the SAME dev prompts (the current dev split) under the same greedy settings,
-scored like the report stage (ROUGE-1/2/L F1 on jieba words, BLEU-4 on characters, 0-100). The
-out-of-domain probes have no reference answers, so forgetting is measured as *retention*: how
-close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100).
+scored like the generations stage (ROUGE-1/2/L F1 on jieba words, BLEU-4 on characters,
+0-100). The out-of-domain probes have no reference answers, so forgetting is measured as
+*retention*: how close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100).
 
 The challenger is promoted only if it beats the champion on the configured metric by more than
 `min_improvement` AND its retention is at most `max_ood_drop` points below the champion's. The
@@ -51,7 +51,8 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                    eval_examples: int, max_new_tokens: int) -> StageResult:
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
     model; score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
-    from tasks.report import SCORES, answer_prompts, read_dev_prompts, read_probes, score_answer
+    from tasks.generations import SCORES, answer_prompts, read_dev_prompts, read_probes, \
+        score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
     probes = read_probes(Path(probes_file))
@@ -81,7 +82,7 @@ def probe_answers(evaluation: StageResult) -> list[str]:
 def ood_retention(answers: list[str], base_answers: list[str]) -> float:
     """Mean ROUGE-L (0-100) of a model's probe answers against the base model's answers to the
     same probes: 100 = answers out-of-domain questions exactly as the base did."""
-    from tasks.report import score_answer
+    from tasks.generations import score_answer
 
     if len(answers) != len(base_answers) or not answers:
         raise ValueError(f"probe answers do not line up ({len(answers)} vs "

@@ -1,4 +1,4 @@
-"""`ModelSpec`: which model the benchmark, report and gate stages load, and how.
+"""`ModelSpec`: which model the benchmark, generations and gate stages load, and how.
 
     ModelSpec(path="outputs/merge/<digest>", dtype="bfloat16", digest="<digest>")
     ModelSpec(path=base, adapter=adapter_dir, quantization=FourBit(compute_dtype="bfloat16"))

@@ -15,8 +15,8 @@ TINY: dict[str, Any] = {
 #: the gate scores 4 dev prompts per model (answers of at most 8 tokens)
 TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
 
-PIPELINE_STAGES = {"ingest", "conversations", "validate", "base", "train", "merge",
-                   "quantize", "benchmark", "report"}
+PIPELINE_STAGES = {"ingest", "conversations", "validate", "data_report", "base", "train",
+                   "merge", "quantize", "benchmark", "generations", "report"}
 
 
 def tiny(**sections: dict[str, Any]) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def test_key_of_a_directory_source_follows_its_files(tmp_path):
 
 
 MODEL_STAGES = ("tasks.train", "tasks.merge", "tasks.quantize", "tasks.benchmark",
-                "tasks.report")
+                "tasks.generations")
 
 
 def test_training_a_users_model_does_not_depend_on_the_tiny_model_builder(repo_copy):
@@ -109,7 +109,7 @@ def test_each_stage_is_keyed_on_its_own_config_section_not_the_schema_text(repo_
     from tasks.code_version import code_digest
     from tasks.config import ReportConfig, TrainConfig
 
-    inputs = {m: {"cfg": ReportConfig() if m == "tasks.report" else TrainConfig()}
+    inputs = {m: {"cfg": ReportConfig() if m == "tasks.generations" else TrainConfig()}
               for m in MODEL_STAGES}
     before = {m: stage_key(m, inputs[m]) for m in MODEL_STAGES}
     train_code = code_digest("tasks.train")
@@ -119,8 +119,8 @@ def test_each_stage_is_keyed_on_its_own_config_section_not_the_schema_text(repo_
         'description="How many dev prompts the report shows, before and after."'))
     assert {m: stage_key(m, inputs[m]) for m in MODEL_STAGES} == before
     assert code_digest("tasks.train") == train_code
-    assert stage_key("tasks.report", {"cfg": ReportConfig(dev_examples=3)}) \
-        != before["tasks.report"]
+    assert stage_key("tasks.generations", {"cfg": ReportConfig(dev_examples=3)}) \
+        != before["tasks.generations"]
 
 
 def test_docstrings_and_comments_change_no_key_code_does(repo_copy):
@@ -160,3 +160,25 @@ def test_the_task_wrapper_is_part_of_the_key(tmp_path):
     assert changed != plain
     assert stage_key("tasks.train", {}, wrapper=plain) != stage_key("tasks.train", {},
                                                                   wrapper=changed)
+
+
+def test_the_benchmark_table_is_an_input_of_the_report_render_only():
+    """Generating answers is keyed on the models, the data and the report section; the
+    benchmark table goes only into the cheap render (tasks/report.py), so a recomputed
+    benchmark re-renders the report and generates nothing again."""
+    import inspect
+
+    from flows.stages import generations_task, report_task
+
+    def key(stage_task, **inputs) -> str:
+        return stage_task.cache_policy.compute_key(None, inputs, {})
+
+    gens = StageResult("generations", "/x/g", "g1")
+    assert key(report_task, generations=gens, extra_sections={"Benchmark": "| a |"}) != \
+        key(report_task, generations=gens, extra_sections={"Benchmark": "| b |"})
+    assert key(report_task, generations=StageResult("generations", "/x/g", "g2"),
+               extra_sections={}) != key(report_task, generations=gens, extra_sections={})
+    generating = set(inspect.signature(generations_task.fn).parameters)
+    assert generating == {"base", "tuned", "data", "probes_file", "cfg"}
+    assert "tasks/benchmark.py" not in {p.relative_to(code_version.REPO_DIR).as_posix()
+                                        for p in code_closure("tasks.generations")}

@@ -20,7 +20,7 @@ from tasks.config import PipelineConfig
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest", "conversations", "validate", "data_report", "base", "train", "merge", "quantize",
-          "benchmark", "report"]
+          "benchmark", "generations", "report"]
 ARTIFACTS = {                      # child run -> artifacts it must hold (dirs and files)
     "ingest": {"qa.json"},                # + the raw .txt (named as its first source was)
     "conversations": {"train.json", "dev.json"},
@@ -31,7 +31,8 @@ ARTIFACTS = {                      # child run -> artifacts it must hold (dirs a
     "merge": {"merged_model"},
     "quantize": {"int4_model"},
     "benchmark": {"benchmark.json", "benchmark.md"},
-    "report": {"report.html", "report.md", "generations.json"},
+    "generations": {"generations.json"},
+    "report": {"report.html", "report.md"},
 }
 
 
@@ -102,7 +103,7 @@ def test_every_artifact_is_in_mlflow(first, client):
 
 def test_training_lowers_dev_loss_and_raises_dev_rouge(first, client):
     kids = child_runs(client, first["mlflow_run_id"])
-    train, report = kids["train"].data.metrics, kids["report"].data.metrics
+    train, report = kids["train"].data.metrics, kids["generations"].data.metrics
     assert train["eval_loss_after"] < train["eval_loss_before"]
     # base and tuned answer the same dev prompts (ROUGE-L on jieba-segmented Chinese)
     assert report["tuned_rouge_l"] > report["base_rouge_l"]
@@ -113,7 +114,7 @@ def test_parent_run_carries_the_headline_metrics_and_a_generations_table(first, 
     parent = client.get_run(first["mlflow_run_id"])
     m = parent.data.metrics
     kids = child_runs(client, parent.info.run_id)
-    train, report = kids["train"].data.metrics, kids["report"].data.metrics
+    train, report = kids["train"].data.metrics, kids["generations"].data.metrics
     assert m["dev_loss_before"] == pytest.approx(train["eval_loss_before"])
     assert m["dev_loss_after"] == pytest.approx(train["eval_loss_after"])
     for key in ("rouge_1", "rouge_2", "rouge_l", "bleu_4"):
@@ -129,7 +130,7 @@ def test_parent_run_carries_the_headline_metrics_and_a_generations_table(first, 
 
     table = client.load_table(client.get_run(parent.info.run_id).info.experiment_id,
                               GENERATIONS_TABLE, run_ids=[parent.info.run_id])
-    gens = json.loads(Path(first["report"]["generations_json"]).read_text(encoding="utf-8"))
+    gens = json.loads(Path(first["generations"]["generations_json"]).read_text(encoding="utf-8"))
     assert list(table["after"]) == [g["after"] for g in gens["dev"]]
     assert list(table["reference"]) == [g["reference"] for g in gens["dev"]]
     assert {"prompt", "before", "rouge_l_before", "rouge_l_after"} <= set(table.columns)
@@ -168,7 +169,7 @@ def test_the_registered_merged_model_is_an_mlflow_model_that_answers_a_chat(firs
 
 def test_report_shows_before_and_after(first):
     report_md = Path(first["report"]["report_md"]).read_text(encoding="utf-8")
-    gens = json.loads(Path(first["report"]["generations_json"]).read_text(encoding="utf-8"))
+    gens = json.loads(Path(first["generations"]["generations_json"]).read_text(encoding="utf-8"))
     for g in gens["dev"][:3] + gens["probes"]:          # side by side, with the references
         assert g["before"].strip() in report_md and g["after"].strip() in report_md
     for g in gens["dev"][:3]:
@@ -188,7 +189,7 @@ def test_benchmark_measures_four_variants(first):
 def test_second_run_is_all_cache_hits(first, corpus, client):
     second = pipeline(config(corpus))
     assert all(r["cached"] for r in second["stages"]), second["stages"]
-    assert "10/10 stages were cache hits" in second["summary"]
+    assert "11/11 stages were cache hits" in second["summary"]
     assert [r["version"] for r in second["registered"]] == \
         [r["version"] for r in first["registered"]]
     assert not any(r["created"] for r in second["registered"])
@@ -196,6 +197,16 @@ def test_second_run_is_all_cache_hits(first, corpus, client):
     assert kids["train"].data.tags["pipeline.cache"] == "hit"
     first_train = child_runs(client, first["mlflow_run_id"])["train"].info.run_id
     assert kids["train"].data.tags["pipeline.reused_from_run_id"] == first_train
+
+
+def test_a_new_benchmark_re_renders_the_report_and_generates_nothing_again(first, corpus):
+    fewer_tokens = config(corpus).model_copy(update={"benchmark": config(corpus).benchmark
+                                                     .model_copy(update={"new_tokens": 8})})
+    again = pipeline(fewer_tokens)
+    computed = [r["stage"] for r in again["stages"] if not r["cached"]]
+    assert computed == ["benchmark", "report"], again["stages"]
+    assert again["generations"] == first["generations"]
+    assert again["report"]["report_md"] != first["report"]["report_md"]
 
 
 def test_one_changed_pair_recomputes_everything_downstream(first, corpus):

@@ -33,7 +33,7 @@ def test_pipeline_runs_on_a_local_model_folder(tmp_path):
     out = pipeline(cfg)
     assert [r["stage"] for r in out["stages"]] == [
         "ingest", "conversations", "validate", "data_report", "base", "train", "merge",
-        "quantize", "benchmark", "report"]
+        "quantize", "benchmark", "generations", "report"]
 
     client = MlflowClient(tracking_uri())
     kids = children(client, out["mlflow_run_id"])

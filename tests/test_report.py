@@ -1,5 +1,6 @@
-"""Report stage on a tiny offline chat model: two differently-initialised copies act as base and
-tuned; real files, real generation, real scoring."""
+"""Generations and report stages on a tiny offline chat model: two differently-initialised
+copies act as base and tuned; real files, real generation, real scoring, and the report rendered
+from the generations file alone."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from _tiny_report_model import make_tiny_chat_model  # noqa: E402
 from tasks.common import DataError, read_json  # noqa: E402
 from tasks.config import ReportConfig  # noqa: E402
 from tasks.model_spec import ModelSpec  # noqa: E402
-from tasks.report import build_report, mean_scores, read_dev_prompts, read_probes, \
-    score_answer  # noqa: E402
+from tasks.generations import generate_answers, mean_scores, read_dev_prompts, \
+    read_probes, score_answer  # noqa: E402
+from tasks.report import render_report  # noqa: E402
 
 SCRIPT = "<script>alert('x')</script>"
 DEV = [
@@ -96,14 +98,17 @@ def test_inputs_are_read_and_bad_ones_refused(inputs, tmp_path):
 def test_report_builds(inputs, home):
     cfg = _cfg(inputs["probes"])
     extra = {"Benchmark": "| model | tok/s |\n|---|---:|\n| base | 1.0 |"}
-    res = build_report(ModelSpec(inputs["base"]), ModelSpec(inputs["tuned"]), inputs["dev"],
-                       inputs["probes"], cfg, title="Tiny report", extra_sections=extra)
-    assert res.stage == "report" and res.exists()
-    assert Path(res.path).parent == home / "outputs" / "report"
-    md = Path(res.files["report_md"]).read_text(encoding="utf-8")
-    page = Path(res.files["report_html"]).read_text(encoding="utf-8")
+    res = generate_answers(ModelSpec(inputs["base"]), ModelSpec(inputs["tuned"]), inputs["dev"],
+                           inputs["probes"], cfg)
+    assert res.stage == "generations" and res.exists()
+    assert Path(res.path).parent == home / "outputs" / "generations"
+    report = render_report(res.file("generations_json"), extra, title="Tiny report")
+    assert report.stage == "report" and report.exists()
+    assert Path(report.path).parent == home / "outputs" / "report"
+    md = Path(report.files["report_md"]).read_text(encoding="utf-8")
+    page = Path(report.files["report_html"]).read_text(encoding="utf-8")
     gens = read_json(res.files["generations_json"])
-    assert res.info["markdown"] == md and md.startswith("# Tiny report")
+    assert report.info["markdown"] == md and md.startswith("# Tiny report")
     assert md.rstrip().endswith(extra["Benchmark"])
 
     # every shown dev example and every probe: before and after text in the markdown
@@ -114,6 +119,7 @@ def test_report_builds(inputs, home):
         assert html.escape(ex["after"], quote=False) in page
     assert md.count("### Dev example") == cfg.dev_examples and md.count("### Probe") == 2
     assert [ex["scored"] for ex in gens["dev"]] == [True] * 4
+    assert f"| ROUGE-L | {res.metrics['base_rouge_l']:.2f} | " in md
 
     # HTML: self-contained, UTF-8, autoescaped prompt text; markdown extra rendered as a table
     assert '<meta charset="utf-8">' in page and "<script>" not in page
@@ -121,6 +127,11 @@ def test_report_builds(inputs, home):
     assert "<table>" in page or "<pre>" in page
     assert '[system]</span> 你是一个植物养护助手。\n<span class="role">[user]' in page
     assert "[system] 你是一个植物养护助手。\n[user] 多肉植物多久浇一次水？" in md
+
+    # another section re-renders from the same file: a new report, the same answers
+    again = render_report(res.file("generations_json"), {"Benchmark": "other"})
+    assert again.digest != report.digest
+    assert Path(again.files["report_md"]).read_text(encoding="utf-8").rstrip().endswith("other")
 
     m = res.metrics
     assert (m["dev_examples"], m["eval_examples"], m["probe_count"]) == (3, 4, 2)
@@ -135,7 +146,8 @@ def test_report_builds(inputs, home):
 
 def test_identical_models_score_identically(inputs):
     spec = ModelSpec(inputs["base"], "float32")
-    res = build_report(spec, spec, inputs["dev"], inputs["probes"], _cfg(inputs["probes"]))
+    res = generate_answers(spec, spec, inputs["dev"], inputs["probes"],
+                           _cfg(inputs["probes"]))
     m = res.metrics
     for key in ("rouge_1", "rouge_2", "rouge_l", "bleu_4", "mean_answer_chars", "eos_rate"):
         assert m[f"base_{key}"] == m[f"tuned_{key}"]
@@ -146,8 +158,8 @@ def test_identical_models_score_identically(inputs):
 def test_empty_answers_that_end_with_eos(inputs, tmp_path):
     mute = make_tiny_chat_model(tmp_path / "mute", seed=2, mute=True)
     cfg = _cfg(inputs["probes"])
-    res = build_report(ModelSpec(inputs["base"]), ModelSpec(mute), inputs["dev"],
-                       inputs["probes"], cfg)
+    res = generate_answers(ModelSpec(inputs["base"]), ModelSpec(mute), inputs["dev"],
+                           inputs["probes"], cfg)
     m = res.metrics
     assert m["tuned_eos_rate"] == 1 and m["tuned_mean_new_tokens"] == 1
     assert m["tuned_mean_answer_chars"] == 0

@@ -1,7 +1,7 @@
 """Stage "train", per method, on the embedded default (README "Two commands" table): the sample corpus split
 70/30 and the ~2M-parameter base built from it, exactly as `PipelineConfig()` makes them. Each
 of lora, qlora and ptuning, with its default settings, must lower the dev loss and beat the base
-on dev ROUGE-L, scored by the report stage's core on the same dev prompts as the pipeline's
+on dev ROUGE-L, scored by the generations stage's core on the same dev prompts as the pipeline's
 before/after report; the sanity dump and loss curve must show what was learned."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from tasks.conversations import build_conversations
 from tasks.ingest import ingest
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
-from tasks.report import build_report
+from tasks.generations import generate_answers
 from tasks.train import train_adapter
 
 DEFAULT = PipelineConfig()
@@ -75,8 +75,8 @@ def test_method_beats_the_base_on_dev(embedded, method, monkeypatch):
     # before/after on the report's dev prompts, the tuned model as it was trained
     tuned = ModelSpec(embedded["base"], adapter=res.path,
                       quantization=METHODS[method].serving_quantization(cfg))
-    report = build_report(ModelSpec(embedded["base"]), tuned, embedded["dev"],
-                          DEFAULT.report.probes_file, DEFAULT.report)
+    report = generate_answers(ModelSpec(embedded["base"]), tuned, embedded["dev"],
+                              DEFAULT.report.probes_file, DEFAULT.report)
     r = report.metrics
     assert r["eval_examples"] == DEFAULT.report.eval_examples
     print(f"{method}: dev loss {m['eval_loss_before']:.3f} -> {m['eval_loss_after']:.3f}, "

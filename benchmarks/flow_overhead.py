@@ -78,7 +78,8 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
 
 def boot_server(home: Path) -> float:
     """Seconds a command-line run's temporary Prefect server takes to answer, booted alone."""
-    code = ("import flows.startup as s; s.launch_temporary_server(); s.wait_for_server(); "
+    code = ("import flows.startup as s; s.prepare(); s.launch_temporary_server(); "
+            "s.wait_for_server(); "
             "print(s.temporary_server().ready_seconds)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(home), cwd=REPO, check=True,
                          capture_output=True, text=True)

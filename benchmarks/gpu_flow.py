@@ -115,7 +115,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="benchmark repeats")
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
-    os.environ["PIPELINE_HOME"] = str(home)           # before flows/ is imported
+    os.environ["PIPELINE_HOME"] = str(home)
+    from flows.startup import prepare
+
+    prepare()                                         # before Prefect is imported
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("PREFECT_API_URL", None)
 

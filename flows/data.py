@@ -7,6 +7,11 @@ with a data report (counts, skipped and duplicate records, length histograms) in
 
 from __future__ import annotations
 
+if __name__ == "__main__":        # the command line: set up before Prefect is imported
+    from flows.startup import prepare_cli
+
+    prepare_cli()
+
 import sys
 from pathlib import Path
 from typing import Any

@@ -20,6 +20,11 @@
 
 from __future__ import annotations
 
+if __name__ == "__main__":        # the command line: set up before Prefect is imported
+    from flows.startup import prepare_cli
+
+    prepare_cli()
+
 import argparse
 import json
 import shutil

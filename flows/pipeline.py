@@ -9,6 +9,11 @@ parent run. flows/nightly.py composes the same two steps with its champion gate 
 
 from __future__ import annotations
 
+if __name__ == "__main__":        # the command line: set up before Prefect is imported
+    from flows.startup import prepare_cli
+
+    prepare_cli()
+
 import argparse
 import importlib.util
 import sys

@@ -133,7 +133,7 @@ class CacheKeyStorage(LocalFileSystem):
 
 def results_folder() -> Path:
     """Prefect's local result storage (`PREFECT_LOCAL_STORAGE_PATH`: <project>/.prefect/storage,
-    set by flows/__init__.py)."""
+    set by flows.startup.prepare)."""
     from prefect.settings import get_current_settings
 
     return Path(get_current_settings().results.local_storage_path)

@@ -96,17 +96,17 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         """Environment of every stack process (and, through the worker, of every flow run)."""
+        from flows.startup import project_environment
+
         home = str(self.home)
-        return {**os.environ, "PIPELINE_HOME": home, "PREFECT_HOME": f"{home}/.prefect",
-                "PREFECT_LOCAL_STORAGE_PATH": f"{home}/.prefect/storage",
+        return {**os.environ, **project_environment(self.home), "PIPELINE_HOME": home,
                 "PREFECT_API_URL": self.api_url, "PREFECT_UI_API_URL": self.api_url,
                 "PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(self.prefect_port),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                 "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
                 "PREFECT_WORKER_QUERY_SECONDS": os.environ.get("PREFECT_WORKER_QUERY_SECONDS", "5"),
                 "MLFLOW_TRACKING_URI": self.tracking_uri,
                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+                "PYTHONUNBUFFERED": "1"}
 
     def command(self, service: str) -> list[str]:
         py = sys.executable

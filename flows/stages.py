@@ -9,6 +9,7 @@ machine every model stage's core runs in a process of its own (`_model_core`).
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -303,6 +304,8 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
     """One MLflow parent run for this Prefect flow run (tagged with its id and UI link, and with
     this process, so a later run can tell if it was killed), after sweeping up what killed runs
     left behind. Ends FINISHED, FAILED (with the error) or KILLED (a signal, Ctrl-C)."""
+    # the cores' progress lines, shown in Prefect's task-run logs (PREFECT_LOGGING_EXTRA_LOGGERS)
+    logging.getLogger("tasks").setLevel(logging.INFO)
     hygiene.start_watchdog()
     tracker = Tracker(experiment)
     hygiene.sweep(tracker.client)

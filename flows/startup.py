@@ -1,16 +1,23 @@
-"""Fast start for `python -m flows.data|pipeline|nightly`: Prefect's server boots while the rest
-of the run starts.
+"""Setting up a process that runs flows (`prepare`), and a fast start for
+`python -m flows.data|pipeline|nightly` (`prepare_cli`): Prefect's server boots while the rest of
+the run starts.
 
-A flow needs a Prefect API. While the local stack is up (`make stack`), `flows/__init__.py`
-points `PREFECT_API_URL` at its server. Otherwise Prefect starts a temporary server at the
+Prefect reads its settings once, when it is imported, so both must be called before that:
+
+    from flows.startup import prepare      # a script or notebook that runs a flow
+    prepare()
+    from flows.pipeline import pipeline
+
+A flow needs a Prefect API. While the local stack is up (`make stack`), `prepare_cli` points
+`PREFECT_API_URL` at its server. Otherwise Prefect starts a temporary server at the
 flow's first API call, and everything happens one after the other: import Prefect and MLflow,
 import Prefect's server code into this process (~3 s on a 2-core machine), start the server in a
 subprocess and wait for it, open the MLflow store, and only then the first stage.
 
 Here, for a command-line run, the same server command Prefect runs
 (`prefect.server.api.server.SubprocessASGIServer`, Prefect 3.8: uvicorn with the server's app
-factory, UI and background services off) is launched the moment `flows` is imported, before
-Prefect is, so it boots while this process imports the rest and opens the MLflow store
+factory, UI and background services off) is launched by `prepare_cli`, before Prefect is imported,
+so it boots while this process imports the rest and opens the MLflow store
 (`ready`). The temporary server's start is then the only fixed cost a run waits for. The server
 is stopped at exit and, on Linux, is signalled when this process dies in any way (SIGKILL
 included: `PR_SET_PDEATHSIG`), so it never outlives the run.
@@ -25,6 +32,7 @@ the flow, and freezes everything at exit, where the operating system frees the m
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
 import signal
@@ -41,6 +49,56 @@ from typing import Any
 
 #: `python -m <one of these>` runs a flow, and so needs an API server from the start
 CLI_FLOWS = frozenset({"flows.data", "flows.pipeline", "flows.nightly"})
+
+
+def project_environment(home: Path) -> dict[str, str]:
+    """The settings every process of the project at `home` runs with (README "Where state
+    lives"): Prefect's state inside the project, no telemetry, the stage cores' `tasks.*` log
+    records in Prefect's task-run logs, and Hugging Face offline (nothing is downloaded at run
+    time by accident). The stack's services get them too (flows/stack.py)."""
+    prefect_home = home / ".prefect"
+    return {"PREFECT_HOME": str(prefect_home),
+            "PREFECT_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+            # the temporary server of a run can need > 20 s to start on a busy 2-core machine
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+            "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def prepare() -> None:
+    """Point this process at the project (`PIPELINE_HOME`, default: the repository) with
+    `project_environment`, except where the environment already says otherwise. Idempotent.
+    Raises if Prefect was imported before and a Prefect setting would still change."""
+    from tasks.common import project_dir
+
+    home = project_dir()
+    missing = {k: v for k, v in project_environment(home).items() if k not in os.environ}
+    if "prefect" in sys.modules and any(k.startswith("PREFECT_") for k in missing):
+        raise RuntimeError("flows.startup.prepare() must run before Prefect is imported (it "
+                           f"reads {', '.join(sorted(missing))} once, at import)")
+    os.environ.update(missing)
+    with contextlib.suppress(OSError):     # a new PIPELINE_HOME: Prefect makes one level only
+        Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+
+def prepare_cli() -> None:
+    """For `python -m flows.<flow>`, first thing, before Prefect is imported: `prepare()`, the
+    collector off while the run imports (module docstring), and an API server: the stack's
+    while `make stack` is up, else a temporary one launched now (unless `PREFECT_API_URL` or
+    Prefect's own settings files name one). `--help` only prepares."""
+    prepare()
+    if cli_flow() is None:
+        return
+    begin_cli_run()
+    if "PREFECT_API_URL" in os.environ:
+        return
+    from flows.stack import running_api_url
+
+    if url := running_api_url():
+        os.environ["PREFECT_API_URL"] = url
+    elif not api_url_configured():
+        os.environ["PREFECT_API_URL"] = launch_temporary_server()
 
 
 @dataclass
@@ -100,8 +158,8 @@ def process_seconds() -> float:
 
 
 def begin_cli_run() -> None:
-    """For `python -m flows.<flow>`, called by `flows/__init__.py` before Prefect is imported:
-    the collector off while the run imports, and no collection at exit (module docstring)."""
+    """For `python -m flows.<flow>`, before Prefect is imported: the collector off while the
+    run imports, and no collection at exit (module docstring)."""
     gc.disable()
     atexit.register(gc.freeze)          # registered first, so it runs after every other hook
 

@@ -16,6 +16,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
     os.environ.pop(var, None)
 
+from flows.startup import prepare  # noqa: E402  (the rest of the project's settings)
+
+prepare()
+
 @pytest.fixture
 def session_home() -> Path:
     return SESSION_HOME

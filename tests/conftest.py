@@ -16,9 +16,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
     os.environ.pop(var, None)
 
+# pytest-xdist (make test): the workers share the cores, so torch in each gets its share of
+# them; two workers with a thread per core each made CPU training several times slower
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+
 from flows.startup import prepare  # noqa: E402  (the rest of the project's settings)
 
 prepare()
+
 
 @pytest.fixture
 def session_home() -> Path:

@@ -276,7 +276,7 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     steps_run = int(project.metrics["global_step"])
     anchor = anchor_loop(base_dir, train_json, cfg, steps_run)
     print(f"[qlora] anchor: {anchor['useful_tok_s']:.0f} useful tok/s", flush=True)
-    project_losses = [h["loss"] for h in project.info["log_history"] if "loss" in h]
+    project_losses = [h["loss"] for h in project.history if "loss" in h]
     step_s = project.metrics["step_seconds_median"]
     return {"qlora": {
         "project_useful_tok_s": project.metrics["train_tokens_per_s"],

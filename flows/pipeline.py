@@ -30,7 +30,7 @@ from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
 from flows.stages import PipelineRun, base_model_task, benchmark_task, generations_task, \
     merge_task, parent_run, quantize_task, quantize_torchao_task, report_task, \
-    resolve_base_task, train_task
+    resolve_base_task, stage_of, train_task
 from tasks.common import StageResult
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
@@ -75,13 +75,10 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
     _, data = data_stages(run, data_cfg)     # token lengths in the report: the model's tokens
     if cfg.base.path:
-        base = run.stage(resolve_base_task, cfg=cfg.base, params={"path": cfg.base.path},
-                         artifacts=lambda r: {})
+        base = run.stage(resolve_base_task, cfg=cfg.base, params={"path": cfg.base.path})
     else:
-        base = run.stage(base_model_task, data=data, cfg=cfg.base,
-                         artifacts=lambda r: {"base_model": r.path})
-    adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train,
-                        artifacts=lambda r: {"adapter": r.path})
+        base = run.stage(base_model_task, data=data, cfg=cfg.base)
+    adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train)
     device = pick_device(cfg.benchmark.device)
     merged = int4 = fast_int4 = None
     method = METHODS[cfg.train.method]
@@ -90,14 +87,12 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
               "merge and int4 are skipped, base + prefix adapter is benchmarked, reported and "
               "registered (the adapter folder; load it with peft on the base).")
     else:
-        merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge,
-                           artifacts=lambda r: {"merged_model": r.path})
+        merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge)
         int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
-                         fmt="bnb", artifacts=lambda r: {"int4_model": r.path})
+                         fmt="bnb")
         if torchao_int4(cfg, device):
             fast_int4 = run.stage(quantize_torchao_task, merged=merged, cfg=cfg.quantize,
-                                  device=device, fmt="torchao",
-                                  artifacts=lambda r: {"int4_torchao_model": r.path})
+                                  device=device, fmt="torchao")
 
     dtype = resolve_dtype(cfg.merge.dtype, device)
     base_spec = ModelSpec(base.path, dtype, digest=base.digest)
@@ -116,8 +111,8 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                             tuned=variants.get("merged", adapted), data=data,
                             probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
     report = run.stage(report_task, generations=generations,
-                       extra_sections={"Benchmark": bench.info.get("table", "")})
-    create_markdown_artifact(key="finetune-report", markdown=report.info.get("markdown", ""),
+                       extra_sections={"Benchmark": bench.summary})
+    create_markdown_artifact(key="finetune-report", markdown=report.summary,
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
                  headline_metrics(data, adapter, generations, bench, int4),
@@ -158,8 +153,8 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
     return device.startswith("cuda")
 
 
-#: the registered folders that are logged as MLflow models (tasks/register.py)
-MLFLOW_MODELS = ("merged_model", "int4_model")
+#: the stages whose registered models are logged as MLflow models (tasks/register.py)
+MLFLOW_MODELS = (merge_task, quantize_task)
 
 
 def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
@@ -169,19 +164,19 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
             **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **scored.metrics}.items()
                if k.startswith(("eval_loss", "tuned_", "base_"))}}
     versions = []
-    entries = [(cfg.registry.model_name, merged, "merge", "merged_model"),
-               (f"{cfg.registry.model_name}-int4", built.int4, "quantize", "int4_model")]
+    entries = [(cfg.registry.model_name, merged, stage_of(merge_task)),
+               (f"{cfg.registry.model_name}-int4", built.int4, stage_of(quantize_task))]
     if built.fast_int4 is not None:
         entries.append((f"{cfg.registry.model_name}-int4-torchao", built.fast_int4,
-                        "quantize_torchao", "int4_torchao_model"))
+                        stage_of(quantize_torchao_task)))
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
-        entries = [(f"{cfg.registry.model_name}-prefix", adapter, "train", "adapter")]
-    for name, result, stage, folder in entries:
-        origin = run.origins[stage]
+        entries = [(f"{cfg.registry.model_name}-prefix", adapter, stage_of(train_task))]
+    for name, result, stage in entries:
+        origin, folder = run.origins[stage.name], stage.folder
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
-        if folder in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
+        if stage.task in MLFLOW_MODELS:      # an MLflow model, logged in the stage's run
             source = partial(log_chat_model, result.path, origin,
-                             quantized=folder == "int4_model")
+                             quantized=stage.task is quantize_task)
         versions.append(register_version(
             client, name, source=source, run_id=origin, digest=result.digest,
             tags={**tags, "variant": folder},
@@ -208,7 +203,7 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
     lines += [f"Registered:  {v.name} version {v.version}"
               + ("" if v.created else " (same model as before: existing version kept)")
               for v in versions]
-    lines += ["", "Benchmark:", bench.info.get("table", "")]
+    lines += ["", "Benchmark:", bench.summary]
     return "\n".join(lines)
 
 

@@ -62,6 +62,10 @@ def stage_result_from_json(data: Any) -> StageResult:
     for key, value in _expect(data["metrics"], dict, "metrics").items():
         _expect(value, (int, float), f"metrics[{key!r}]")
     _expect(data["info"], dict, "info")
+    _expect(data["summary"], str, "summary")
+    for entry in _expect(data["history"], list, "history"):
+        _expect(entry, dict, "history[]")
+    _expect(data["device"], (str, type(None)), "device")
     return StageResult(**data)
 
 

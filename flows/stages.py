@@ -149,6 +149,55 @@ def report_task(generations: StageResult, extra_sections: dict[str, str]) -> Sta
 
 
 @dataclass(frozen=True)
+class Stage:
+    """A row of the stage table: the task, the stages whose results it is given, and what its
+    MLflow child run holds: its output folder whole under `folder`, else its result's files
+    (`log_outputs=False`: nothing, e.g. a user's model used where it is)."""
+
+    task: Task
+    inputs: tuple[str, ...] = ()
+    folder: str | None = None
+    log_outputs: bool = True
+
+    @property
+    def name(self) -> str:
+        """The stage's name: its Prefect task, MLflow child run and `outputs/<name>/`."""
+        return self.task.name
+
+    def artifacts(self, result: StageResult) -> dict[str, str]:
+        if not self.log_outputs:
+            return {}
+        return {self.folder: result.path} if self.folder else dict(result.files)
+
+
+#: Every stage, in the order a run computes them (README "What each stage produces"). A run
+#: computes some of them: base is built (the embedded default) or resolved (`base.path`); a
+#: prefix (ptuning) is neither merged nor quantized; the torchao int4 model is made on a GPU.
+STAGES: tuple[Stage, ...] = (
+    Stage(ingest_task),
+    Stage(conversations_task, ("ingest",)),
+    Stage(validate_task, ("ingest", "conversations")),
+    Stage(data_report_task, ("ingest", "conversations")),
+    Stage(base_model_task, ("conversations",), folder="base_model"),
+    Stage(resolve_base_task, log_outputs=False),
+    Stage(train_task, ("base", "conversations"), folder="adapter"),
+    Stage(merge_task, ("base", "train"), folder="merged_model"),
+    Stage(quantize_task, ("merge",), folder="int4_model"),
+    Stage(quantize_torchao_task, ("merge",), folder="int4_torchao_model"),
+    Stage(benchmark_task, ("conversations", "base", "train", "merge", "quantize",
+                           "quantize_torchao")),
+    Stage(generations_task, ("conversations", "base", "train", "merge")),
+    Stage(report_task, ("generations", "benchmark")),
+)
+
+
+def stage_of(stage_task: Task) -> Stage:
+    """The table's row of `stage_task` (a task outside the table, e.g. the nightly's
+    evaluate, logs its result's files)."""
+    return next((s for s in STAGES if s.task is stage_task), Stage(stage_task))
+
+
+@dataclass(frozen=True)
 class StageRun:
     """How a stage went: its result, whether it was served from the cache, how long it took,
     and why a cached result was not trusted (its outputs changed on disk, or an upstream stage
@@ -219,12 +268,15 @@ class PipelineRun:
     #: every stage fed by one of them is recomputed too
     recomputed: dict[str, str] = field(default_factory=dict)
 
-    def stage(self, stage_task: Task, *, artifacts: Callable[[StageResult], dict[str, str]]
-              = lambda r: r.files,
+    def stage(self, stage_task: Task, *,
+              artifacts: Callable[[StageResult], dict[str, str]] | None = None,
               datasets: Callable[[StageResult], dict[str, Path | DatasetFile]] = lambda r: {},
               params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
+        """Run `stage_task` on `kwargs` (cached), log it as an MLflow child run with its
+        artifacts (the stage table's, unless `artifacts` says), datasets and params."""
         name, start = stage_task.name, time.perf_counter()
+        artifacts = artifacts or stage_of(stage_task).artifacts
         self.first_stage_at = self.first_stage_at or start
         upstream = next((stage for mark, stage in self.recomputed.items()
                          if _mentions(kwargs, mark)), None)
@@ -251,14 +303,14 @@ class PipelineRun:
         self.origins[name] = origin
         self.rows.append({"stage": name, "cached": run.cached, "seconds": run.seconds,
                           "from_run": origin, "invalidated": run.invalidated,
-                          "device": result.info.get("device"),
+                          "device": result.device,
                           "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib,
                           "total_seconds": time.perf_counter() - start})
         how = f"recomputed ({run.invalidated})" if run.invalidated else \
             "cache hit" if run.cached else "computed"
         cuda = "" if peaks.cuda_mib is None else f", peak CUDA {peaks.cuda_mib:,.0f} MiB"
         print(f"[stage] {name}: {how} in {run.seconds:.1f} s"
-              f"{' on ' + result.info['device'] if result.info.get('device') else ''}, peak "
+              f"{' on ' + result.device if result.device else ''}, peak "
               f"RSS {peaks.rss_mib:,.0f} MiB{cuda}", flush=True)
         return result
 

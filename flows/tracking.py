@@ -53,14 +53,12 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def step_metrics(result: StageResult) -> list[Metric]:
-    """Curves a stage returns in info["log_history"] / info["loss_curve"] as
-    `[{"step": n, "loss": x, ...}]`, as MLflow step metrics."""
+    """A stage's `history` (`[{"step": n, "loss": x, ...}]`) as MLflow step metrics."""
     out = []
-    for key in ("log_history", "loss_curve"):
-        for entry in result.info.get(key, []):
-            step = int(entry.get("step", 0))
-            out += [Metric(k, float(v), 0, step) for k, v in entry.items()
-                    if k != "step" and isinstance(v, (int, float))]
+    for entry in result.history:
+        step = int(entry.get("step", 0))
+        out += [Metric(k, float(v), 0, step) for k, v in entry.items()
+                if k != "step" and isinstance(v, (int, float))]
     return out
 
 

@@ -193,7 +193,8 @@ def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
                  "pretrain_seconds": round(pretrain_seconds, 2),
                  "pretrain_tokens": float(blocks.numel()),
                  "build_seconds": round(time.perf_counter() - start, 2)},
-        info={"loss_curve": curve, "source": "embedded", "train_json": str(train_json),
+        history=curve,
+        info={"source": "embedded", "train_json": str(train_json),
               "documents": len(docs), "blocks": list(blocks.shape),
               "architecture": "LlamaForCausalLM"})
 

@@ -256,8 +256,8 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
     return StageResult(stage="benchmark", path=str(out), digest=digest,
                        files={"benchmark.json": str(out / "benchmark.json"),
                               "benchmark.md": str(out / "benchmark.md")},
-                       metrics=metrics, info={"rows": rows, "table": table, "device": device,
-                                              "variants": specs, "prompts": prompts})
+                       metrics=metrics, summary=table, device=device,
+                       info={"rows": rows, "variants": specs, "prompts": prompts})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                           batch_sizes=args.batch_sizes, engines=args.engines or
                           ["static", "generate"], compile=args.compile, repeats=args.repeats)
     result = run_benchmark(variants, prompts, cfg)
-    print(result.info["table"])
+    print(result.summary)
     print(result.path)
 
 

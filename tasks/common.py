@@ -275,9 +275,11 @@ class StageResult:
 
     `path` is the stage's main output (a file or a directory), `digest` its content digest, which
     is what downstream cache keys see. `files` names the individual artifacts worth browsing,
-    `metrics` are numbers for MLflow, `info` is any JSON-able detail (e.g. loss curves).
-    `result_id` is minted when the stage really executes, so a cache hit can be traced back to
-    the run that computed it."""
+    `metrics` are numbers for MLflow, `summary` is markdown a person reads (the benchmark
+    table, the report), `history` the step metrics of a training (one dict per logged step:
+    its `step` and values, e.g. `loss`), `device` where a model stage computed, and `info` any
+    other JSON-able detail a later stage reads. `result_id` is minted when the stage really
+    executes, so a cache hit can be traced back to the run that computed it."""
 
     stage: str
     path: str
@@ -285,6 +287,9 @@ class StageResult:
     files: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    device: str | None = None
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def file(self, name: str) -> Path:

@@ -182,4 +182,4 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
         out, digest = publish_dir(tmp, root)
     return StageResult(stage="generations", path=str(out), digest=digest,
                        files={"generations_json": str(out / "generations.json")},
-                       metrics=metrics, info={"device": pick_device()})
+                       metrics=metrics, device=pick_device())

@@ -93,6 +93,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
         files={"config.json": str(out / "config.json")},
         metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
                  "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
+        device=device,
         info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
-              "device": device, "probe_tokens": ids.shape[1],
+              "probe_tokens": ids.shape[1],
               "tokenizer_from": "adapter" if tokenizer_dir == str(adapter_dir) else "base"})

@@ -118,8 +118,9 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         metrics={"size_mb": size, "size_ratio_vs_merged": size / merged_size,
                  "reload_ok": 1.0, "int4_top1_agreement": agree,
                  "int4_max_abs_logit_diff": logit_diff},
+        device=device,
         info={"format": fmt, "description": describe(fmt, cfg),
               "sample_prompt": sample_prompt or SAMPLE_PROMPT, "sample": sample,
-              "merged": str(merged_dir), "device": device, "compute_dtype": dtype,
+              "merged": str(merged_dir), "compute_dtype": dtype,
               "quant_type": cfg.quant_type if fmt == "bnb" else "int4",
               "double_quant": cfg.double_quant, "group_size": cfg.group_size})

@@ -103,7 +103,7 @@ def render_report(generations_json: Path, extra_sections: dict[str, str] | None 
     return StageResult(stage="report", path=str(out), digest=digest,
                        files={"report_md": str(out / "report.md"),
                               "report_html": str(out / "report.html")},
-                       info={"markdown": markdown})
+                       summary=markdown)
 
 
 HTML_TEMPLATE = """<!doctype html>

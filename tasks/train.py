@@ -328,8 +328,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     return StageResult(
         stage="train", path=str(out), digest=digest, files=files,
         metrics={k: float(v) for k, v in metrics.items()},
-        info={"log_history": log, "method": cfg.method, "base_dir": base_dir, "device": device,
-              "gradient_checkpointing": checkpointing,
+        history=log, device=device,
+        info={"method": cfg.method, "base_dir": base_dir, "gradient_checkpointing": checkpointing,
               "learning_rate": learning_rate(cfg), "checkpoint_dir": str(ckpt),
               "checkpoints": checkpoints, "resumed_from": last,
               "target_modules": sorted(getattr(peft_cfg, "target_modules", None) or [])})

@@ -15,8 +15,19 @@ TINY: dict[str, Any] = {
 #: the gate scores 4 dev prompts per model (answers of at most 8 tokens)
 TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
 
-PIPELINE_STAGES = {"ingest", "conversations", "validate", "data_report", "base", "train",
-                   "merge", "quantize", "benchmark", "generations", "report"}
+
+
+def stage_names(*, own_base: bool = False) -> list[str]:
+    """The stages a LoRA run on a CPU computes, in order, read from the stage table
+    (flows/stages.py): the embedded default's base is built (`own_base`: a folder is resolved);
+    no torchao int4 model on a CPU."""
+    from flows.stages import STAGES, base_model_task, quantize_torchao_task, resolve_base_task
+
+    skip = (base_model_task if own_base else resolve_base_task, quantize_torchao_task)
+    return [s.name for s in STAGES if s.task not in skip]
+
+
+PIPELINE_STAGES = set(stage_names())
 
 
 def tiny(**sections: dict[str, Any]) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def test_build_tiny_base_model_loads_and_generates_chinese(split, tmp_path, home
     m = res.metrics
     assert 0 < m["params"] < 1e6 and m["vocab_size"] > 300
     assert m["pretrain_loss_last"] < m["pretrain_loss_first"]
-    curve = res.info["loss_curve"]
+    curve = res.history
     assert curve[0]["step"] == 1 and len(curve) == curve[-1]["step"] > 4
 
     tok = load_tokenizer(out)

@@ -29,6 +29,7 @@ def test_metric_key():
     assert metric_key("int4 (nf4)") == "int4__nf4_"
 
 
+@pytest.mark.slow                           # four fresh processes, ~10 s each to start here
 def test_benchmark_two_variants(tmp_path):
     base, adapter = make_all(tmp_path)
     cfg = BenchmarkConfig(device="cpu", prompts=2, new_tokens=4, warmup=1, cpu_threads=1,
@@ -52,7 +53,7 @@ def test_benchmark_two_variants(tmp_path):
         assert r["footprint_mib"] > 0 and r["load_seconds"] > 0
         assert r["adapter"] == (r["variant"] == "base+adapter")
     md = res.file("benchmark.md").read_text(encoding="utf-8")
-    assert md == res.info["table"] and "| base+adapter | static | 2 |" in md
+    assert md == res.summary and "| base+adapter | static | 2 |" in md
     assert "decode tok/s per seq" in md and "median (min–max) of 2 runs" in md
     assert {"base_static_b1_decode_tok_s", "base_plus_adapter_generate_b2_aggregate_tok_s",
             "base_peak_rss_mib", "base_plus_adapter_footprint_mib"} <= set(res.metrics)

@@ -25,7 +25,7 @@ def test_a_merge_in_a_child_is_the_merge_computed_here(tmp_path, monkeypatch):
     there = child_process.call(merge_adapter, base, adapter, "float32", "cpu")
     here = merge_adapter(base, adapter, "float32", "cpu")
     assert there.digest == here.digest and there.path == here.path
-    assert there.info["device"] == "cpu" and there.files == here.files
+    assert there.device == "cpu" and there.files == here.files
 
 
 def test_the_childs_peak_memory_and_progress_lines_come_back(caplog):

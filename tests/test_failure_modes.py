@@ -154,13 +154,17 @@ def test_tampered_and_truncated_outputs_are_recomputed_with_everything_downstrea
 
 
 def test_a_pickle_planted_in_the_result_cache_is_never_loaded(tmp_path):
+    # a corpus of this test's own: its ingest record is the one this run writes (other tests
+    # of the session may have cached the sample, under another file name)
     corpus = tmp_path / "qa.txt"
-    shutil.copy(SAMPLE, corpus)
+    corpus.write_text(SAMPLE.read_text(encoding="utf-8").replace("\n", "（缓存）\n", 2)
+                      .replace("（缓存）\n", "\n", 1), encoding="utf-8")
+    keys = project_dir() / ".prefect" / "storage" / "cache-keys"
+    before = set(keys.glob("ingest-*"))
     data_pipeline(DataConfig(source=corpus))
-    storage = project_dir() / ".prefect" / "storage"
     marker = tmp_path / "pwned"
     planted = 0
-    for key in (storage / "cache-keys").glob("ingest-*"):
+    for key in set(keys.glob("ingest-*")) - before:
         record = json.loads(key.read_text(encoding="utf-8"))
         Path(record["storage_key"]).write_bytes(
             b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR.")

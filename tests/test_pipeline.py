@@ -17,10 +17,10 @@ from flows.pipeline import pipeline
 from flows.tracking import tracking_uri
 from tasks.common import REPO_DIR
 from tasks.config import PipelineConfig
+from tests._ops_config import stage_names
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "conversations", "validate", "data_report", "base", "train", "merge", "quantize",
-          "benchmark", "generations", "report"]
+STAGES = stage_names()
 ARTIFACTS = {                      # child run -> artifacts it must hold (dirs and files)
     "ingest": {"qa.json"},                # + the raw .txt (named as its first source was)
     "conversations": {"train.json", "dev.json"},

@@ -14,7 +14,7 @@ from flows.tracking import tracking_uri
 from tasks.common import read_json
 from tasks.config import PipelineConfig
 from tasks.modeling import load_tokenizer
-from tests._ops_config import tiny
+from tests._ops_config import stage_names, tiny
 from tests._tiny_model import make_base
 
 pytestmark = pytest.mark.slow
@@ -31,9 +31,7 @@ def test_pipeline_runs_on_a_local_model_folder(tmp_path):
     cfg = PipelineConfig.model_validate(tiny(base={"path": str(model)},
                                              experiment="own-model"))
     out = pipeline(cfg)
-    assert [r["stage"] for r in out["stages"]] == [
-        "ingest", "conversations", "validate", "data_report", "base", "train", "merge",
-        "quantize", "benchmark", "generations", "report"]
+    assert [r["stage"] for r in out["stages"]] == stage_names(own_base=True)
 
     client = MlflowClient(tracking_uri())
     kids = children(client, out["mlflow_run_id"])

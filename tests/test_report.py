@@ -108,7 +108,7 @@ def test_report_builds(inputs, home):
     md = Path(report.files["report_md"]).read_text(encoding="utf-8")
     page = Path(report.files["report_html"]).read_text(encoding="utf-8")
     gens = read_json(res.files["generations_json"])
-    assert report.info["markdown"] == md and md.startswith("# Tiny report")
+    assert report.summary == md and md.startswith("# Tiny report")
     assert md.rstrip().endswith(extra["Benchmark"])
 
     # every shown dev example and every probe: before and after text in the markdown

@@ -217,10 +217,13 @@ def ui_run(stack, api, deployments, browser) -> dict:
     page.goto("about:blank")
     api.wait(flow_run_id)
     page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
-    deadline, state = time.monotonic() + 60, ""
+    deadline, last_reload, state = time.monotonic() + 300, time.monotonic(), ""
     while state not in {"Completed", "Failed", "Crashed", "Cancelled"}:
         assert time.monotonic() < deadline, f"the UI still shows {state!r} for a finished run"
-        page.wait_for_timeout(1000)
+        page.wait_for_timeout(3000)
+        if time.monotonic() - last_reload > 30:        # the page polls; reload now and then
+            page.reload()
+            last_reload = time.monotonic()
         state = prefect_state(page)
     shot(page, "prefect-3-flow-run")
     context.close()

@@ -135,7 +135,7 @@ def test_train_adapter_lowers_dev_loss(data, home, method, packing):
     else:                       # 96 chats of unequal length, padded per batch of 8
         assert 0.05 < m["padding_fraction"] < 0.9, m
     assert res.info["method"] == method
-    log = res.info["log_history"]
+    log = res.history
     evals = [h for h in log if "eval_loss" in h]
     assert evals[0]["step"] == 0 and len(evals) >= 3
     assert any("loss" in h for h in log) and all(isinstance(h["step"], int) for h in log)

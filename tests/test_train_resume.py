@@ -63,12 +63,12 @@ def _training_process(data, cfg: TrainConfig, **kwargs) -> Iterator[subprocess.P
 
 def _resume_and_check(data, cfg: TrainConfig, killed_at: int, eval_loss_at_start: float):
     res = train_adapter(data["base"], data["train"], data["dev"], cfg)
-    m, info = res.metrics, res.info
+    m, info, history = res.metrics, res.info, res.history
     assert info["resumed_from"] is not None and m["resumed_from_step"] >= killed_at
     assert m["global_step"] == TOTAL
-    steps = [h["step"] for h in info["log_history"] if "loss" in h]
+    steps = [h["step"] for h in history if "loss" in h]
     assert min(steps) <= killed_at < max(steps) == TOTAL       # the curve spans the kill
-    assert info["log_history"][0] == {"step": 0, "eval_loss": round(eval_loss_at_start, 5)}
+    assert history[0] == {"step": 0, "eval_loss": round(eval_loss_at_start, 5)}
     assert m["eval_loss_after"] < m["eval_loss_before"]
     return res
 

@@ -1,0 +1,30 @@
+"""The stage table (flows/stages.py `STAGES`): one list of the stages, in order, with what each
+takes and what its MLflow child run holds; the flows and the tests read their names from it."""
+
+from __future__ import annotations
+
+from prefect import Task
+
+import flows.stages as stages
+from flows.stages import STAGES, stage_of
+from tasks.common import StageResult
+
+
+def test_every_stage_takes_only_stages_computed_before_it():
+    names = [s.name for s in STAGES]
+    for i, stage in enumerate(STAGES):
+        assert set(stage.inputs) <= set(names[:i]), (stage.name, stage.inputs)
+
+
+def test_every_stage_task_of_the_flows_has_a_row():
+    tasks = {name: t for name, t in vars(stages).items()
+             if isinstance(t, Task) and name.endswith("_task")}
+    assert len(tasks) >= 12
+    assert {id(t) for t in tasks.values()} == {id(s.task) for s in STAGES}
+
+
+def test_a_row_says_what_the_child_run_holds():
+    result = StageResult("train", "/out/train/abc", "abc", files={"train_log": "/out/log.json"})
+    assert stage_of(stages.train_task).artifacts(result) == {"adapter": "/out/train/abc"}
+    assert stage_of(stages.benchmark_task).artifacts(result) == {"train_log": "/out/log.json"}
+    assert stage_of(stages.resolve_base_task).artifacts(result) == {}

@@ -80,8 +80,9 @@ def test_data_flow_tracks_caches_and_recomputes(tmp_path):
 
 
 def test_changed_parser_helper_recomputes_ingest_only(tmp_path, monkeypatch):
-    corpus = tmp_path / "qa.txt"
-    shutil.copy(SAMPLE, corpus)
+    corpus = tmp_path / "qa.txt"                     # this test's own, as above
+    corpus.write_text(SAMPLE.read_text(encoding="utf-8").replace("\n", "（解析）\n", 2)
+                      .replace("（解析）\n", "\n", 1), encoding="utf-8")
     data_pipeline(DataConfig(source=corpus))
     # the same repository, but the raw-text parser (a helper module of ingest) edited
     shutil.copytree(REPO_DIR / "tasks", tmp_path / "repo" / "tasks")

@@ -1,6 +1,7 @@
 """The full pipeline flow: `build` (data -> base -> train -> merge -> quantize -> benchmark ->
-generations -> report), then `register`; every stage a cached Prefect task and an MLflow child run of one
-parent run. flows/nightly.py composes the same two steps with its champion gate between them.
+generations -> report), then `register`; every stage a cached Prefect task and an MLflow child
+run of one parent run. flows/nightly.py composes the same two steps with its champion gate
+between them.
 
     python -m flows.pipeline                                # embedded default, offline, CPU
     python -m flows.pipeline --set train.method=qlora --set base.path=/models/Qwen2.5-0.5B-Instruct
@@ -34,11 +35,11 @@ from flows.stages import PipelineRun, base_model_task, benchmark_task, generatio
 from tasks.common import StageResult
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
+from tasks.generations import read_dev_prompts
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
 from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, log_chat_model, register_version
-from tasks.generations import read_dev_prompts
 
 
 @flow(name="finetune-pipeline", log_prints=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.common import StageResult, read_json
-from tasks.generations import SCORES
+from tasks.scoring import SCORES
 
 #: the artifact the generations table is logged as (the MLflow UI's "Evaluation" tab and the
 #: artifact view read it)

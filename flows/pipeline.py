@@ -35,11 +35,10 @@ from flows.stages import PipelineRun, base_model_task, benchmark_task, generatio
 from tasks.common import StageResult
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
-from tasks.generations import read_dev_prompts
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
-from tasks.modeling import pick_device, resolve_dtype
 from tasks.register import RegisteredVersion, log_chat_model, register_version
+from tasks.scoring import read_dev_prompts
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -71,6 +70,8 @@ class Built:
 def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     """Every stage up to the report, inside an open parent run; the parent run gets the
     headline metrics and the generations table. Nothing is registered."""
+    # torch loads here, not at import: a mistake on the command line is reported in seconds
+    from tasks.modeling import pick_device, resolve_dtype
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})

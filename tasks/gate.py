@@ -51,8 +51,8 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                    eval_examples: int, max_new_tokens: int) -> StageResult:
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
     model; score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
-    from tasks.generations import SCORES, answer_prompts, read_dev_prompts, read_probes, \
-        score_answer
+    from tasks.generations import answer_prompts
+    from tasks.scoring import SCORES, read_dev_prompts, read_probes, score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
     probes = read_probes(Path(probes_file))
@@ -82,7 +82,7 @@ def probe_answers(evaluation: StageResult) -> list[str]:
 def ood_retention(answers: list[str], base_answers: list[str]) -> float:
     """Mean ROUGE-L (0-100) of a model's probe answers against the base model's answers to the
     same probes: 100 = answers out-of-domain questions exactly as the base did."""
-    from tasks.generations import score_answer
+    from tasks.scoring import score_answer
 
     if len(answers) != len(base_answers) or not answers:
         raise ValueError(f"probe answers do not line up ({len(answers)} vs "

@@ -15,7 +15,7 @@ from markupsafe import Markup
 
 from tasks.common import StageResult, atomic_write_text, publish_dir, read_json, stage_root, \
     staging_dir
-from tasks.generations import SCORES
+from tasks.scoring import SCORES
 from tasks.modeling import Message
 
 

@@ -20,8 +20,8 @@ from _tiny_report_model import make_tiny_chat_model  # noqa: E402
 from tasks.common import DataError, read_json  # noqa: E402
 from tasks.config import ReportConfig  # noqa: E402
 from tasks.model_spec import ModelSpec  # noqa: E402
-from tasks.generations import generate_answers, mean_scores, read_dev_prompts, \
-    read_probes, score_answer  # noqa: E402
+from tasks.generations import generate_answers  # noqa: E402
+from tasks.scoring import mean_scores, read_dev_prompts, read_probes, score_answer  # noqa: E402
 from tasks.report import render_report  # noqa: E402
 
 SCRIPT = "<script>alert('x')</script>"

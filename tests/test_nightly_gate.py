@@ -162,9 +162,12 @@ def test_nightly_unchanged_data_is_all_cache_hits_and_no_new_version(client, fir
 
 @pytest.fixture(scope="module")
 def new_data(tmp_path_factory) -> Path:
-    """Last night's corpus plus three new Q/A pairs."""
+    """Last night's corpus with its first answer revised, plus three new Q/A pairs."""
     path = tmp_path_factory.mktemp("incoming") / "plant_care_qa.txt"
-    text = (REPO_DIR / "data" / "sample" / "plant_care_qa.txt").read_text(encoding="utf-8")
+    lines = (REPO_DIR / "data" / "sample" / "plant_care_qa.txt").read_text(
+        encoding="utf-8").split("\n")
+    lines[1] += "（修订）"
+    text = "\n".join(lines)
     path.write_text(text.rstrip() + "\n\n" + "\n\n".join([
         "琴叶榕掉叶子是什么原因？\n多半是挪动了位置或浇水不匀，固定位置、见干见湿即可。",
         "虎皮兰冬天多久浇一次水？\n冬季约一个月一次，盆土完全干透再浇。",
@@ -175,10 +178,12 @@ def new_data(tmp_path_factory) -> Path:
 @pytest.mark.server
 def test_nightly_new_data_retrains_and_the_gate_keeps_a_champion_not_beaten(client, first,
                                                                             new_data):
-    # New data: everything recomputes, and the gate compares the new model with the champion on
-    # the NEW dev set. It must beat it by more than 1000 points -- impossible on a 0-100 score.
+    # New and changed data: every stage recomputes, and the gate compares the new model with the
+    # champion on the NEW dev set. It must beat it by more than 1000 points -- impossible on a
+    # 0-100 score.
     out = nightly(config(data={"source": str(new_data)}), gate(min_improvement=1000.0))
     assert not any(row["cached"] for row in out["stages"]), out["stages"]
+    assert all(r["created"] for r in out["registered"]), out["registered"]
     d = out["decision"]
     assert d["outcome"] == "keep" and "Kept the champion" in d["reason"]
     assert d["champion"]["version"] == "1" and d["challenger"]["version"] == "2"

@@ -197,6 +197,18 @@ def stage_of(stage_task: Task) -> Stage:
     return next((s for s in STAGES if s.task is stage_task), Stage(stage_task))
 
 
+def check_inputs(stage_task: Task, kwargs: dict[str, Any]) -> None:
+    """A stage of the table is given results of the stages its row lists as inputs, and of no
+    other: what the table says about the flow's shape stays true. (Models reach the benchmark
+    and generations as `ModelSpec`s, which this does not see.)"""
+    row = next((s for s in STAGES if s.task is stage_task), None)
+    given = {v.stage for v in kwargs.values() if isinstance(v, StageResult)}
+    if row is not None and not given <= set(row.inputs):
+        raise ValueError(f"stage {row.name} was given the result of "
+                         f"{', '.join(sorted(given - set(row.inputs)))}, which its row of the "
+                         f"stage table (flows/stages.py STAGES) does not list as an input")
+
+
 @dataclass(frozen=True)
 class StageRun:
     """How a stage went: its result, whether it was served from the cache, how long it took,
@@ -275,6 +287,7 @@ class PipelineRun:
               **kwargs: Any) -> StageResult:
         """Run `stage_task` on `kwargs` (cached), log it as an MLflow child run with its
         artifacts (the stage table's, unless `artifacts` says), datasets and params."""
+        check_inputs(stage_task, kwargs)
         name, start = stage_task.name, time.perf_counter()
         artifacts = artifacts or stage_of(stage_task).artifacts
         self.first_stage_at = self.first_stage_at or start

@@ -3,10 +3,11 @@ takes and what its MLflow child run holds; the flows and the tests read their na
 
 from __future__ import annotations
 
+import pytest
 from prefect import Task
 
 import flows.stages as stages
-from flows.stages import STAGES, stage_of
+from flows.stages import STAGES, check_inputs, stage_of
 from tasks.common import StageResult
 
 
@@ -14,6 +15,15 @@ def test_every_stage_takes_only_stages_computed_before_it():
     names = [s.name for s in STAGES]
     for i, stage in enumerate(STAGES):
         assert set(stage.inputs) <= set(names[:i]), (stage.name, stage.inputs)
+
+
+def test_a_stage_is_given_only_the_results_its_row_lists():
+    base, data = StageResult("base", "/out/base/1", "1"), StageResult("conversations", "/c/2", "2")
+    check_inputs(stages.train_task, {"base": base, "data": data, "cfg": None})
+    merged = StageResult("merge", "/out/merge/3", "3")
+    with pytest.raises(ValueError, match=r"stage train was given the result of merge, which its "
+                                         r"row of the stage table .* does not list"):
+        check_inputs(stages.train_task, {"base": merged, "data": data})
 
 
 def test_every_stage_task_of_the_flows_has_a_row():

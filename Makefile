@@ -67,9 +67,10 @@ data: setup            ## data stage only
 	$(BIN)/python -m flows.data $(ARGS)
 
 # pytest-xdist: WORKERS processes, each test module whole on one of them (its module fixtures --
-# a pipeline run, a stack -- are built once); WORKERS=0 runs in this process (e.g. for pdb)
+# a pipeline run, a stack -- are built once), the long modules first (tests/conftest.py);
+# WORKERS=0 runs in this process (e.g. for pdb)
 WORKERS ?= 2
-XDIST  := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+XDIST  := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile --no-loadscope-reorder)
 test: setup            ## the whole test suite (what CI runs)
 	$(HF_OFFLINE) $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 

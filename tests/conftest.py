@@ -20,7 +20,8 @@ for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
 # them; two workers with a thread per core each made CPU training several times slower
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    _cores = len(os.sched_getaffinity(0))          # the cores this process may run on
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 
 from flows.startup import prepare  # noqa: E402  (the rest of the project's settings)
 
@@ -59,6 +60,22 @@ def tiny_base(tmp_path_factory):
             vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_seq_len=64,
             pretrain_epochs=10, learning_rate=5e-3))
     return {**paths, "base": Path(base.path)}
+
+
+#: the order in which modules start: the long ones first, so the short ones fill the gaps at the end
+_FIRST = ("browser", "slow", "server")
+
+
+def pytest_collection_modifyitems(items):
+    """Modules with a browser, slow or server test run first (`make test` hands each module
+    whole to one xdist worker in this order: --dist loadfile --no-loadscope-reorder); within a
+    module, the order is kept."""
+    module = {item: item.nodeid.split("::")[0] for item in items}
+    rank: dict[str, int] = {}
+    for item in items:
+        kinds = [i for i, name in enumerate(_FIRST) if item.get_closest_marker(name)]
+        rank[module[item]] = min([rank.get(module[item], len(_FIRST)), *kinds])
+    items.sort(key=lambda item: rank[module[item]])          # stable
 
 
 @pytest.fixture(scope="module")

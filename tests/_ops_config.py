@@ -1,9 +1,14 @@
 """The tiny pipeline config of the operations tests (nightly gate, stack + browser): the real
-flows end to end, small enough for CI's 2 cores (about two minutes for a cold full run)."""
+flows end to end, small enough for CI's 2 cores (about two minutes for a cold full run); and
+corpora of a test's own."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from tasks.common import REPO_DIR
+
+SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 
 TINY: dict[str, Any] = {
     "base": {"vocab_size": 300, "hidden_size": 64, "num_layers": 2, "num_heads": 2,
@@ -39,3 +44,11 @@ def tiny(**sections: dict[str, Any]) -> dict[str, Any]:
         else:
             out[section] = fields
     return out
+
+
+def first_answer_marked(mark: str, text: str | None = None) -> str:
+    """A Q/A corpus (the sample's, unless `text`) with `mark` appended to its first answer: the
+    same records, but a corpus of a test's own, on which no stage another test computed on the
+    sample is a cache hit (stages are cached by content, and the session shares one cache)."""
+    question, answer, rest = (text or SAMPLE.read_text(encoding="utf-8")).split("\n", 2)
+    return f"{question}\n{answer}{mark}\n{rest}"

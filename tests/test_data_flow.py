@@ -15,8 +15,8 @@ from flows.data import data_pipeline
 from flows.tracking import tracking_uri
 from tasks.common import REPO_DIR, DataError
 from tasks.config import DataConfig
+from tests._ops_config import first_answer_marked
 
-SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 BAD = Path(__file__).parent / "data" / "bad"
 STAGES = ("ingest", "conversations", "validate", "data_report")
 pytestmark = pytest.mark.server             # each test runs the flow on a Prefect server
@@ -42,8 +42,7 @@ def test_data_flow_tracks_caches_and_recomputes(tmp_path):
     # the sample with its first answer made this test's own (the same 239 + 102 records): other
     # tests of the session may have computed the sample itself already
     corpus = tmp_path / "qa.txt"
-    corpus.write_text(SAMPLE.read_text(encoding="utf-8").replace("\n", "（数据流）\n", 2)
-                      .replace("（数据流）\n", "\n", 1), encoding="utf-8")
+    corpus.write_text(first_answer_marked("（数据流）"), encoding="utf-8")
     client = MlflowClient(tracking_uri())
 
     first = data_pipeline(DataConfig(source=corpus))
@@ -72,8 +71,7 @@ def test_data_flow_tracks_caches_and_recomputes(tmp_path):
     assert reused.data.tags["pipeline.reused_from_run_id"] == kids["conversations"].info.run_id
 
     text = corpus.read_text(encoding="utf-8")        # one changed answer: all recomputed
-    corpus.write_text(text.replace("\n", "（已修订）\n", 2).replace("（已修订）\n", "\n", 1),
-                      encoding="utf-8")
+    corpus.write_text(first_answer_marked("（已修订）", text), encoding="utf-8")
     third = data_pipeline(DataConfig(source=corpus))
     assert statuses(third) == dict.fromkeys(STAGES, False)
     assert third["files"] != first["files"]
@@ -81,8 +79,7 @@ def test_data_flow_tracks_caches_and_recomputes(tmp_path):
 
 def test_changed_parser_helper_recomputes_ingest_only(tmp_path, monkeypatch):
     corpus = tmp_path / "qa.txt"                     # this test's own, as above
-    corpus.write_text(SAMPLE.read_text(encoding="utf-8").replace("\n", "（解析）\n", 2)
-                      .replace("（解析）\n", "\n", 1), encoding="utf-8")
+    corpus.write_text(first_answer_marked("（解析）"), encoding="utf-8")
     data_pipeline(DataConfig(source=corpus))
     # the same repository, but the raw-text parser (a helper module of ingest) edited
     shutil.copytree(REPO_DIR / "tasks", tmp_path / "repo" / "tasks")

@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 
 from flows.data import data_pipeline
 from flows.tracking import tracking_uri
-from tasks.common import REPO_DIR, project_dir
+from tasks.common import project_dir
 from tasks.config import DataConfig
+from tests._ops_config import SAMPLE, first_answer_marked
 import _cli  # noqa: E402  (tests/_cli.py)
 
-SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 STAGES = ("ingest", "conversations", "validate", "data_report")
 pytestmark = pytest.mark.server
 
@@ -157,8 +157,7 @@ def test_a_pickle_planted_in_the_result_cache_is_never_loaded(tmp_path):
     # a corpus of this test's own: its ingest record is the one this run writes (other tests
     # of the session may have cached the sample, under another file name)
     corpus = tmp_path / "qa.txt"
-    corpus.write_text(SAMPLE.read_text(encoding="utf-8").replace("\n", "（缓存）\n", 2)
-                      .replace("（缓存）\n", "\n", 1), encoding="utf-8")
+    corpus.write_text(first_answer_marked("（缓存）"), encoding="utf-8")
     keys = project_dir() / ".prefect" / "storage" / "cache-keys"
     before = set(keys.glob("ingest-*"))
     data_pipeline(DataConfig(source=corpus))

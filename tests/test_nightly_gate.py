@@ -15,7 +15,7 @@ from flows.tracking import tracking_uri
 from tasks.common import REPO_DIR, read_json
 from tasks.config import PipelineConfig
 from tasks.gate import Candidate, GateConfig, decide, ood_retention
-from tests._ops_config import PIPELINE_STAGES, TINY_GATE, tiny
+from tests._ops_config import PIPELINE_STAGES, TINY_GATE, first_answer_marked, tiny
 
 MODEL = "nightly-chat"                       # own registered model + experiment: test isolation
 EXPERIMENT = "nightly-gate-tests"
@@ -164,10 +164,7 @@ def test_nightly_unchanged_data_is_all_cache_hits_and_no_new_version(client, fir
 def new_data(tmp_path_factory) -> Path:
     """Last night's corpus with its first answer revised, plus three new Q/A pairs."""
     path = tmp_path_factory.mktemp("incoming") / "plant_care_qa.txt"
-    lines = (REPO_DIR / "data" / "sample" / "plant_care_qa.txt").read_text(
-        encoding="utf-8").split("\n")
-    lines[1] += "（修订）"
-    text = "\n".join(lines)
+    text = first_answer_marked("（修订）")
     path.write_text(text.rstrip() + "\n\n" + "\n\n".join([
         "琴叶榕掉叶子是什么原因？\n多半是挪动了位置或浇水不匀，固定位置、见干见湿即可。",
         "虎皮兰冬天多久浇一次水？\n冬季约一个月一次，盆土完全干透再浇。",

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
 from tasks import child_process
-from tasks.common import DataError
+from tasks.common import REPO_DIR, DataError
 from tasks.merge import merge_adapter
 from tasks.qa_text import read_qa_text
 from tasks.resources import peak_memory
@@ -59,3 +61,17 @@ def test_an_error_that_cannot_be_pickled_keeps_its_traceback():
 def test_a_killed_child_is_a_clear_error_and_leaves_no_answer():
     with pytest.raises(ChildProcessError, match=r"die_by_sigkill .*killed by SIGKILL"):
         child_process.call(_child_jobs.die_by_sigkill)
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_in_the_child(tmp_path):
+    """multiprocessing re-imports the caller's __main__ in each child unless it is left out:
+    this script would call its child again from inside it, without end."""
+    script = tmp_path / "no_guard.py"
+    script.write_text("import os\n"
+                      "from tasks import child_process\n"
+                      "print('child pid differs:', child_process.call(os.getpid) != os.getpid())\n",
+                      encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["child pid differs: True"], out.stdout

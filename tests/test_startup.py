@@ -1,6 +1,7 @@
 """Setting up a process that runs flows is an explicit call (flows/startup.py): importing the
 flows sets none of the project's settings (torch and joblib set their own KMP_* and inductor
-variables) and starts nothing; `prepare()` gives Prefect the
+variables), starts nothing and loads no torch (a command-line mistake is reported before the
+model libraries load, README "Paths and values as you meant them"); `prepare()` gives Prefect the
 project's settings when it runs before Prefect is imported, and refuses to pretend otherwise."""
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ try:
     refused = None
 except RuntimeError as e:
     refused = str(e)
+import sys
 print(json.dumps({"changed": changed, "children": len(psutil.Process().children()),
-                  "refused": refused}))
+                  "refused": refused, "loaded": sorted({"torch", "transformers", "nltk",
+                                                        "jieba"} & set(sys.modules))}))
 """, bare_env(tmp_path))
     assert got["changed"] == [] and got["children"] == 0, got
+    assert got["loaded"] == [], got
     assert got["refused"] and "before Prefect is imported" in got["refused"], got
     assert "PREFECT_HOME" in got["refused"]
     assert not (tmp_path / ".prefect").exists(), "an import created the project's state"

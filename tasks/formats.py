@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import orjson
@@ -31,7 +31,8 @@ import pyarrow as pa
 from tasks.common import DataError
 from tasks.dataset_io import conversations_array, pair_conversations, text_array
 from tasks.qa_text import parse_qa_bytes
-from tasks.sources import ArrayLines, Issues, OnError, discover, first_char, read_text_bytes
+from tasks.sources import ArrayLines, Issues, OnError, discover, first_char, json_records, \
+    read_text_bytes
 
 Format = Literal["auto", "txt", "qa", "adgen", "alpaca", "instruct", "sharegpt", "conversation"]
 Turn = tuple[str, str, str, str]     # role, text, JSON paths (in the record) of text and role
@@ -215,40 +216,6 @@ def _check_turns(turns: list[Turn], max_chars: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------
-def _json_records(path: Path, raw: bytes, issues: Issues
-                  ) -> Iterator[tuple[int, int | None, Any]]:
-    """(record index, line or None, value) of a JSON array or a JSON Lines file."""
-    if first_char(raw) == b"[":
-        try:
-            records = orjson.loads(raw)
-        except orjson.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})",
-                            line=e.lineno) from None
-        if not isinstance(records, list):           # e.g. "[1] 2" is refused above
-            raise DataError(path, "expected a JSON array of records")
-        if not records:
-            raise DataError(path, "the JSON array is empty: no records")
-        yield from ((i, None, r) for i, r in enumerate(records))
-        return
-    index = 0
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError as e:
-            if index == 0 and line.strip() == b"{":
-                raise DataError(path, "is pretty-printed JSON (its first line is only '{'): "
-                                      "expected a JSON array of records, or JSON Lines (one "
-                                      "record per line)", line=number) from None
-            issues.report("invalid-json", DataError(
-                path, f"line is not valid JSON: {e.msg} (column {e.colno})", line=number,
-                record=index))
-        else:
-            yield index, number, value
-        index += 1
-
-
 def _is_json(path: Path, raw: bytes, fmt: Format) -> bool:
     """JSON (array or lines) or raw text? By the configured format, the extension, then the
     content: a .txt that parses as a JSON array of objects, or whose first line is a record of
@@ -312,7 +279,7 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
     """Convert the records of one JSON file into `out`. `fmt` is the data set's format so far
     ("auto" until a record decides it) and `origin` says where it came from; returns both."""
     array = ArrayLines(raw)                 # where array records start: for errors only
-    for index, line, rec in _json_records(path, raw, issues):
+    for index, line, rec in json_records(path, raw, issues):
         prefix = "$" if line is not None else f"$[{index}]"
         here = _Where(array, index, line)
         try:

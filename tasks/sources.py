@@ -1,5 +1,6 @@
 """Input files before any format: which files a source holds, bytes that are really UTF-8 text,
-and the bookkeeping of malformed records (fail at the first one, or skip and count them)."""
+the records of a JSON array or JSON Lines file, and the bookkeeping of malformed records (fail
+at the first one, or skip and count them)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
+import orjson
 import pyarrow as pa
 
 from tasks.common import DataError
@@ -161,3 +163,37 @@ class Issues:
     @property
     def skipped(self) -> int:
         return sum(self.counts.values())
+
+
+def json_records(path: Path, raw: bytes, issues: Issues
+                  ) -> Iterator[tuple[int, int | None, Any]]:
+    """(record index, line or None, value) of a JSON array or a JSON Lines file."""
+    if first_char(raw) == b"[":
+        try:
+            records = orjson.loads(raw)
+        except orjson.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno})",
+                            line=e.lineno) from None
+        if not isinstance(records, list):           # e.g. "[1] 2" is refused above
+            raise DataError(path, "expected a JSON array of records")
+        if not records:
+            raise DataError(path, "the JSON array is empty: no records")
+        yield from ((i, None, r) for i, r in enumerate(records))
+        return
+    index = 0
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            if index == 0 and line.strip() == b"{":
+                raise DataError(path, "is pretty-printed JSON (its first line is only '{'): "
+                                      "expected a JSON array of records, or JSON Lines (one "
+                                      "record per line)", line=number) from None
+            issues.report("invalid-json", DataError(
+                path, f"line is not valid JSON: {e.msg} (column {e.colno})", line=number,
+                record=index))
+        else:
+            yield index, number, value
+        index += 1

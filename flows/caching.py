@@ -32,7 +32,7 @@ from pydantic import BaseModel
 
 from flows.results import StageResultSerializer, cache_key_storage
 from tasks.code_version import code_digest, code_text
-from tasks.common import StageResult, file_lock
+from tasks.common import StageName, StageResult, file_lock
 from tasks.digest_memo import memo_digest_path
 
 MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
@@ -124,13 +124,13 @@ def stage_cache_policy(module: str, *, model_libs: bool = False,
     ).configure(key_storage=cache_key_storage())
 
 
-def cached_stage(module: str, *, name: str | None = None, model_libs: bool = False,
-               ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
-    """Decorator: a cached Prefect task (named after `module` unless `name`) over a stage core,
-    keyed as this module's docstring says, its result persisted as JSON."""
+def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
+                 ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
+    """Decorator: a cached Prefect task named `stage` over the stage core in `module`, keyed as
+    this module's docstring says, its result persisted as JSON."""
     def make(fn: Callable) -> Task:
         policy = stage_cache_policy(module, model_libs=model_libs, ignore=ignore,
                                     wrapper=wrapper_digest(fn))
-        return task(fn, name=name or module.rsplit(".", 1)[-1], persist_result=True,
+        return task(fn, name=stage.value, persist_result=True,
                     result_serializer=StageResultSerializer(), cache_policy=policy)
     return make

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tasks.benchmark_rows import read_rows
 from tasks.common import StageResult, read_json
 from tasks.scoring import SCORES
 
@@ -30,14 +31,14 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
         for who, when in (("base", "before"), ("tuned", "after")):
             if f"{who}_{key}" in generations.metrics:
                 m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
-    rows = bench.info.get("rows", [])
+    rows = read_rows(bench.file("benchmark.json"))
     if rows:
-        engine, batch = rows[0]["engine"], min(r["batch"] for r in rows)
+        engine, batch = rows[0].engine, min(r.batch for r in rows)
         for r in rows:
-            if r["engine"] == engine and r["batch"] == batch:
-                name = r["variant"].replace("+", "_")
-                m[f"decode_tok_s.{name}"] = r["decode_tok_s"]
-                m[f"peak_memory_mib.{name}"] = r["peak_cuda_mib"] or r["peak_rss_mib"]
+            if r.engine == engine and r.batch == batch:
+                name = r.variant.replace("+", "_")
+                m[f"decode_tok_s.{name}"] = r.decode_tok_s
+                m[f"peak_memory_mib.{name}"] = r.peak_cuda_mib or r.peak_rss_mib
     if int4 is not None and "size_ratio_vs_merged" in int4.metrics:
         m["int4_size_ratio"] = int4.metrics["size_ratio_vs_merged"]
     return m

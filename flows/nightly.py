@@ -41,7 +41,7 @@ from flows.caching import cached_stage
 from flows.pipeline import Built, build, finish, register
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
-from tasks.common import StageResult, project_dir
+from tasks.common import StageName, StageResult, project_dir, stage_root
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config, load_model
 from tasks.methods import METHODS
@@ -50,7 +50,7 @@ from tasks.register import RegisteredVersion
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
-@cached_stage("tasks.gate", name="evaluate", model_libs=True)
+@cached_stage(StageName.EVALUATE, "tasks.gate", model_libs=True)
 def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                   eval_examples: int, max_new_tokens: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
@@ -77,7 +77,7 @@ def local_model(version, tracking_uri: str) -> Path:
     """A local folder of a registered merged model: the content-addressed output of the merge
     stage if this machine built it, else downloaded once from the artifact store."""
     digest = version.tags.get("model_digest", "")
-    built = project_dir() / "outputs" / "merge" / digest
+    built = stage_root(StageName.MERGE) / digest
     if digest and (built / "config.json").is_file():
         return built
     import mlflow.artifacts

@@ -32,7 +32,7 @@ from flows.headline import generations_table, headline_metrics, log_headline
 from flows.stages import PipelineRun, base_model_task, benchmark_task, generations_task, \
     merge_task, parent_run, quantize_task, quantize_torchao_task, report_task, \
     resolve_base_task, stage_of, train_task
-from tasks.common import StageResult
+from tasks.common import StageResult, read_json
 from tasks.config import PipelineConfig
 from tasks.config_load import load_config
 from tasks.methods import METHODS
@@ -103,8 +103,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     variants = {"base": base_spec, "base+adapter": adapted}
     for name, result in (("merged", merged), ("int4", int4), ("int4-torchao", fast_int4)):
         if result is not None:
-            variants[name] = ModelSpec(result.path, result.info.get("compute_dtype")
-                                       or result.info["dtype"], digest=result.digest)
+            variants[name] = ModelSpec(result.path, result.dtype, digest=result.digest)
     bench = run.stage(benchmark_task, variants=variants,
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],
@@ -137,7 +136,7 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion]) ->
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
-            "benchmark": built.benchmark.info.get("rows", []),
+            "benchmark": read_json(built.benchmark.file("benchmark.json")),
             "registered": [v.__dict__ for v in versions], "summary": text}
 
 

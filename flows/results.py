@@ -65,7 +65,8 @@ def stage_result_from_json(data: Any) -> StageResult:
     _expect(data["summary"], str, "summary")
     for entry in _expect(data["history"], list, "history"):
         _expect(entry, dict, "history[]")
-    _expect(data["device"], (str, type(None)), "device")
+    for key in ("device", "dtype"):
+        _expect(data[key], (str, type(None)), key)
     return StageResult(**data)
 
 

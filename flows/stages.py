@@ -26,7 +26,7 @@ from flows import hygiene, startup
 from flows.caching import cached_stage, inputs_lock
 from flows.mlflow_files import DatasetFile
 from flows.tracking import Tracker
-from tasks.common import DataError, StageResult
+from tasks.common import DataError, StageName, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
     ReportConfig, TrainConfig
 from tasks.model_spec import ModelSpec
@@ -45,7 +45,7 @@ def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) 
     return core(*args, **kwargs)
 
 
-@cached_stage("tasks.ingest")
+@cached_stage(StageName.INGEST, "tasks.ingest")
 def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
                 max_chars: int = 100_000) -> StageResult:
     from tasks import ingest
@@ -53,7 +53,7 @@ def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
     return ingest.ingest(source, fmt, on_error, max_chars)
 
 
-@cached_stage("tasks.conversations", ignore=("source",))
+@cached_stage(StageName.CONVERSATIONS, "tasks.conversations", ignore=("source",))
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
                        shuffle_seed: int | None, split_by: str = "record",
                        duplicates: str = "drop", source: str | None = None) -> StageResult:
@@ -65,7 +65,7 @@ def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: 
         duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
 
 
-@cached_stage("tasks.validate")
+@cached_stage(StageName.VALIDATE, "tasks.validate")
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
     from tasks import validate
 
@@ -74,7 +74,7 @@ def validate_task(qa: StageResult, data: StageResult) -> StageResult:
                               "dev": (data.file("dev_json"), "conversation")})
 
 
-@cached_stage("tasks.data_report")
+@cached_stage(StageName.DATA_REPORT, "tasks.data_report")
 def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None = None
                      ) -> StageResult:
     from tasks import data_report
@@ -82,7 +82,7 @@ def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None 
     return data_report.build_data_report(qa, data, tokenizer)
 
 
-@task(name="base", cache_policy=NO_CACHE)
+@task(name=StageName.BASE.value, cache_policy=NO_CACHE)
 def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
     """base.path set: the user's model, used where it is (nothing computed, nothing cached)."""
     from tasks import base_model
@@ -90,14 +90,14 @@ def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
     return base_model.resolve_base_model(cfg)
 
 
-@cached_stage("tasks.base_model", name="base", model_libs=True)
+@cached_stage(StageName.BASE, "tasks.base_model", model_libs=True)
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks import base_model
 
     return base_model.build_base_model(data.file("train_json"), cfg)
 
 
-@cached_stage("tasks.train", model_libs=True)
+@cached_stage(StageName.TRAIN, "tasks.train", model_libs=True)
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks import train
 
@@ -105,14 +105,14 @@ def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageR
                        data.file("dev_json"), cfg)
 
 
-@cached_stage("tasks.merge", model_libs=True)
+@cached_stage(StageName.MERGE, "tasks.merge", model_libs=True)
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks import merge
 
     return _model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
-@cached_stage("tasks.quantize", model_libs=True)
+@cached_stage(StageName.QUANTIZE, "tasks.quantize", model_libs=True)
 def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
     from tasks import quantize
@@ -121,10 +121,10 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
 
 
 #: the torchao int4 model: the same core and cache policy, its own stage (and MLflow child run)
-quantize_torchao_task = quantize_task.with_options(name="quantize_torchao")
+quantize_torchao_task = quantize_task.with_options(name=StageName.QUANTIZE_TORCHAO.value)
 
 
-@cached_stage("tasks.benchmark", model_libs=True)
+@cached_stage(StageName.BENCHMARK, "tasks.benchmark", model_libs=True)
 def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: BenchmarkConfig,
                    device: str) -> StageResult:
     from tasks import benchmark
@@ -132,7 +132,7 @@ def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: Benchmark
     return benchmark.run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
-@cached_stage("tasks.generations", model_libs=True)
+@cached_stage(StageName.GENERATIONS, "tasks.generations", model_libs=True)
 def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probes_file: Path,
                      cfg: ReportConfig) -> StageResult:
     from tasks import generations
@@ -141,7 +141,7 @@ def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probe
                        probes_file, cfg)
 
 
-@cached_stage("tasks.report")
+@cached_stage(StageName.REPORT, "tasks.report")
 def report_task(generations: StageResult, extra_sections: dict[str, str]) -> StageResult:
     from tasks import report
 
@@ -155,7 +155,7 @@ class Stage:
     (`log_outputs=False`: nothing, e.g. a user's model used where it is)."""
 
     task: Task
-    inputs: tuple[str, ...] = ()
+    inputs: tuple[StageName, ...] = ()
     folder: str | None = None
     log_outputs: bool = True
 
@@ -175,19 +175,20 @@ class Stage:
 #: prefix (ptuning) is neither merged nor quantized; the torchao int4 model is made on a GPU.
 STAGES: tuple[Stage, ...] = (
     Stage(ingest_task),
-    Stage(conversations_task, ("ingest",)),
-    Stage(validate_task, ("ingest", "conversations")),
-    Stage(data_report_task, ("ingest", "conversations")),
-    Stage(base_model_task, ("conversations",), folder="base_model"),
+    Stage(conversations_task, (StageName.INGEST,)),
+    Stage(validate_task, (StageName.INGEST, StageName.CONVERSATIONS)),
+    Stage(data_report_task, (StageName.INGEST, StageName.CONVERSATIONS)),
+    Stage(base_model_task, (StageName.CONVERSATIONS,), folder="base_model"),
     Stage(resolve_base_task, log_outputs=False),
-    Stage(train_task, ("base", "conversations"), folder="adapter"),
-    Stage(merge_task, ("base", "train"), folder="merged_model"),
-    Stage(quantize_task, ("merge",), folder="int4_model"),
-    Stage(quantize_torchao_task, ("merge",), folder="int4_torchao_model"),
-    Stage(benchmark_task, ("conversations", "base", "train", "merge", "quantize",
-                           "quantize_torchao")),
-    Stage(generations_task, ("conversations", "base", "train", "merge")),
-    Stage(report_task, ("generations", "benchmark")),
+    Stage(train_task, (StageName.BASE, StageName.CONVERSATIONS), folder="adapter"),
+    Stage(merge_task, (StageName.BASE, StageName.TRAIN), folder="merged_model"),
+    Stage(quantize_task, (StageName.MERGE,), folder="int4_model"),
+    Stage(quantize_torchao_task, (StageName.MERGE,), folder="int4_torchao_model"),
+    Stage(benchmark_task, (StageName.CONVERSATIONS, StageName.BASE, StageName.TRAIN,
+                           StageName.MERGE, StageName.QUANTIZE, StageName.QUANTIZE_TORCHAO)),
+    Stage(generations_task, (StageName.CONVERSATIONS, StageName.BASE, StageName.TRAIN,
+                             StageName.MERGE)),
+    Stage(report_task, (StageName.GENERATIONS, StageName.BENCHMARK)),
 )
 
 

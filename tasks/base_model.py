@@ -22,9 +22,8 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
-from tasks.common import DataError, StageResult, atomic_write_bytes, atomic_write_json, \
-    digest_bytes, digest_path, is_local_model_path, publish_dir, stage_root, \
-    staging_dir
+from tasks.common import DataError, StageName, StageResult, atomic_write_bytes, atomic_write_json, \
+    digest_bytes, digest_path, is_local_model_path, publish_dir, stage_root, staging_dir
 from tasks.config import BaseModelConfig
 from tasks.modeling import DEFAULT_CHAT_TEMPLATE
 from tasks.progress import Progress
@@ -175,15 +174,15 @@ def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, do_sample=False)
-    with staging_dir(stage_root("base")) as tmp:
+    with staging_dir(stage_root(StageName.BASE)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_bytes(tmp / "sentencepiece.model", sp_model)
         atomic_write_json(tmp / "pretrain_log.json", curve)
-        out, digest = publish_dir(tmp, stage_root("base"))
+        out, digest = publish_dir(tmp, stage_root(StageName.BASE))
     params = sum(p.numel() for p in model.parameters())
     return StageResult(
-        stage="base", path=str(out), digest=digest,
+        stage=StageName.BASE, path=str(out), digest=digest,
         files={"config": str(out / "config.json"), "weights": str(out / "model.safetensors"),
                "tokenizer": str(out / "tokenizer.json"),
                "sentencepiece_model": str(out / "sentencepiece.model"),
@@ -213,7 +212,7 @@ def resolve_base_model(cfg: BaseModelConfig) -> StageResult | None:
         if not (local / "config.json").is_file():
             raise DataError(local, "base.path: the folder has no config.json; it is not a "
                                    "Hugging Face model folder")
-        return StageResult(stage="base", path=str(local.resolve()), digest=digest_path(local),
-                           info={"source": "local"})
-    return StageResult(stage="base", path=raw, digest=digest_bytes(f"hub:{raw}".encode()),
+        return StageResult(stage=StageName.BASE, path=str(local.resolve()),
+                           digest=digest_path(local), info={"source": "local"})
+    return StageResult(stage=StageName.BASE, path=raw, digest=digest_bytes(f"hub:{raw}".encode()),
                        info={"source": "hub"})

@@ -23,8 +23,6 @@ Standalone (e.g. on the GPU machine, no Prefect/MLflow needed):
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,8 +30,9 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from tasks import child_process
-from tasks.common import StageResult, atomic_write_json, \
-    atomic_write_text, publish_dir, read_json, stage_root, staging_dir
+from tasks.benchmark_rows import BenchmarkRow, markdown_table, metrics, summarise
+from tasks.common import StageName, StageResult, atomic_write_json, atomic_write_text, \
+    publish_dir, read_json, stage_root, staging_dir
 from tasks.model_spec import FourBit, ModelSpec
 from tasks.resources import own_peak_rss_mib
 
@@ -42,15 +41,6 @@ if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydant
 
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
-#: figures taken per measurement; the table shows their median and spread over the repeats
-TIMED = ("decode_tok_s", "aggregate_tok_s", "e2e_tok_s", "ttft_ms", "load_seconds", "compile_s")
-
-
-def metric_key(name: str) -> str:
-    """A variant name as an MLflow metric key part (letters, digits, _ - . / only)."""
-    return re.sub(r"[^A-Za-z0-9_\-./]", "_", name.replace("+", "_plus_"))
-
-
 def batches(prompts: list, batch: int) -> list[list]:
     """The prompts, cycled to fill whole batches: every prompt is measured at least once."""
     rounds = -(-len(prompts) // batch)
@@ -74,7 +64,7 @@ def _quant_label(spec: ModelSpec) -> str | None:
 def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: int, warmup: int,
              device: str, threads: int = 0, batch_sizes: tuple[int, ...] = (1,),
              engines: tuple[str, ...] = ("static", "generate"), compile: bool = False
-             ) -> list[dict]:
+             ) -> list[BenchmarkRow]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -149,69 +139,23 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
             first = sum(t[0] for t in timings) / len(timings)
             rest = sum(t[1] for t in timings) / len(timings)
             per_seq = (new_tokens - 1) / rest
-            rows.append({
-                "variant": name, "engine": engine, "batch": batch, "device": device,
-                "dtype": str(model.dtype).removeprefix("torch."), "quant": _quant_label(spec),
-                "adapter": spec.adapter is not None, "prompts": len(prompts),
-                "new_tokens": new_tokens, "threads": torch.get_num_threads(),
-                "decode_tok_s": per_seq, "aggregate_tok_s": per_seq * batch,
-                "e2e_tok_s": batch * new_tokens / (first + rest),
-                "ttft_ms": 1000 * first, "compile_s": capture, "cuda_graph": graph,
-                "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-                "footprint_mib": model.get_memory_footprint() / 2**20,
-                "load_seconds": load_seconds, "rss_before_load_mib": rss0})
+            rows.append(dict(
+                variant=name, engine=engine, batch=batch, device=device,
+                dtype=str(model.dtype).removeprefix("torch."), quant=_quant_label(spec),
+                adapter=spec.adapter is not None, prompts=len(prompts), new_tokens=new_tokens,
+                threads=torch.get_num_threads(), decode_tok_s=per_seq,
+                aggregate_tok_s=per_seq * batch, e2e_tok_s=batch * new_tokens / (first + rest),
+                ttft_ms=1000 * first, compile_s=capture, cuda_graph=graph,
+                peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                footprint_mib=model.get_memory_footprint() / 2**20, load_seconds=load_seconds,
+                rss_before_load_mib=rss0))
     peak = own_peak_rss_mib()
-    return [{**r, "peak_rss_mib": peak} for r in rows]
+    return [BenchmarkRow(**r, peak_rss_mib=peak) for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
-# Parent: rounds of every variant, median and spread, benchmark.json + benchmark.md
+# Parent: rounds of every variant -> the median rows, benchmark.json + benchmark.md
 # ---------------------------------------------------------------------------------------------
-def summarise(measured: list[list[dict]]) -> list[dict]:
-    """One row per (variant, engine, batch): the median of each timed figure over the repeats,
-    with `<figure>_min` / `_max`; memory figures are the largest seen."""
-    groups: dict[tuple, list[dict]] = {}
-    for rows in measured:
-        for r in rows:
-            groups.setdefault((r["variant"], r["engine"], r["batch"]), []).append(r)
-    out = []
-    for runs in groups.values():
-        row = {**runs[0], "repeats": len(runs)}
-        for key in TIMED:
-            values = [r[key] for r in runs]
-            row |= {key: statistics.median(values), f"{key}_min": min(values),
-                    f"{key}_max": max(values)}
-        for key in ("peak_rss_mib", "peak_cuda_mib"):
-            values = [r[key] for r in runs if r[key] is not None]
-            row[key] = max(values) if values else None
-        out.append(row)
-    return out
-
-
-def markdown_table(rows: list[dict]) -> str:
-    def num(v):
-        return "–" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)
-
-    def spread(r, key):
-        if r["repeats"] < 2:
-            return num(r[key])
-        return f"{num(r[key])} ({num(r[key + '_min'])}–{num(r[key + '_max'])})"
-
-    head = ("| variant | engine | batch | dtype | quant | decode tok/s per seq | aggregate tok/s "
-            "| TTFT ms | peak CUDA MiB | peak RSS MiB | load s | capture s |")
-    rule = "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    body = [f"| {r['variant']} | {r['engine']} | {r['batch']} | {r['dtype']} | "
-            f"{r['quant'] or '–'} | {spread(r, 'decode_tok_s')} | {num(r['aggregate_tok_s'])} "
-            f"| {spread(r, 'ttft_ms')} | {num(r['peak_cuda_mib'])} | {num(r['peak_rss_mib'])} | "
-            f"{num(r['load_seconds'])} | {num(r['compile_s'])} |" for r in rows]
-    n = rows[0]
-    return "\n".join([head, rule, *body, "", f"{n['prompts']} prompts x {n['new_tokens']} new "
-                      f"tokens (greedy, no early stop) on {n['device']}; median (min–max) of "
-                      f"{n['repeats']} runs, each variant in a fresh process per run; static: "
-                      "static KV cache" + (" + CUDA graph" if n["device"].startswith("cuda")
-                                           else "") + ", generate: HF generate."]) + "\n"
-
-
 def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
                   cfg: BenchmarkConfig) -> StageResult:
     """Measure each variant (name -> the model it loads) in fresh processes on the same first
@@ -238,26 +182,15 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
                 progress.update()
     rows = summarise(measured)
     table = markdown_table(rows)
-    with staging_dir(stage_root("benchmark")) as tmp:
-        atomic_write_json(tmp / "benchmark.json", rows)
+    with staging_dir(stage_root(StageName.BENCHMARK)) as tmp:
+        atomic_write_json(tmp / "benchmark.json", [r.to_json() for r in rows])
         atomic_write_text(tmp / "benchmark.md", table)
-        out, digest = publish_dir(tmp, stage_root("benchmark"))
-    metrics = {}
-    for r in rows:
-        key = metric_key(r["variant"])
-        run = f"{key}_{r['engine']}_b{r['batch']}"
-        metrics |= {f"{run}_decode_tok_s": r["decode_tok_s"],
-                    f"{run}_aggregate_tok_s": r["aggregate_tok_s"],
-                    f"{run}_ttft_ms": r["ttft_ms"],
-                    f"{key}_peak_rss_mib": r["peak_rss_mib"],
-                    f"{key}_footprint_mib": r["footprint_mib"]}
-        if r["peak_cuda_mib"] is not None:
-            metrics[f"{run}_peak_cuda_mib"] = r["peak_cuda_mib"]
-    return StageResult(stage="benchmark", path=str(out), digest=digest,
+        out, digest = publish_dir(tmp, stage_root(StageName.BENCHMARK))
+    return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest,
                        files={"benchmark.json": str(out / "benchmark.json"),
                               "benchmark.md": str(out / "benchmark.md")},
-                       metrics=metrics, summary=table, device=device,
-                       info={"rows": rows, "variants": specs, "prompts": prompts})
+                       metrics=metrics(rows), summary=table, device=device,
+                       info={"variants": specs, "prompts": prompts})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -261,7 +262,26 @@ def is_local_model_path(raw: str) -> bool:
             or raw.startswith((".", "~")) or raw.count("/") > 1)
 
 
-def stage_root(stage: str) -> Path:
+class StageName(StrEnum):
+    """Every stage's name: its Prefect task, its MLflow child run and `outputs/<name>/`. The
+    flows' table of stages (flows/stages.py `STAGES`) says which stage is given which."""
+
+    INGEST = "ingest"
+    CONVERSATIONS = "conversations"
+    VALIDATE = "validate"
+    DATA_REPORT = "data_report"
+    BASE = "base"
+    TRAIN = "train"
+    MERGE = "merge"
+    QUANTIZE = "quantize"
+    QUANTIZE_TORCHAO = "quantize_torchao"
+    BENCHMARK = "benchmark"
+    GENERATIONS = "generations"
+    REPORT = "report"
+    EVALUATE = "evaluate"                  # the nightly gate's, once per candidate model
+
+
+def stage_root(stage: StageName) -> Path:
     """Where a stage keeps its content-addressed outputs: <project>/outputs/<stage>/."""
     return project_dir() / "outputs" / stage
 
@@ -277,11 +297,12 @@ class StageResult:
     is what downstream cache keys see. `files` names the individual artifacts worth browsing,
     `metrics` are numbers for MLflow, `summary` is markdown a person reads (the benchmark
     table, the report), `history` the step metrics of a training (one dict per logged step:
-    its `step` and values, e.g. `loss`), `device` where a model stage computed, and `info` any
+    its `step` and values, e.g. `loss`), `device` where a model stage computed, `dtype` the
+    dtype a model output loads in (merge: its weights'; int4: its compute dtype), and `info` any
     other JSON-able detail a later stage reads. `result_id` is minted when the stage really
     executes, so a cache hit can be traced back to the run that computed it."""
 
-    stage: str
+    stage: StageName
     path: str
     digest: str
     files: dict[str, str] = field(default_factory=dict)
@@ -290,7 +311,11 @@ class StageResult:
     summary: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     device: str | None = None
+    dtype: str | None = None
     result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", StageName(self.stage))   # a typo fails here, loudly
 
     def file(self, name: str) -> Path:
         return Path(self.files[name])

@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.common import DataError, StageResult, atomic_write_json, publish_dir, stage_root, \
-    staging_dir
+from tasks.common import DataError, StageName, StageResult, atomic_write_json, publish_dir, \
+    stage_root, staging_dir
 from tasks.dataset_io import CONVERSATIONS, conversations_array, read_arrow, single, \
     string_bytes, text_array, turns, write_json_records, write_parquet
 from tasks.progress import Progress
@@ -217,7 +217,7 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
              "dev": pa.Table.from_arrays([convs.take(dev_at)], schema=CONVERSATIONS)}
     del table, convs                                      # the split copies are all we need
     progress.update(note=f"{len(train_at):,} train and {len(dev_at):,} dev records")
-    with progress, staging_dir(stage_root("conversations")) as tmp:
+    with progress, staging_dir(stage_root(StageName.CONVERSATIONS)) as tmp:
         def write(name: str) -> str:
             write_json_records(tmp / f"{name}.json", parts[name])
             write_parquet(tmp / f"{name}.parquet", parts[name])
@@ -228,7 +228,7 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
         if dropped:
             atomic_write_json(tmp / "duplicates.json", {"dropped": dropped,
                                                         "examples": examples})
-        out, digest = publish_dir(tmp, stage_root("conversations"))
+        out, digest = publish_dir(tmp, stage_root(StageName.CONVERSATIONS))
     files = {f"{name}_{ext}": str(out / f"{name}.{ext}") for name in parts
              for ext in ("json", "parquet")}
     if dropped:
@@ -237,7 +237,7 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
                "duplicates": float(len(dup_rows)), "duplicates_dropped": float(dropped)}
     if groups is not None:
         metrics["question_groups"] = float(groups.max() + 1)
-    return StageResult(stage="conversations", path=str(out), digest=digest, files=files,
+    return StageResult(stage=StageName.CONVERSATIONS, path=str(out), digest=digest, files=files,
                        metrics=metrics,
                        info={"train_ratio": train_ratio, "shuffle_seed": shuffle_seed,
                              "split_by": split_by, "duplicates": duplicates,

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.common import DataError, StageResult, atomic_write_json, atomic_write_text, \
+from tasks.common import DataError, StageName, StageResult, atomic_write_json, atomic_write_text, \
     publish_dir, read_json, stage_root, staging_dir
 from tasks.dataset_io import read_parquet, single, turns
 
@@ -198,7 +198,7 @@ def build_data_report(ingest: StageResult, data: StageResult,
         "token_sample": ("Tokens counted on evenly spaced samples: " + "; ".join(notes) + ".")
         if notes else "Tokens counted on every message.",
         "turns": turn_counts, "sample": sample}
-    with staging_dir(stage_root("data_report")) as tmp:
+    with staging_dir(stage_root(StageName.DATA_REPORT)) as tmp:
         _histograms(tmp / "chars_hist.png", "Message length in characters", "characters",
                     char_series)
         _histograms(tmp / "tokens_hist.png", "Message length in tokens",
@@ -206,7 +206,7 @@ def build_data_report(ingest: StageResult, data: StageResult,
         _turns_chart(tmp / "turns_hist.png", turn_counts)
         atomic_write_json(tmp / "data_report.json", report)
         atomic_write_text(tmp / "data_report.md", _markdown(report))
-        out, digest = publish_dir(tmp, stage_root("data_report"))
+        out, digest = publish_dir(tmp, stage_root(StageName.DATA_REPORT))
     files = {name.replace(".", "_"): str(out / name) for name in (
         "data_report.md", "data_report.json", "chars_hist.png", "tokens_hist.png",
         "turns_hist.png")}
@@ -217,5 +217,5 @@ def build_data_report(ingest: StageResult, data: StageResult,
             if s.get("n"):
                 metrics[f"train_{role}_{key}_mean"] = float(s["mean"])
                 metrics[f"train_{role}_{key}_p95"] = float(s["p95"])
-    return StageResult(stage="data_report", path=str(out), digest=digest, files=files,
+    return StageResult(stage=StageName.DATA_REPORT, path=str(out), digest=digest, files=files,
                        metrics=metrics, info={"token_unit": unit, "counts": report["counts"]})

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.common import StageResult, atomic_write_json, publish_dir, read_json, stage_root, \
-    staging_dir
+from tasks.common import StageName, StageResult, atomic_write_json, publish_dir, read_json, \
+    stage_root, staging_dir
 from tasks.model_spec import ModelSpec
 
 Metric = Literal["rouge_1", "rouge_2", "rouge_l", "bleu_4"]
@@ -52,7 +52,7 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
     model; score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
     from tasks.generations import answer_prompts
-    from tasks.scoring import SCORES, read_dev_prompts, read_probes, score_answer
+    from tasks.scoring import average, read_dev_prompts, read_probes, score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
     probes = read_probes(Path(probes_file))
@@ -60,9 +60,9 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
     answers = answer_prompts(spec, prompts, max_new_tokens)["answers"]
     dev_answers, probe_answers = answers[:len(dev)], answers[len(dev):]
     per_prompt = [score_answer(a, ref) for a, (_, ref) in zip(dev_answers, dev)]
-    metrics = {k: sum(s[k] for s in per_prompt) / len(per_prompt) for k in SCORES} if dev else {}
+    metrics = average(per_prompt) if dev else {}
     metrics["eval_examples"] = float(len(dev))
-    root = stage_root("evaluate")
+    root = stage_root(StageName.EVALUATE)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "evaluation.json", {
             "model": spec.describe(), "max_new_tokens": max_new_tokens,
@@ -71,7 +71,7 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
             "probes": [{"question": q, "answer": a} for q, a in zip(probes, probe_answers)],
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage="evaluate", path=str(out), digest=digest,
+    return StageResult(stage=StageName.EVALUATE, path=str(out), digest=digest,
                        files={"evaluation_json": str(out / "evaluation.json")}, metrics=metrics)
 
 

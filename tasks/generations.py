@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
-from tasks.common import StageResult, atomic_write_json, publish_dir, stage_root, staging_dir
+from tasks.common import StageName, StageResult, atomic_write_json, publish_dir, stage_root, \
+    staging_dir
 from tasks.config import ReportConfig
 from tasks.model_spec import ModelSpec
 from tasks.modeling import Message, answer, load_tokenizer, pick_device, release
-from tasks.scoring import SCORES, read_dev_prompts, read_probes, score_answer
+from tasks.scoring import SCORES, average, read_dev_prompts, read_probes, score_answer
 #: a CPU model below this size decodes faster on one thread: its per-token matmuls are too small
 #: to split, and on 2 busy cores intra-op threads made decoding ~8x slower (75 vs 9.6 ms/token)
 SMALL_MODEL_PARAMS = 50_000_000
@@ -75,8 +76,7 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
     metrics: dict[str, float] = {"dev_examples": float(n_show), "eval_examples": float(n_eval),
                                  "probe_count": float(len(probes))}
     for k, r in runs.items():
-        for key in SCORES:
-            metrics[f"{k}_{key}"] = (sum(s[key] for s in per_prompt[k][:n_eval]) / n_eval)
+        metrics |= {f"{k}_{key}": v for key, v in average(per_prompt[k][:n_eval]).items()}
         metrics[f"{k}_mean_answer_chars"] = sum(map(len, r["answers"])) / len(r["answers"])
         metrics[f"{k}_mean_new_tokens"] = sum(r["new_tokens"]) / len(r["new_tokens"])
         metrics[f"{k}_eos_rate"] = (sum(n < cfg.max_new_tokens for n in r["new_tokens"])
@@ -89,7 +89,7 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
                 for i, (p, ref) in enumerate(used)]
     probe_rows = [{"question": q, "before": probe_ans["base"][i], "after": probe_ans["tuned"][i]}
                   for i, q in enumerate(probes)]
-    root = stage_root("generations")
+    root = stage_root(StageName.GENERATIONS)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "generations.json", {
             "base": base.describe(), "tuned": tuned.describe(),
@@ -99,6 +99,6 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
             "scores": {k: {key: metrics[f"{k}_{key}"] for key in SCORES} for k in runs},
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage="generations", path=str(out), digest=digest,
+    return StageResult(stage=StageName.GENERATIONS, path=str(out), digest=digest,
                        files={"generations_json": str(out / "generations.json")},
                        metrics=metrics, device=pick_device())

@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.common import StageResult, atomic_write_json, publish_dir, stage_root, staging_dir
+from tasks.common import StageName, StageResult, atomic_write_json, publish_dir, stage_root, \
+    staging_dir
 from tasks.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
 from tasks.formats import Format, Loaded, read_source
 from tasks.progress import Progress
@@ -56,7 +57,7 @@ def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
     if issues.skipped:
         log.warning("%s: skipped %d malformed record(s) (%s); first: %s", source,
                     issues.skipped, dict(issues.counts), issues.examples[0]["message"])
-    with staging_dir(stage_root("ingest")) as tmp:
+    with staging_dir(stage_root(StageName.INGEST)) as tmp:
         write_arrow(tmp / "records.arrow", table)
         progress.update(note="wrote records.arrow")
         if qa:
@@ -64,7 +65,7 @@ def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
         if issues.skipped:
             atomic_write_json(tmp / "skipped.json", {"counts": dict(issues.counts),
                                                      "examples": issues.examples})
-        out, digest = publish_dir(tmp, stage_root("ingest"))
+        out, digest = publish_dir(tmp, stage_root(StageName.INGEST))
     files = {"records_arrow": str(out / "records.arrow")}
     if qa:
         files["qa_json"] = str(out / "qa.json")
@@ -76,7 +77,7 @@ def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
                **{f"skipped.{kind}": float(n) for kind, n in issues.counts.items()}}
     if qa:
         metrics["qa_pairs"] = float(table.num_rows)
-    return StageResult(stage="ingest", path=str(out), digest=digest, files=files,
+    return StageResult(stage=StageName.INGEST, path=str(out), digest=digest, files=files,
                        metrics=metrics,
                        info={"source": str(source), "format": loaded.format, "files": names,
                              "ignored_files": loaded.ignored_files,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
+from tasks.common import DataError, StageName, StageResult, publish_dir, stage_root, staging_dir
 from tasks.model_spec import ModelSpec
 from tasks.modeling import is_prequantized, load_model, load_tokenizer, pick_device, prompt_ids, \
     resolve_dtype, save_model
@@ -84,16 +84,16 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
                            f"(max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
 
     params = sum(p.numel() for p in merged.parameters())
-    with staging_dir(stage_root("merge")) as tmp:
+    with staging_dir(stage_root(StageName.MERGE)) as tmp:
         save_model(merged, tokenizer, tmp)       # safetensors shards, config, chat template
         size = weights_mib(tmp)
-        out, digest = publish_dir(tmp, stage_root("merge"))
+        out, digest = publish_dir(tmp, stage_root(StageName.MERGE))
     return StageResult(
-        stage="merge", path=str(out), digest=digest,
+        stage=StageName.MERGE, path=str(out), digest=digest,
         files={"config.json": str(out / "config.json")},
         metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
                  "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
-        device=device,
-        info={"base": str(base_dir), "adapter": str(adapter_dir), "dtype": dtype,
+        device=device, dtype=dtype,
+        info={"base": str(base_dir), "adapter": str(adapter_dir),
               "probe_tokens": ids.shape[1],
               "tokenizer_from": "adapter" if tokenizer_dir == str(adapter_dir) else "base"})

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from tasks.common import DataError, StageResult, publish_dir, stage_root, staging_dir
+from tasks.common import DataError, StageName, StageResult, publish_dir, stage_root, staging_dir
 from tasks.merge import PROBE, probe_ids, weights_mib
 from tasks.modeling import bnb_config, generate, is_prequantized, load_model, load_tokenizer, \
     release, resolve_dtype, save_model
@@ -35,7 +35,7 @@ if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydant
 
 Format = Literal["bnb", "torchao"]
 #: each format's stage: its outputs live under outputs/<stage>/
-STAGES: dict[str, str] = {"bnb": "quantize", "torchao": "quantize_torchao"}
+STAGES: dict[str, StageName] = {"bnb": StageName.QUANTIZE, "torchao": StageName.QUANTIZE_TORCHAO}
 SAMPLE_PROMPT = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"}]
 
 
@@ -118,9 +118,9 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         metrics={"size_mb": size, "size_ratio_vs_merged": size / merged_size,
                  "reload_ok": 1.0, "int4_top1_agreement": agree,
                  "int4_max_abs_logit_diff": logit_diff},
-        device=device,
+        device=device, dtype=dtype,
         info={"format": fmt, "description": describe(fmt, cfg),
               "sample_prompt": sample_prompt or SAMPLE_PROMPT, "sample": sample,
-              "merged": str(merged_dir), "compute_dtype": dtype,
+              "merged": str(merged_dir),
               "quant_type": cfg.quant_type if fmt == "bnb" else "int4",
               "double_quant": cfg.double_quant, "group_size": cfg.group_size})

@@ -13,8 +13,8 @@ from jinja2 import Environment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from tasks.common import StageResult, atomic_write_text, publish_dir, read_json, stage_root, \
-    staging_dir
+from tasks.common import StageName, StageResult, atomic_write_text, publish_dir, read_json, \
+    stage_root, staging_dir
 from tasks.scoring import SCORES
 from tasks.modeling import Message
 
@@ -95,12 +95,12 @@ def render_report(generations_json: Path, extra_sections: dict[str, str] | None 
            "examples": gen["dev"][:gen["dev_examples"]], "probes": gen["probes"],
            "extra": extra_sections or {}}
     markdown = _markdown(ctx)
-    root = stage_root("report")
+    root = stage_root(StageName.REPORT)
     with staging_dir(root) as tmp:
         atomic_write_text(tmp / "report.md", markdown)
         atomic_write_text(tmp / "report.html", _html(ctx))
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage="report", path=str(out), digest=digest,
+    return StageResult(stage=StageName.REPORT, path=str(out), digest=digest,
                        files={"report_md": str(out / "report.md"),
                               "report_html": str(out / "report.html")},
                        summary=markdown)

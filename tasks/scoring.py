@@ -56,10 +56,10 @@ def score_answer(hypothesis: str, reference: str) -> dict[str, float]:
     return scores
 
 
-def mean_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Average of `score_answer` over aligned answers (0 for an empty list)."""
-    rows = [score_answer(h, r) for h, r in zip(hypotheses, references, strict=True)]
-    return {k: sum(r[k] for r in rows) / len(rows) if rows else 0.0 for k in SCORES}
+def average(per_prompt: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Each score's mean over the prompts' `score_answer` results (0 for none)."""
+    return {k: sum(s[k] for s in per_prompt) / len(per_prompt) if per_prompt else 0.0
+            for k in SCORES}
 
 
 # ---------------------------------------------------------------------------------------------

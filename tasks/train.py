@@ -45,8 +45,8 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Pri
     Trainer, TrainingArguments
 
 from tasks.code_version import code_digest
-from tasks.common import REPO_DIR, StageResult, atomic_write_json, digest_bytes, digest_path, \
-    project_dir, publish_dir, read_json, stage_root, staging_dir
+from tasks.common import REPO_DIR, StageName, StageResult, atomic_write_json, digest_bytes, \
+    digest_path, project_dir, publish_dir, read_json, stage_root, staging_dir
 from tasks.config import TrainConfig
 from tasks.methods import METHODS
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
@@ -293,13 +293,13 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     checkpoints = list_checkpoints(ckpt)
 
     tok.padding_side = padding_side
-    with staging_dir(stage_root("train")) as tmp:
+    with staging_dir(stage_root(StageName.TRAIN)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "train_log.json", log)
         plot_loss_curve(log, tmp / "loss_curve.png", f"{cfg.method}: train / dev loss")
         write_sanity(tmp, tok, train, cfg.sanity_examples)
-        out, digest = publish_dir(tmp, stage_root("train"))
+        out, digest = publish_dir(tmp, stage_root(StageName.TRAIN))
     metrics = {
         "eval_loss_before": eval_before, "eval_loss_after": eval_after,
         "perplexity_before": math.exp(min(eval_before, 50.0)),
@@ -326,7 +326,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
                   "sanity_check_tsv": str(out / "sanity_check.tsv")}
     peft_cfg = model.peft_config["default"]
     return StageResult(
-        stage="train", path=str(out), digest=digest, files=files,
+        stage=StageName.TRAIN, path=str(out), digest=digest, files=files,
         metrics={k: float(v) for k, v in metrics.items()},
         history=log, device=device,
         info={"method": cfg.method, "base_dir": base_dir, "gradient_checkpointing": checkpointing,

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from jsonschema import Draft202012Validator
 
-from tasks.common import SCHEMA_DIR, DataError, StageResult, read_json
+from tasks.common import SCHEMA_DIR, DataError, StageName, StageResult, read_json
 from tasks.dataset_io import arrow_schema_of, scan_json_records
 from tasks.progress import Progress
 
@@ -241,9 +241,9 @@ def validate(files: dict[str, tuple[Path, str]]) -> StageResult:
             progress.update(note=f"{name}: {result[0]:,} records")
     counts = {name: n for name, (n, _) in checked.items()}
     paths = {name: how for name, (_, how) in checked.items()}
-    return StageResult(stage="validate", path=str(Path(next(iter(files.values()))[0]).parent),
-                       digest="", metrics={f"{name}_valid_records": float(n)
-                                           for name, n in counts.items()},
+    folder = Path(next(iter(files.values()))[0]).parent
+    return StageResult(stage=StageName.VALIDATE, path=str(folder), digest="",
+                       metrics={f"{name}_valid_records": float(n) for name, n in counts.items()},
                        info={"schemas": {name: SCHEMAS[kind] for name, (_, kind) in
                                          files.items()}, "validated_by": paths})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_model import make_all  # noqa: E402
 
 from tasks.common import DataError, read_json  # noqa: E402
-from tasks.benchmark import batches, metric_key, run_benchmark  # noqa: E402
+from tasks.benchmark import batches, run_benchmark  # noqa: E402
+from tasks.benchmark_rows import BenchmarkRow, markdown_table, metric_key, read_rows, \
+    summarise  # noqa: E402
 from tasks.config import BenchmarkConfig  # noqa: E402
 from tasks.model_spec import ModelSpec  # noqa: E402
 
@@ -29,6 +32,31 @@ def test_metric_key():
     assert metric_key("int4 (nf4)") == "int4__nf4_"
 
 
+def measured(variant: str, decode: float, rss: float) -> BenchmarkRow:
+    """One process's row, made up: only the figures a test reads differ."""
+    return BenchmarkRow(variant, "static", 1, "cpu", "float32", None, False, 2, 4, 1,
+                        decode_tok_s=decode, aggregate_tok_s=decode, e2e_tok_s=decode,
+                        ttft_ms=1000 / decode, compile_s=0.0, cuda_graph=None,
+                        peak_cuda_mib=None, footprint_mib=1.0, load_seconds=0.5,
+                        rss_before_load_mib=100.0, peak_rss_mib=rss)
+
+
+def test_summarise_takes_medians_with_their_spread_and_the_largest_peak(tmp_path):
+    rounds = [[measured("a", 10.0, 300.0), measured("b", 5.0, 200.0)],
+              [measured("a", 30.0, 310.0), measured("b", 6.0, 200.0)],
+              [measured("a", 20.0, 305.0), measured("b", 7.0, 190.0)]]
+    a, b = summarise(rounds)
+    assert (a.variant, a.repeats, a.decode_tok_s, a.spread["decode_tok_s"]) == \
+        ("a", 3, 20.0, (10.0, 30.0))
+    assert (b.peak_rss_mib, b.peak_cuda_mib, b.spread["ttft_ms"]) == (200.0, None, (
+        1000 / 7, 200.0))
+    # benchmark.json round trip, and the table shows the spread
+    path = tmp_path / "benchmark.json"
+    path.write_text(json.dumps([a.to_json(), b.to_json()]), encoding="utf-8")
+    assert read_rows(path) == [a, b] and a.to_json()["decode_tok_s_min"] == 10.0
+    assert "| a | static | 1 | float32 | – | 20.0 (10.0–30.0) |" in markdown_table([a, b])
+
+
 @pytest.mark.slow                           # four fresh processes, ~10 s each to start here
 def test_benchmark_two_variants(tmp_path):
     base, adapter = make_all(tmp_path)
@@ -38,7 +66,9 @@ def test_benchmark_two_variants(tmp_path):
                                                                           adapter=adapter)},
                         PROMPTS, cfg)
     rows = read_json(res.file("benchmark.json"))
-    assert rows == res.info["rows"]
+    typed = read_rows(res.file("benchmark.json"))
+    assert [r.to_json() for r in typed] == rows and all(r.repeats == 2 for r in typed)
+    assert all(isinstance(r, BenchmarkRow) for r in typed)
     # one row per variant, engine and batch size, each the median of 2 measurements
     assert [(r["variant"], r["engine"], r["batch"]) for r in rows] == [
         (v, e, b) for v in ("base", "base+adapter") for e in ("static", "generate")

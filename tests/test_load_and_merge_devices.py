@@ -28,7 +28,7 @@ def tiny(tmp_path_factory):
 def test_merge_runs_where_it_is_asked_and_refuses_a_missing_gpu(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path))
     res = merge_adapter(*tiny)                                      # auto: no GPU here
-    assert res.device == "cpu" and res.info["dtype"] == "float32"
+    assert res.device == "cpu" and res.dtype == "float32"
     with pytest.raises(RuntimeError, match="no CUDA device"):
         merge_adapter(*tiny, device="cuda")
 

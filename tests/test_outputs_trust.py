@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.results import CacheKeyStorage, StageResultSerializer, UntrustedRecord
-from tasks.common import ConfigError, DataError, StageResult, owner_tag, publish_dir, \
+from tasks.common import ConfigError, DataError, StageName, StageResult, owner_tag, publish_dir, \
     stage_root, staging_dir, sweep_leftovers
 from tasks.config_load import load_config, load_model
 from tasks.gate import GateConfig
@@ -28,7 +28,7 @@ def home(tmp_path, monkeypatch) -> Path:
     return tmp_path / "home"
 
 
-def publish(files: dict[str, str], stage: str = "demo") -> Path:
+def publish(files: dict[str, str], stage: StageName = StageName.INGEST) -> Path:
     with staging_dir(stage_root(stage)) as tmp:
         for name, text in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
@@ -72,12 +72,12 @@ def test_publishing_again_replaces_a_damaged_copy_and_keeps_a_good_one():
     inode = (out / "a.txt").stat().st_ino
     publish({"a.txt": "content\n"})                     # intact: the old copy is kept
     assert (out / "a.txt").stat().st_ino == inode
-    assert sorted(p.name for p in stage_root("demo").iterdir()) == [out.name]
+    assert sorted(p.name for p in stage_root(StageName.INGEST).iterdir()) == [out.name]
 
 
 def test_stage_result_problem_names_the_file():
     out = publish({"train.json": "[]\n"})
-    result = StageResult("demo", str(out), out.name, files={"train": str(out / "train.json")})
+    result = StageResult(StageName.INGEST, str(out), out.name, files={"train": str(out / "train.json")})
     assert result.problem() is None
     (out / "train.json").write_text("[1, 2]\n", encoding="utf-8")
     assert str(out / "train.json") in result.problem()
@@ -92,7 +92,7 @@ def test_sweep_removes_staging_dirs_of_dead_processes_only():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     tag = owner_tag(dead.pid)                 # taken while it runs (or just ended: no tag)
     dead.wait()
-    root = stage_root("ingest")
+    root = stage_root(StageName.INGEST)
     mine = root / f".staging-{owner_tag()}-abc123"
     gone = root / f".staging-{tag}-def456"
     other_host = root / ".staging-1-1-00000000-ghi789"
@@ -105,11 +105,11 @@ def test_sweep_removes_staging_dirs_of_dead_processes_only():
 
 def test_a_failed_stage_leaves_no_staging_dir():
     with pytest.raises(RuntimeError):
-        with staging_dir(stage_root("demo")) as tmp:
+        with staging_dir(stage_root(StageName.INGEST)) as tmp:
             (tmp / "half.json").write_text("[", encoding="utf-8")
             assert tmp.name.startswith(f".staging-{owner_tag()}-")
             raise RuntimeError("stage failed")
-    assert list(stage_root("demo").iterdir()) == []
+    assert list(stage_root(StageName.INGEST).iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tasks.common import DataError, read_json  # noqa: E402
 from tasks.config import ReportConfig  # noqa: E402
 from tasks.model_spec import ModelSpec  # noqa: E402
 from tasks.generations import generate_answers  # noqa: E402
-from tasks.scoring import mean_scores, read_dev_prompts, read_probes, score_answer  # noqa: E402
+from tasks.scoring import average, read_dev_prompts, read_probes, score_answer  # noqa: E402
 from tasks.report import render_report  # noqa: E402
 
 SCRIPT = "<script>alert('x')</script>"
@@ -74,7 +74,8 @@ def test_score_answer_known_strings():
     assert all(0 < v < 100 for v in partial.values()), partial
     assert all(v == 0 for v in score_answer("", "绿萝喜欢散射光").values())
     assert all(v == 0 for v in score_answer("  \n", "绿萝喜欢散射光").values())
-    assert mean_scores([], []) == dict.fromkeys(same, 0.0)
+    assert average([]) == dict.fromkeys(same, 0.0)
+    assert average([same, disjoint]) == pytest.approx(dict.fromkeys(same, 50.0))
 
 
 def test_inputs_are_read_and_bad_ones_refused(inputs, tmp_path):

@@ -8,13 +8,22 @@ from prefect import Task
 
 import flows.stages as stages
 from flows.stages import STAGES, check_inputs, stage_of
-from tasks.common import StageResult
+from tasks.common import StageName, StageResult
 
 
 def test_every_stage_takes_only_stages_computed_before_it():
     names = [s.name for s in STAGES]
     for i, stage in enumerate(STAGES):
         assert set(stage.inputs) <= set(names[:i]), (stage.name, stage.inputs)
+
+
+def test_stage_names_are_one_enum():
+    in_order = list(dict.fromkeys(s.name for s in STAGES))   # base: built, or resolved
+    assert in_order == [n.value for n in StageName if n != StageName.EVALUATE]
+    # a name read back from a cached record becomes the enum; a misspelt one fails at once
+    assert StageResult("train", "/out/train/1", "1").stage is StageName.TRAIN
+    with pytest.raises(ValueError, match="'trian' is not a valid StageName"):
+        StageResult("trian", "/out/train/1", "1")
 
 
 def test_a_stage_is_given_only_the_results_its_row_lists():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import psutil
 
+from flows.databases import seed, seed_mlflow
 from tasks.common import REPO_DIR, project_dir
 
 HOST = "127.0.0.1"
@@ -219,6 +220,10 @@ class Stack:
         state = self._state()                    # forget processes that are gone (a reboot)
         state["processes"] = {s: r for s, r in state["processes"].items() if self.process(s)}
         self._save(state)
+        env = self.env()                    # a new home: its empty databases from templates
+        if "PREFECT_API_DATABASE_CONNECTION_URL" not in env:
+            seed("prefect", Path(env["PREFECT_HOME"]) / "prefect.db")
+        seed_mlflow(self.tracking_uri)
         for service, port in (("prefect-server", self.prefect_port),
                               ("mlflow-server", self.mlflow_port)):
             if self.process(service) is None:

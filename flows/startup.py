@@ -66,9 +66,10 @@ def project_environment(home: Path) -> dict[str, str]:
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def prepare() -> None:
+def prepare(*, seed: bool = True) -> None:
     """Point this process at the project (`PIPELINE_HOME`, default: the repository) with
-    `project_environment`, except where the environment already says otherwise. Idempotent.
+    `project_environment`, except where the environment already says otherwise, and (`seed`)
+    give a new project its Prefect database from the template (`seed_prefect`). Idempotent.
     Raises if Prefect was imported before and a Prefect setting would still change."""
     from tasks.common import project_dir
 
@@ -80,6 +81,17 @@ def prepare() -> None:
     os.environ.update(missing)
     with contextlib.suppress(OSError):     # a new PIPELINE_HOME: Prefect makes one level only
         Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    if seed:
+        seed_prefect()
+
+
+def seed_prefect() -> None:
+    """A new project's Prefect database, copied from the template (flows/databases.py), where
+    this process will start Prefect's server on it: no API URL and no database URL are set."""
+    if not {"PREFECT_API_URL", "PREFECT_API_DATABASE_CONNECTION_URL"} & set(os.environ):
+        from flows.databases import seed
+
+        seed("prefect", Path(os.environ["PREFECT_HOME"]) / "prefect.db")
 
 
 def prepare_cli() -> None:
@@ -87,7 +99,7 @@ def prepare_cli() -> None:
     collector off while the run imports (module docstring), and an API server: the stack's
     while `make stack` is up, else a temporary one launched now (unless `PREFECT_API_URL` or
     Prefect's own settings files name one). `--help` only prepares."""
-    prepare()
+    prepare(seed=False)                  # seeded where the server is launched, if it is
     if cli_flow() is None:
         return
     begin_cli_run()
@@ -175,6 +187,7 @@ def launch_temporary_server() -> str:
     URL, for `PREFECT_API_URL`. Call before Prefect is imported."""
     global _server
     creating = None
+    seed_prefect()
     if not (Path(os.environ["PREFECT_HOME"]) / "prefect.db").exists():
         # a new project: the server creates the database. Two first runs started together
         # would both create it, so the second waits here until the first's server answers.
@@ -242,10 +255,12 @@ def ready() -> None:
     if _server is not None:
         from mlflow import MlflowClient
 
+        from flows.databases import seed_mlflow
         from flows.tracking import tracking_uri
         from tasks.common import file_lock
 
         with file_lock("mlflow-db"):             # two first runs must not both create it
+            seed_mlflow(tracking_uri())          # a new home: from the template
             MlflowClient(tracking_uri())         # opens (or creates) the store, kept by MLflow
         wait_for_server()
     gc.freeze()

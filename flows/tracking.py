@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from flows.hygiene import ending, owner_tags
+from flows.databases import seed_mlflow
 from flows.mlflow_files import DatasetFile, content_digest, dataset_input, log_artifacts
 from tasks.common import StageResult, file_lock, project_dir
 
@@ -67,9 +68,10 @@ class Tracker:
         self.uri = tracking_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        # the first run on a new PIPELINE_HOME creates the DB (schema migrations) and the
-        # experiment: two runs started together must not both do it
+        # the first run on a new PIPELINE_HOME creates the DB (copied from its template,
+        # flows/databases.py) and the experiment: two runs started together must not both
         with file_lock("mlflow-db"):
+            seed_mlflow(self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None

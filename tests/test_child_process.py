@@ -69,6 +69,8 @@ def test_a_script_without_a_main_guard_is_not_run_again_in_the_child(tmp_path):
     script = tmp_path / "no_guard.py"
     script.write_text("import os\n"
                       "from tasks import child_process\n"
+                      "child_process.PRELOAD[:] = []     # what the server imports: nothing\n"
+                      "child_process.PRELOAD_WITHOUT_GPU[:] = []   # matters here (faster)\n"
                       "print('child pid differs:', child_process.call(os.getpid) != os.getpid())\n",
                       encoding="utf-8")
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,

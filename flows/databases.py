@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import logging
 import os
 import shutil
 import sqlite3
@@ -27,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 from filelock import FileLock
+
+log = logging.getLogger(__name__)
 
 #: the command that leaves an empty database of each kind in the folder it is run in, whose
 #: file it names
@@ -63,6 +66,7 @@ def seed(kind: str, target: Path) -> bool:
     try:
         shutil.copyfile(template, tmp)
         os.link(tmp, target)            # never replaces: a run that got there first wins
+        log.info("new project: %s database %s copied from %s", kind, target, template)
         return True
     except FileExistsError:
         return False

@@ -66,12 +66,13 @@ def step_metrics(result: StageResult) -> list[Metric]:
 class Tracker:
     def __init__(self, experiment: str):
         self.uri = tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        # the first run on a new PIPELINE_HOME creates the DB (copied from its template,
-        # flows/databases.py) and the experiment: two runs started together must not both
+        # the first run on a new PIPELINE_HOME creates the DB (a copy of its template,
+        # flows/databases.py, made before MlflowClient opens, i.e. creates, it) and the
+        # experiment: two runs started together must not both
         with file_lock("mlflow-db"):
             seed_mlflow(self.uri)
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 location = (project_dir() / "mlruns").as_uri() if _is_local(self.uri) else None

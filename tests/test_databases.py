@@ -34,6 +34,16 @@ def test_a_new_home_gets_both_databases_at_their_head(tmp_path):
     assert client.get_experiment(exp).artifact_location == (home / "mlruns").as_uri()
 
 
+def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch, caplog):
+    from flows.tracking import Tracker
+
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    with caplog.at_level("INFO", logger="flows.databases"):
+        tracker = Tracker("finetune-pipeline")
+    assert f"mlflow database {tmp_path / 'home' / 'mlflow.db'} copied" in caplog.text
+    assert tracker.client.get_experiment(tracker.experiment_id).name == "finetune-pipeline"
+
+
 def test_an_existing_database_is_left_alone(tmp_path):
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"the user's own")

@@ -31,16 +31,34 @@ from filelock import FileLock
 
 log = logging.getLogger(__name__)
 
+#: Prefect's schema, and the block types a server registers at its first start (with them in
+#: the copy, servers started together on a new home update rows, instead of racing to insert
+#: the same ones: "UNIQUE constraint failed: block_type.slug")
+_PREFECT = """
+import asyncio
+from prefect.server.database import provide_database_interface
+from prefect.server.models.block_registration import run_block_auto_registration
+
+async def make():
+    db = provide_database_interface()
+    await db.create_db()
+    async with await db.session() as session:
+        await run_block_auto_registration(session=session)
+
+asyncio.run(make())
+"""
 #: the command that leaves an empty database of each kind in the folder it is run in, whose
 #: file it names
 _MAKE = {
-    "prefect": ("prefect.db", ["-m", "prefect", "server", "database", "upgrade", "--yes"]),
+    "prefect": ("prefect.db", ["-c", _PREFECT]),
     "mlflow": ("mlflow.db", ["-c", "from mlflow.store.tracking.sqlalchemy_store import "
                                    "SqlAlchemyStore; SqlAlchemyStore('sqlite:///mlflow.db', "
                                    "'mlruns')"]),
 }
 #: its version is the schema's
 _PACKAGE = {"prefect": "prefect", "mlflow": "mlflow"}
+#: part of a template's name: raise it when what `_MAKE` puts in a template changes
+FORMAT = 2
 
 
 def cache_dir() -> Path:
@@ -87,7 +105,7 @@ def _template(kind: str) -> Path | None:
     again for this version)."""
     name, args = _MAKE[kind]
     version = importlib.metadata.version(_PACKAGE[kind])
-    path = cache_dir() / f"{kind}-{version}-{name}"
+    path = cache_dir() / f"{kind}-{version}-v{FORMAT}-{name}"
     failed = path.with_name(path.name + ".failed")
     if path.exists() or failed.exists():
         return path if path.exists() else None

@@ -57,7 +57,7 @@ def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file
     from tasks.gate import evaluate_model
 
     result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens)
-    return replace(result, stage=f"evaluate_{role}")
+    return replace(result, stage=StageName(f"evaluate_{role}"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -278,7 +278,10 @@ class StageName(StrEnum):
     BENCHMARK = "benchmark"
     GENERATIONS = "generations"
     REPORT = "report"
-    EVALUATE = "evaluate"                  # the nightly gate's, once per candidate model
+    EVALUATE = "evaluate"                  # the nightly gate's scoring of one model,
+    EVALUATE_BASE = "evaluate_base"        # run as one stage per model it scores
+    EVALUATE_CHALLENGER = "evaluate_challenger"
+    EVALUATE_CHAMPION = "evaluate_champion"
 
 
 def stage_root(stage: StageName) -> Path:

@@ -19,7 +19,7 @@ def test_every_stage_takes_only_stages_computed_before_it():
 
 def test_stage_names_are_one_enum():
     in_order = list(dict.fromkeys(s.name for s in STAGES))   # base: built, or resolved
-    assert in_order == [n.value for n in StageName if n != StageName.EVALUATE]
+    assert in_order == [n.value for n in StageName if not n.startswith("evaluate")]  # nightly
     # a name read back from a cached record becomes the enum; a misspelt one fails at once
     assert StageResult("train", "/out/train/1", "1").stage is StageName.TRAIN
     with pytest.raises(ValueError, match="'trian' is not a valid StageName"):

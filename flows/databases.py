@@ -99,13 +99,18 @@ def seed_mlflow(tracking_uri: str) -> bool:
     return tracking_uri.startswith(prefix) and seed("mlflow", Path(tracking_uri[len(prefix):]))
 
 
+def template_path(kind: str) -> Path:
+    """Where the template of `kind` for the installed version is kept."""
+    version = importlib.metadata.version(_PACKAGE[kind])
+    return cache_dir() / f"{kind}-{version}-v{FORMAT}-{_MAKE[kind][0]}"
+
+
 def _template(kind: str) -> Path | None:
     """The template of `kind` for the installed version, made on first use; None if making
     it failed (the reason is kept beside it, in `<template>.failed`, and it is not tried
     again for this version)."""
     name, args = _MAKE[kind]
-    version = importlib.metadata.version(_PACKAGE[kind])
-    path = cache_dir() / f"{kind}-{version}-v{FORMAT}-{name}"
+    path = template_path(kind)
     failed = path.with_name(path.name + ".failed")
     if path.exists() or failed.exists():
         return path if path.exists() else None

@@ -34,14 +34,24 @@ def test_a_new_home_gets_both_databases_at_their_head(tmp_path):
     assert client.get_experiment(exp).artifact_location == (home / "mlruns").as_uri()
 
 
-def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch, caplog):
+def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch):
+    """The copy is made before MLflow opens (and so would create) the store: a template with a
+    mark of its own is what the new home's database holds."""
     from flows.tracking import Tracker
 
+    template = databases._template("mlflow")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    marked = databases.template_path("mlflow")
+    marked.parent.mkdir(parents=True)
+    marked.write_bytes(template.read_bytes())
+    with sqlite3.connect(marked) as conn:
+        conn.execute("CREATE TABLE made_from_the_template (x)")
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
-    with caplog.at_level("INFO", logger="flows.databases"):
-        tracker = Tracker("finetune-pipeline")
-    assert f"mlflow database {tmp_path / 'home' / 'mlflow.db'} copied" in caplog.text
+    tracker = Tracker("finetune-pipeline")
     assert tracker.client.get_experiment(tracker.experiment_id).name == "finetune-pipeline"
+    with sqlite3.connect(tmp_path / "home" / "mlflow.db") as conn:
+        assert conn.execute("SELECT name FROM sqlite_master WHERE name = "
+                            "'made_from_the_template'").fetchone()
 
 
 def test_an_existing_database_is_left_alone(tmp_path):

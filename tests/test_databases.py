@@ -47,6 +47,8 @@ def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch):
     with sqlite3.connect(marked) as conn:
         conn.execute("CREATE TABLE made_from_the_template (x)")
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    # mlflow.set_tracking_uri (an earlier run in this process) exports the URI it was given
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = Tracker("finetune-pipeline")
     assert tracker.client.get_experiment(tracker.experiment_id).name == "finetune-pipeline"
     with sqlite3.connect(tmp_path / "home" / "mlflow.db") as conn:

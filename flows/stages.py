@@ -30,7 +30,7 @@ from tasks.common import DataError, StageName, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
     ReportConfig, TrainConfig
 from tasks.model_spec import ModelSpec
-from tasks.resources import peak_memory
+from tasks.resources import peak_memory, thaw
 
 
 def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
@@ -387,6 +387,8 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
         _best_effort(_log_timings, run)
         _best_effort(tracker.end_with_error, parent_id, error)
         raise
+    finally:
+        thaw()                               # what the stages set aside (tasks/resources.py)
     _log_timings(run)
     tracker.finish(parent_id, ok=True)
 

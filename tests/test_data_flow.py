@@ -4,6 +4,7 @@ flow (fail, or skip and count), and the data report's images in MLflow."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_data_flow_tracks_caches_and_recomputes(tmp_path):
 
     first = data_pipeline(DataConfig(source=corpus))
     assert statuses(first) == dict.fromkeys(STAGES, False)
+    assert gc.get_freeze_count() == 0, "the flow's end gives set-aside objects back to the gc"
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect.flow_run_id"]
     kids = children(client, parent.info.run_id)

@@ -5,6 +5,10 @@
 * Any other error is internal: one line, exit 1. `--debug` (or `PIPELINE_DEBUG=1`) prints the
   full traceback instead, and leaves Prefect's own traceback logging as it is.
 * Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
+* A config mistake is found before anything starts (`check_config`, called by
+  `flows.startup.prepare_cli`): the arguments are parsed and the config loaded with nothing but
+  pydantic imported, so the one line comes in about a second, not after Prefect, MLflow and a
+  temporary server have started.
 * The run's progress (Prefect's and MLflow's logs, warnings, anything a library or a child
   process prints to stderr) goes to stdout, so stderr holds nothing but the error; without
   `--debug`, log records carry no tracebacks.
@@ -21,10 +25,12 @@ import sys
 import traceback
 import urllib.request
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from flows import hygiene, startup
+from flows import startup
 from tasks.common import ConfigError, DataError, file_lock
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -43,6 +49,79 @@ def add_common_arguments(ap: argparse.ArgumentParser, *, config_file: bool = Tru
                                               "true/false, null, lists)")
     ap.add_argument("--debug", action="store_true",
                     help="show full tracebacks (also: PIPELINE_DEBUG=1)")
+
+
+def _gate_arguments(ap: argparse.ArgumentParser) -> None:
+    add_common_arguments(ap)
+    ap.add_argument("--gate", dest="gate", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a GateConfig field, e.g. metric=bleu_4")
+
+
+def _pipeline_config(args: argparse.Namespace) -> Any:
+    from tasks.config_load import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _data_config(args: argparse.Namespace) -> Any:
+    from tasks.config_load import load_config
+
+    return load_config(None, [o if o.startswith("data.") else f"data.{o}"
+                              for o in args.overrides]).data
+
+
+def _nightly_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    from tasks.config_load import load_config, load_model
+    from tasks.gate import GateConfig
+
+    return load_config(args.config, args.overrides), load_model(GateConfig, args.gate, "--gate")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A flow's command line: its arguments, and how the parsed arguments become the flow's
+    config (raising `ConfigError` where they are wrong). Light to import: no Prefect, MLflow
+    or torch."""
+
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    load: Callable[[argparse.Namespace], Any]
+
+    def parse(self, argv: list[str] | None, description: str | None = None
+              ) -> tuple[argparse.Namespace, Callable[[], Any]]:
+        """The parsed arguments, and the call that loads the config from them."""
+        ap = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        self.add_arguments(ap)
+        args = ap.parse_args(argv)
+        return args, partial(self.load, args)
+
+
+#: `python -m <module>` of each flow (flows.startup.CLI_FLOWS)
+COMMANDS: dict[str, Command] = {
+    "flows.pipeline": Command(add_common_arguments, _pipeline_config),
+    "flows.data": Command(partial(add_common_arguments, config_file=False,
+                                  what="a DataConfig field, e.g. shuffle_seed=7 (or "
+                                       "data.shuffle_seed=7)"), _data_config),
+    "flows.nightly": Command(_gate_arguments, _nightly_configs),
+}
+
+
+def check_config(module: str, argv: list[str]) -> None:
+    """Before anything starts: parse `python -m <module>`'s arguments and load its config; a
+    mistake ends the process here, as `run` would end it (one line, exit 2). Help, and any
+    error other than a config mistake, are left to the flow's own `main`."""
+    if module not in COMMANDS or any(a == "-h" or a.startswith("--h") for a in argv):
+        return
+    args, load = COMMANDS[module].parse(argv)
+    try:
+        load()
+    except DataError as error:
+        if debug_wanted(args):
+            traceback.print_exc()
+        print(describe(error), file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+    except Exception:
+        return
 
 
 def debug_wanted(args: argparse.Namespace) -> bool:
@@ -149,6 +228,8 @@ def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Name
     try:
         config = load()
         with _stderr_to_stdout():
+            from flows import hygiene       # (imports MLflow)
+
             hygiene.start_watchdog()        # before Prefect's own temporary server starts
             startup.ready()
             start_api_server()

@@ -76,17 +76,10 @@ def data_pipeline(config: DataConfig = DataConfig(),
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-
     from flows import cli
-    from tasks.config_load import load_config
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_arguments(ap, config_file=False, what="a DataConfig field, e.g. "
-                                                         "shuffle_seed=7 (or data.shuffle_seed=7)")
-    args = ap.parse_args(argv)
-    overrides = [o if o.startswith("data.") else f"data.{o}" for o in args.overrides]
-    return cli.run(lambda: load_config(None, overrides).data, data_pipeline, args)
+
+    args, load = cli.COMMANDS["flows.data"].parse(argv, __doc__)
+    return cli.run(load, data_pipeline, args)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ if __name__ == "__main__":        # the command line: set up before Prefect is i
 
     prepare_cli()
 
-import argparse
 import json
 import shutil
 import sys
@@ -43,7 +42,6 @@ from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.common import StageName, StageResult, project_dir, stage_root
 from tasks.config import PipelineConfig
-from tasks.config_load import load_config, load_model
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
 from tasks.register import RegisteredVersion
@@ -216,16 +214,7 @@ def nightly(config: PipelineConfig = PipelineConfig(),
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_arguments(ap)
-    ap.add_argument("--gate", dest="gate", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a GateConfig field, e.g. metric=bleu_4")
-    args = ap.parse_args(argv)
-
-    def load() -> tuple[PipelineConfig, GateConfig]:
-        return (load_config(args.config, args.overrides),
-                load_model(GateConfig, args.gate, "--gate"))
+    args, load = cli.COMMANDS["flows.nightly"].parse(argv, __doc__)
 
     def run(configs: tuple[PipelineConfig, GateConfig]) -> None:
         result = nightly(*configs)

@@ -15,7 +15,6 @@ if __name__ == "__main__":        # the command line: set up before Prefect is i
 
     prepare_cli()
 
-import argparse
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -34,7 +33,6 @@ from flows.stages import PipelineRun, base_model_task, benchmark_task, generatio
     resolve_base_task, stage_of, train_task
 from tasks.common import StageResult, read_json
 from tasks.config import PipelineConfig
-from tasks.config_load import load_config
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
 from tasks.register import RegisteredVersion, log_chat_model, register_version
@@ -209,11 +207,8 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_common_arguments(ap)
-    args = ap.parse_args(argv)
-    return cli.run(lambda: load_config(args.config, args.overrides), pipeline, args)
+    args, load = cli.COMMANDS["flows.pipeline"].parse(argv, __doc__)
+    return cli.run(load, pipeline, args)
 
 
 if __name__ == "__main__":

@@ -98,10 +98,14 @@ def prepare_cli() -> None:
     """For `python -m flows.<flow>`, first thing, before Prefect is imported: `prepare()`, the
     collector off while the run imports (module docstring), and an API server: the stack's
     while `make stack` is up, else a temporary one launched now (unless `PREFECT_API_URL` or
-    Prefect's own settings files name one). `--help` only prepares."""
+    Prefect's own settings files name one). `--help` only prepares. A config mistake ends the
+    process before any of it (`flows.cli.check_config`)."""
     prepare(seed=False)                  # seeded where the server is launched, if it is
-    if cli_flow() is None:
+    if (module := cli_flow()) is None:
         return
+    from flows.cli import check_config
+
+    check_config(module, sys.argv[1:])
     begin_cli_run()
     if "PREFECT_API_URL" in os.environ:
         return

@@ -138,6 +138,8 @@ def test_config_mistakes_fail_in_one_line_before_anything_runs(args, where, word
     result = _cli.run("pipeline", *args, home=home, cwd=work)
     check_one_line_error(result, code=2, where=where, words=words)
     assert not (home / "mlflow.db").exists(), "nothing started"
+    assert not (home / ".prefect" / "prefect.db").exists(), "no temporary server was launched"
+    assert result.stdout == "", "the config was checked before anything was set up"
 
 
 def test_set_values_and_relative_paths_are_read_as_meant(work, api_url):
@@ -152,9 +154,10 @@ def test_set_values_and_relative_paths_are_read_as_meant(work, api_url):
 
 
 def test_nightly_gate_arguments_are_checked(work):
-    result = _cli.run("nightly", "--gate", "metric=accuracy", home=work.parent / "home",
-                      cwd=work)
+    home = work.parent / "home"
+    result = _cli.run("nightly", "--gate", "metric=accuracy", home=home, cwd=work)
     check_one_line_error(result, code=2, where="--gate metric=accuracy: metric: ")
+    assert not (home / ".prefect" / "prefect.db").exists(), "no temporary server was launched"
 
 
 def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, api_url):

@@ -72,3 +72,11 @@ print(json.dumps({"home": str(s.home), "storage": str(s.results.local_storage_pa
                    "analytics": True,                 # set by the user: kept
                    "extra_loggers": "tasks", "hf_offline": "1"}
     assert (tmp_path / ".prefect").is_dir()
+
+
+def test_every_flow_command_line_checks_its_config_before_it_starts():
+    """`prepare_cli` checks the config of each `python -m <flow>` through its `Command`."""
+    from flows.cli import COMMANDS
+    from flows.startup import CLI_FLOWS
+
+    assert set(COMMANDS) == CLI_FLOWS

@@ -55,8 +55,6 @@ _MAKE = {
                                    "SqlAlchemyStore; SqlAlchemyStore('sqlite:///mlflow.db', "
                                    "'mlruns')"]),
 }
-#: its version is the schema's
-_PACKAGE = {"prefect": "prefect", "mlflow": "mlflow"}
 #: part of a template's name: raise it when what `_MAKE` puts in a template changes
 FORMAT = 2
 
@@ -73,8 +71,8 @@ def seed(kind: str, target: Path) -> bool:
     if target.exists():
         return False
     try:
-        template = _template(kind)
-        if template is None:
+        source = template(kind)
+        if source is None:
             return False                # making it failed once: created the slow way
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
@@ -82,9 +80,9 @@ def seed(kind: str, target: Path) -> bool:
     except OSError:
         return False                    # no cache folder to write: created the slow way
     try:
-        shutil.copyfile(template, tmp)
+        shutil.copyfile(source, tmp)
         os.link(tmp, target)            # never replaces: a run that got there first wins
-        log.info("new project: %s database %s copied from %s", kind, target, template)
+        log.info("new project: %s database %s copied from %s", kind, target, source)
         return True
     except FileExistsError:
         return False
@@ -100,12 +98,13 @@ def seed_mlflow(tracking_uri: str) -> bool:
 
 
 def template_path(kind: str) -> Path:
-    """Where the template of `kind` for the installed version is kept."""
-    version = importlib.metadata.version(_PACKAGE[kind])
+    """Where the template of `kind` for the installed version (of the package `kind`, whose
+    version is the schema's) is kept."""
+    version = importlib.metadata.version(kind)
     return cache_dir() / f"{kind}-{version}-v{FORMAT}-{_MAKE[kind][0]}"
 
 
-def _template(kind: str) -> Path | None:
+def template(kind: str) -> Path | None:
     """The template of `kind` for the installed version, made on first use; None if making
     it failed (the reason is kept beside it, in `<template>.failed`, and it is not tried
     again for this version)."""

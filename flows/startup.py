@@ -193,8 +193,9 @@ def launch_temporary_server() -> str:
     creating = None
     seed_prefect()
     if not (Path(os.environ["PREFECT_HOME"]) / "prefect.db").exists():
-        # a new project: the server creates the database. Two first runs started together
-        # would both create it, so the second waits here until the first's server answers.
+        # a new project with no template to copy (flows/databases.py): the server creates the
+        # database. Two first runs started together would both create it, so the second waits
+        # here until the first's server answers.
         from tasks.common import file_lock
 
         creating = file_lock("prefect-db")

@@ -37,6 +37,19 @@ def tracking_uri() -> str:
         f"sqlite:///{project_dir() / 'mlflow.db'}"
 
 
+def _set_fluent_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri(uri)` (for MLflow's fluent API, e.g. `log_model`), keeping this
+    process's environment as it was: MLflow also exports the URI as `MLFLOW_TRACKING_URI`, which
+    `tracking_uri()` would then take for the user's own setting, and every later run in this
+    process (a notebook, the tests) would track into this run's store, whatever its home."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
@@ -71,7 +84,7 @@ class Tracker:
         # experiment: two runs started together must not both
         with file_lock("mlflow-db"):
             seed_mlflow(self.uri)
-            mlflow.set_tracking_uri(self.uri)
+            _set_fluent_tracking_uri(self.uri)
             self.client = MlflowClient(self.uri)
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:

@@ -4,6 +4,7 @@ first runs publish one copy, and without a usable cache the databases are made t
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ def test_a_new_home_gets_both_databases_at_their_head(tmp_path):
     assert databases.seed("prefect", home / ".prefect" / "prefect.db")
     assert databases.seed_mlflow(f"sqlite:///{home / 'mlflow.db'}")
     for kind, db in (("prefect", home / ".prefect" / "prefect.db"), ("mlflow", home / "mlflow.db")):
-        template = databases._template(kind)
+        template = databases.template(kind)
         assert db.read_bytes() == template.read_bytes()
         assert alembic_head(db) == alembic_head(template)
     # MLflow opens it without a migration and makes its default experiment for this home
@@ -39,7 +40,7 @@ def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch):
     mark of its own is what the new home's database holds."""
     from flows.tracking import Tracker
 
-    template = databases._template("mlflow")
+    template = databases.template("mlflow")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     marked = databases.template_path("mlflow")
     marked.parent.mkdir(parents=True)
@@ -47,13 +48,28 @@ def test_a_runs_tracker_on_a_new_home_opens_the_copy(tmp_path, monkeypatch):
     with sqlite3.connect(marked) as conn:
         conn.execute("CREATE TABLE made_from_the_template (x)")
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
-    # mlflow.set_tracking_uri (an earlier run in this process) exports the URI it was given
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tracker = Tracker("finetune-pipeline")
     assert tracker.client.get_experiment(tracker.experiment_id).name == "finetune-pipeline"
     with sqlite3.connect(tmp_path / "home" / "mlflow.db") as conn:
         assert conn.execute("SELECT name FROM sqlite_master WHERE name = "
                             "'made_from_the_template'").fetchone()
+
+
+def test_runs_on_two_homes_in_one_process_track_into_their_own_stores(tmp_path, monkeypatch):
+    """MLflow exports the URI it is set to as `MLFLOW_TRACKING_URI`; the tracker leaves the
+    environment as it was, so a later run on another home does not take that for the user's
+    setting. A user's own setting is still followed."""
+    from flows.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("one", "two"):
+        monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / name))
+        assert Tracker("finetune-pipeline").uri == f"sqlite:///{tmp_path / name / 'mlflow.db'}"
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+    users = f"sqlite:///{tmp_path / 'users.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", users)
+    assert Tracker("finetune-pipeline").uri == users
+    assert os.environ["MLFLOW_TRACKING_URI"] == users
 
 
 def test_an_existing_database_is_left_alone(tmp_path):
@@ -98,7 +114,7 @@ def test_a_template_that_failed_once_is_not_tried_again(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["prefect", "mlflow"])
 def test_the_template_is_one_self_contained_checked_file(kind):
-    template = databases._template(kind)
+    template = databases.template(kind)
     assert template.name.startswith(f"{kind}-") and template.stat().st_size > 100_000
     assert not template.with_name(template.name + "-wal").exists()
     with sqlite3.connect(template) as conn:

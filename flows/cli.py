@@ -6,8 +6,8 @@
   full traceback instead, and leaves Prefect's own traceback logging as it is.
 * Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
 * A config mistake is found before anything starts (`check_config`, called by
-  `flows.startup.prepare_cli`): the arguments are parsed and the config loaded with nothing but
-  pydantic imported, so the one line comes in about a second, not after Prefect, MLflow and a
+  `flows.startup.prepare_cli`): the arguments are parsed and the config loaded before Prefect,
+  MLflow or torch is imported, so the one line comes in about a second, not after they and a
   temporary server have started.
 * The run's progress (Prefect's and MLflow's logs, warnings, anything a library or a child
   process prints to stderr) goes to stdout, so stderr holds nothing but the error; without
@@ -121,7 +121,7 @@ def check_config(module: str, argv: list[str]) -> None:
         print(describe(error), file=sys.stderr)
         sys.exit(EXIT_INPUT)
     except Exception:
-        return
+        return                          # internal: `run` reports it (module docstring)
 
 
 def debug_wanted(args: argparse.Namespace) -> bool:

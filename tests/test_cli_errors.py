@@ -153,11 +153,14 @@ def test_set_values_and_relative_paths_are_read_as_meant(work, api_url):
     assert not (REPO_DIR / name).exists()
 
 
-def test_nightly_gate_arguments_are_checked(work):
+def test_nightly_gate_and_data_arguments_are_checked_before_anything_starts(work):
     home = work.parent / "home"
     result = _cli.run("nightly", "--gate", "metric=accuracy", home=home, cwd=work)
     check_one_line_error(result, code=2, where="--gate metric=accuracy: metric: ")
     assert not (home / ".prefect" / "prefect.db").exists(), "no temporary server was launched"
+    result = _cli.run("data", "--set", "on_error=sometimes", home=home, cwd=work)
+    check_one_line_error(result, code=2, where="--set data.on_error=sometimes: data.on_error: ")
+    assert not (home / ".prefect" / "prefect.db").exists() and result.stdout == ""
 
 
 def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, api_url):

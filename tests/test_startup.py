@@ -74,8 +74,9 @@ print(json.dumps({"home": str(s.home), "storage": str(s.results.local_storage_pa
     assert (tmp_path / ".prefect").is_dir()
 
 
-def test_every_flow_command_line_checks_its_config_before_it_starts():
-    """`prepare_cli` checks the config of each `python -m <flow>` through its `Command`."""
+def test_every_flow_command_line_has_the_command_prepare_cli_checks():
+    """`prepare_cli` checks the config of each `python -m <flow>` through its `Command` (the
+    checks themselves: tests/test_cli_errors.py, for the pipeline, data and nightly flows)."""
     from flows.cli import COMMANDS
     from flows.startup import CLI_FLOWS
 

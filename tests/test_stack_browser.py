@@ -156,10 +156,17 @@ def page(browser):
     context.close()
 
 
-def prefect_state(page) -> str:
-    """The state badge in the header of a Prefect flow-run page."""
-    badge = page.locator("span[class*='bg-state-']").first
+def prefect_state(where) -> str:
+    """The first state badge in `where`: the header of a Prefect flow-run page, or a row of the
+    Runs list."""
+    badge = where.locator("span[class*='bg-state-']").first
     return badge.inner_text().strip() if badge.count() else ""
+
+
+def run_row(run_link):
+    """The row of the Runs list that holds the link to a flow run (its nearest enclosing element
+    with a state badge)."""
+    return run_link.locator("xpath=ancestor::*[.//span[contains(@class, 'bg-state-')]][1]")
 
 
 def artifact_files(mlflow: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
@@ -176,7 +183,7 @@ def artifact_files(mlflow: MlflowClient, run_id: str, path: str | None = None) -
 @pytest.fixture(scope="module")
 def ui_run(stack, api, deployments, browser) -> dict:
     """Deployments -> full-pipeline -> Run -> Custom run -> change the training seed -> Submit ->
-    View run -> wait on the flow-run page until it says Completed."""
+    View run -> Runs: wait in the list until the run says Completed -> the run's page."""
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(30_000)
@@ -212,6 +219,11 @@ def ui_run(stack, api, deployments, browser) -> dict:
     else:
         page.goto(f"{stack.prefect_url}/runs/flow-run/{flow_run_id}")
     page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
+    # wait in the Runs list: the flow-run page's live run graph (WebGL, drawn in software in
+    # headless Chromium) takes nearly both cores of CI's machine from the run it shows
+    name = api("GET", f"/flow_runs/{flow_run_id}")["name"]
+    page.get_by_role("link", name="Runs", exact=True).first.click()
+    run_link = page.get_by_role("link", name=name, exact=True).first
     deadline, last_reload, state = time.monotonic() + RUN_TIMEOUT_S, time.monotonic(), ""
     while state not in {"Completed", "Failed", "Crashed", "Cancelled"}:
         assert time.monotonic() < deadline, f"the UI still shows {state!r} after the timeout"
@@ -219,8 +231,13 @@ def ui_run(stack, api, deployments, browser) -> dict:
         if time.monotonic() - last_reload > 30:        # the page polls; reload now and then
             page.reload()
             last_reload = time.monotonic()
-        state = prefect_state(page)
-    shot(page, "prefect-3-flow-run")
+        state = prefect_state(run_row(run_link)) if run_link.count() else ""
+    shot(page, "prefect-3-runs")
+    run_link.click()                                  # the run's page says the same
+    page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
+    page.locator("span[class*='bg-state-']").first.wait_for()
+    assert prefect_state(page) == state
+    shot(page, "prefect-4-flow-run")
     context.close()
     run = api("GET", f"/flow_runs/{flow_run_id}")
     assert state == "Completed", f"flow run {flow_run_id} ended {state}: see " \

@@ -50,11 +50,12 @@ from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retentio
 
 @cached_stage(StageName.EVALUATE, "tasks.gate", model_libs=True)
 def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
-                  eval_examples: int, max_new_tokens: int) -> StageResult:
+                  eval_examples: int, max_new_tokens: int, batch_size: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
     from tasks.gate import evaluate_model
 
-    result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens)
+    result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens,
+                            batch_size)
     return replace(result, stage=StageName(f"evaluate_{role}"))
 
 
@@ -120,7 +121,7 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
     base = built.base                       # built, or the user's base.path (a stage too)
     dev_json = built.data.file("dev_json")
     common = {"probes_file": Path(cfg.report.probes_file), "eval_examples": gate.eval_examples,
-              "max_new_tokens": gate.max_new_tokens}
+              "max_new_tokens": gate.max_new_tokens, "batch_size": gate.batch_size}
 
     def evaluate(who: str, path: str | Path, digest: str, dev: Path | None) -> StageResult:
         return run.stage(evaluate_task.with_options(name=f"evaluate_{who}"), role=who,

@@ -228,6 +228,9 @@ class ReportConfig(_Section):
                                               "(catastrophic-forgetting check). Default: "
                                               "data/sample/ood_probes.txt of the repository.")
     max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts answered together (left-padded; "
+                            "1: one at a time). A batch's float rounding can differ from one "
+                            "prompt's, which can flip a near-tie between two tokens.")
 
 
 class RegistryConfig(_Section):

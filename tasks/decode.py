@@ -9,9 +9,10 @@ whole step -- forward, argmax, advancing the position -- is captured once with
 gpt-fast). `compile=True` first runs the step through `torch.compile` (Inductor's fused kernels, no
 cudagraph trees of its own) and captures that. On a CPU the same loop runs eagerly.
 
-This is a measuring and answering loop, not a serving engine: greedy only, a fixed number of new
-tokens (callers cut at EOS), left-padded batches. HF `generate` stays the reference: on the same
-model the static loop gives the same greedy tokens (tests/test_decode.py).
+This is a measuring and answering loop, not a serving engine: greedy only, left-padded batches, a
+fixed number of new tokens for the benchmark, or until every row has produced an EOS for answers
+(callers cut at the EOS). HF `generate` stays the reference: on the same model the static loop
+gives the same greedy tokens (tests/test_decode.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import torch
 from transformers import PreTrainedModel, StaticCache
 
 log = logging.getLogger(__name__)
+#: with stop ids, `decode` checks every this many steps whether every row has ended (on a GPU a
+#: check is a host sync, which would stall the replayed graphs if done at every step)
+STOP_CHECK_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -118,9 +122,12 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-               new_tokens: int) -> Decoded:
+               new_tokens: int, stop_ids: set[int] | None = None) -> Decoded:
         """`new_tokens` greedy tokens after each row of `input_ids` (left-padded, `attention_mask`
-        1 on real tokens), no early stop. Rows beyond the prompts given are padding copies."""
+        1 on real tokens). Rows beyond the prompts given are padding copies. No early stop (what
+        the benchmark times), unless `stop_ids`: then decoding ends once every row has produced
+        one of them, checked every `STOP_CHECK_STEPS` steps (a check waits for the device), so
+        rows may hold fewer than `new_tokens` tokens; callers cut at the stop id anyway."""
         rows, length = input_ids.shape
         if rows > self.batch or length + new_tokens > self.max_len:
             raise ValueError(f"decode: {rows}x{length}+{new_tokens} tokens exceed this decoder's "
@@ -153,14 +160,20 @@ class StaticDecoder:
         self.position.copy_(positions[:, -1:] + 1)
         self.slot.fill_(length)
         out = [self.token.clone()]
+        stops = None if not stop_ids else torch.tensor(sorted(stop_ids), device=self.device)
+        ended = None if stops is None else torch.isin(self.token[:rows], stops)
         self._sync()
         first = time.perf_counter()
-        for _ in range(new_tokens - 1):
+        for step in range(1, new_tokens):
+            if ended is not None and step % STOP_CHECK_STEPS == 0 and bool(ended.all()):
+                break
             if self.graph is not None:
                 self.graph.replay()
             else:
                 self.step()
             out.append(self.token.clone())
+            if ended is not None:
+                ended |= torch.isin(self.token[:rows], stops)
         self._sync()
         end = time.perf_counter()
         return Decoded(tokens=torch.cat(out, dim=1)[:rows].cpu(), first_token_s=first - start,

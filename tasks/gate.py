@@ -43,21 +43,24 @@ class GateConfig(BaseModel):
     eval_examples: int = Field(24, ge=1, description="Dev prompts scored per model (capped at "
                                "the dev set size).")
     max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts answered together (as "
+                            "report.batch_size).")
     alias: str = Field("champion", description="MLflow registry alias that marks the model in "
                        "production.")
 
 
 def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
-                   eval_examples: int, max_new_tokens: int) -> StageResult:
+                   eval_examples: int, max_new_tokens: int, batch_size: int = 1) -> StageResult:
     """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
-    model; score the dev answers -> outputs/evaluate/<digest>/evaluation.json."""
+    model, `batch_size` prompts at a time; score the dev answers ->
+    outputs/evaluate/<digest>/evaluation.json."""
     from tasks.generations import answer_prompts
     from tasks.scoring import average, read_dev_prompts, read_probes, score_answer
 
     dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
     probes = read_probes(Path(probes_file))
     prompts = [p for p, _ in dev] + [[{"role": "user", "content": q}] for q in probes]
-    answers = answer_prompts(spec, prompts, max_new_tokens)["answers"]
+    answers = answer_prompts(spec, prompts, max_new_tokens, batch_size)["answers"]
     dev_answers, probe_answers = answers[:len(dev)], answers[len(dev):]
     per_prompt = [score_answer(a, ref) for a, (_, ref) in zip(dev_answers, dev)]
     metrics = average(per_prompt) if dev else {}
@@ -66,6 +69,7 @@ def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "evaluation.json", {
             "model": spec.describe(), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
             "dev": [{"reference": ref, "answer": a, "scores": s}
                     for (_, ref), a, s in zip(dev, dev_answers, per_prompt)],
             "probes": [{"question": q, "answer": a} for q, a in zip(probes, probe_answers)],

@@ -29,11 +29,12 @@ SMALL_MODEL_PARAMS = 50_000_000
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens: int
-                   ) -> dict[str, Any]:
+def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens: int,
+                   batch_size: int = 1) -> dict[str, Any]:
     """Load one model from its spec (on the GPU where there is one), answer every prompt
-    greedily (`tasks.modeling.answer`), free it again. `new_tokens` counts each answer's tokens,
-    its EOS included, so "ended with eos before max_new_tokens" is exact."""
+    greedily, `batch_size` at a time (`tasks.modeling.answer`), free it again. `new_tokens`
+    counts each answer's tokens, its EOS included, so "ended with eos before max_new_tokens" is
+    exact."""
     device = pick_device("auto")
     model = spec.load(device)
     tokenizer = load_tokenizer(spec.tokenizer_dir())
@@ -43,7 +44,7 @@ def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens
         torch.set_num_threads(1)
     start = time.perf_counter()
     try:
-        answers = answer(model, tokenizer, prompts, max_new_tokens)
+        answers = answer(model, tokenizer, prompts, max_new_tokens, batch_size)
     finally:
         seconds = time.perf_counter() - start
         torch.set_num_threads(threads)
@@ -66,8 +67,8 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
     used = dev[:max(n_show, n_eval)]
     prompts = [p for p, _ in used] + [[{"role": "user", "content": q}] for q in probes]
 
-    runs = {"base": answer_prompts(base, prompts, cfg.max_new_tokens),
-            "tuned": answer_prompts(tuned, prompts, cfg.max_new_tokens)}
+    runs = {role: answer_prompts(spec, prompts, cfg.max_new_tokens, cfg.batch_size)
+            for role, spec in (("base", base), ("tuned", tuned))}
     dev_ans = {k: r["answers"][:len(used)] for k, r in runs.items()}
     probe_ans = {k: r["answers"][len(used):] for k, r in runs.items()}
     refs = [r for _, r in used]
@@ -94,7 +95,8 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
         atomic_write_json(tmp / "generations.json", {
             "base": base.describe(), "tuned": tuned.describe(),
             "labels": {"base": base.label(), "tuned": tuned.label()},
-            "max_new_tokens": cfg.max_new_tokens, "dev_examples": n_show,
+            "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
+            "dev_examples": n_show,
             "eval_examples": n_eval, "dev": examples, "probes": probe_rows,
             "scores": {k: {key: metrics[f"{k}_{key}"] for key in SCORES} for k in runs},
             "metrics": metrics})

@@ -262,35 +262,48 @@ def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[i
 
 @torch.inference_mode()
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-           prompts: Sequence[Sequence[Message]], max_new_tokens: int = 64) -> list[Answer]:
-    """Greedy answers, one prompt at a time (no padding effects), cut at the first EOS.
+           prompts: Sequence[Sequence[Message]], max_new_tokens: int = 64,
+           batch_size: int = 1) -> list[Answer]:
+    """Greedy answers, cut at the first EOS, in the order of `prompts`.
 
     Through the static-cache loop of tasks/decode.py (a CUDA graph per step on a GPU), which
-    gives `generate`'s greedy tokens (tests/test_decode.py) several times faster; a P-Tuning v2
-    prefix model goes through `generate_ids` (its prefix is the initial cache)."""
-    from tasks.decode import StaticDecoder, cut_at_eos
+    gives `generate`'s greedy tokens (tests/test_decode.py) several times faster: up to
+    `batch_size` prompts at a time, left-padded (the longest first, so a batch pads little), each
+    batch ending once every answer in it has ended. A batch's numbers differ from one prompt's by
+    float rounding only, which can flip a near-tie between two tokens; `batch_size=1` answers one
+    prompt at a time. A P-Tuning v2 prefix model goes through `generate_ids` one prompt at a time
+    (its prefix is the initial cache)."""
+    from tasks.decode import StaticDecoder, cut_at_eos, left_pad
     from tasks.progress import Progress
 
     device = next(model.parameters()).device
     ends = eos_ids(model, tokenizer)
     all_ids = [prompt_ids(tokenizer, messages) for messages in prompts]
+    batch_size = 1 if prefix_length(model) else max(1, min(batch_size, len(all_ids)))
+    order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     decoder = None if prefix_length(model) or not all_ids else StaticDecoder(
-        model, batch_size=1, max_len=max(len(i) for i in all_ids) + max_new_tokens)
-    answers = []
+        model, batch_size=batch_size, max_len=max(map(len, all_ids)) + max_new_tokens)
+    new: dict[int, list[int]] = {}
     progress = Progress(f"answers of {Path(str(model.name_or_path)).name or 'the model'}",
                         len(all_ids))
-    for ids in all_ids:
-        progress.update()
-        x = torch.tensor([ids], device=device)
+    for batch in batches:
         if decoder is None:
-            new = generate_ids(model, x, max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+            x = torch.tensor([all_ids[batch[0]]], device=device)
+            out = generate_ids(model, x, max_new_tokens=max_new_tokens, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+            new[batch[0]] = out[0, x.shape[1]:].tolist()
         else:
-            new = decoder.decode(x, torch.ones_like(x), max_new_tokens).tokens[0].tolist()
-        kept, ended = cut_at_eos(new, ends)
+            ids, mask = left_pad([all_ids[i] for i in batch], tokenizer.pad_token_id or 0)
+            rows = decoder.decode(ids, mask, max_new_tokens, stop_ids=ends).tokens.tolist()
+            new |= dict(zip(batch, rows))
+        progress.update(len(batch))
+    progress.close()
+    answers = []
+    for i in range(len(all_ids)):
+        kept, ended = cut_at_eos(new[i], ends)
         answers.append(Answer(tokenizer.decode(kept, skip_special_tokens=True).strip(),
                               len(kept) + ended, ended))
-    progress.close()
     return answers
 
 

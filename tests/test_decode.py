@@ -1,14 +1,16 @@
 """The fast decode loop (tasks/decode.py) against HF `generate`, the reference: on the same model
 the static-cache loop must produce the same greedy tokens, alone and in a left-padded batch, for
-a plain model and for a base + LoRA adapter (the benchmark's "base+adapter" variant)."""
+a plain model and for a base + LoRA adapter (the benchmark's "base+adapter" variant); with stop
+ids it ends early and loses nothing before them; answers in batches are the answers one at a
+time, in the prompts' order."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tasks.decode import StaticDecoder, cut_at_eos, left_pad
-from tasks.modeling import generate_ids, load_model, load_tokenizer, prompt_ids
+from tasks.decode import STOP_CHECK_STEPS, StaticDecoder, cut_at_eos, left_pad
+from tasks.modeling import answer, generate_ids, load_model, load_tokenizer, prompt_ids
 from tests._tiny_model import make_all
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,6 +48,34 @@ def test_static_loop_gives_generates_greedy_tokens(tiny, adapter):
     assert out.tokens.shape == (3, n) and out.first_token_s > 0 and out.decode_s > 0
     for row, expected in zip(out.tokens.tolist(), want):
         assert row[:len(expected)] == expected
+
+
+def test_stop_ids_end_the_loop_once_every_row_has_stopped(tiny):
+    model = load_model(tiny["base"])
+    n = 4 * STOP_CHECK_STEPS
+    decoder = StaticDecoder(model, batch_size=4, max_len=64)
+    ids, mask = left_pad(tiny["prompts"], pad_id=0)
+    full = decoder.decode(ids, mask, n).tokens
+    assert full.shape == (3, n)
+    # each row's second token stops it: every row has stopped after two steps
+    stops = {row[1] for row in full.tolist()}
+    early = decoder.decode(ids, mask, n, stop_ids=stops).tokens
+    assert early.shape == (3, STOP_CHECK_STEPS)
+    assert early.tolist() == full[:, :STOP_CHECK_STEPS].tolist()
+    # while one row has not stopped, the loop goes on to the end
+    others = (set(full[0].tolist()) | set(full[2].tolist())) - set(full[1].tolist())
+    assert others, full
+    assert decoder.decode(ids, mask, n, stop_ids=others).tokens.tolist() == full.tolist()
+
+
+@pytest.mark.parametrize("adapter", [False, True], ids=["plain", "lora"])
+def test_answers_in_batches_are_the_answers_one_at_a_time(tiny, adapter):
+    model = load_model(tiny["base"], adapter=tiny["adapter"] if adapter else None)
+    prompts = [[{"role": "user", "content": q}] for q in QUESTIONS + QUESTIONS[:1]]
+    alone = answer(model, tiny["tok"], prompts, 12, batch_size=1)
+    assert answer(model, tiny["tok"], prompts, 12, batch_size=3) == alone   # 3 + 1
+    assert answer(model, tiny["tok"], prompts, 12, batch_size=16) == alone  # all at once
+    assert alone[0] == alone[-1] and len({a.text for a in alone}) > 1   # order kept
 
 
 def test_the_decoder_refuses_what_does_not_fit(tiny):

@@ -279,7 +279,8 @@ def tuned_scores(tuned: ModelSpec, embedded: dict) -> dict[str, float]:
     prompts and settings: answering them again would only repeat that run's work)."""
     report = DEFAULT.report
     dev = read_dev_prompts(embedded["dev"])[:report.eval_examples]
-    answers = answer_prompts(tuned, [p for p, _ in dev], report.max_new_tokens)["answers"]
+    answers = answer_prompts(tuned, [p for p, _ in dev], report.max_new_tokens,
+                             report.batch_size)["answers"]
     tuned_avg = average([score_answer(a, ref) for a, (_, ref) in zip(answers, dev)])
     base = embedded["runs"]["generations"].data.metrics
     return {"eval_examples": float(len(dev)), **{f"base_{k}": base[f"base_{k}"] for k in SCORES},

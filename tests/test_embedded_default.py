@@ -60,9 +60,10 @@ LOSS_TOLERANCE = 0.02
 
 
 def config(corpus: Path) -> PipelineConfig:
-    """The embedded default on `corpus`, one benchmark round (the median over repeats is
-    tests/test_benchmark.py's)."""
-    return PipelineConfig(data={"source": corpus}, benchmark={"repeats": 1})
+    """The embedded default on `corpus`, the benchmark measuring one prompt once, with no
+    warm-up (its prompts, warm-ups and the median over repeats are tests/test_benchmark.py's)."""
+    return PipelineConfig(data={"source": corpus},
+                          benchmark={"repeats": 1, "prompts": 1, "warmup": 0})
 
 
 @pytest.fixture(scope="module")

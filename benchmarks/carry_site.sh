@@ -32,5 +32,6 @@ rm -rf "$SITE"/mlflow/server/js "$SITE"/jieba/posseg "$SITE"/jieba/lac_small \
 find "$SITE"/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130.so' -delete
 find "$SITE" -name __pycache__ -prune -exec rm -rf {} +
 mkdir -p .whl
-(cd "$SITE" && python3 -c "import tarfile, lzma; t = tarfile.open('$PWD/.whl/site312.txz', 'w:xz', preset=9 | lzma.PRESET_EXTREME); t.add('.', arcname='.'); t.close()")
+OUT="$PWD/.whl/site312.txz"             # $PWD before the cd below
+(cd "$SITE" && python3 -c "import tarfile, lzma; t = tarfile.open('$OUT', 'w:xz', preset=9 | lzma.PRESET_EXTREME); t.add('.', arcname='.'); t.close()")
 ls -la .whl/site312.txz

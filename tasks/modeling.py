@@ -271,15 +271,15 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     `batch_size` prompts at a time, left-padded (the longest first, so a batch pads little), each
     batch ending once every answer in it has ended. A batch's numbers differ from one prompt's by
     float rounding only, which can flip a near-tie between two tokens; `batch_size=1` answers one
-    prompt at a time. A P-Tuning v2 prefix model goes through `generate_ids` one prompt at a time
-    (its prefix is the initial cache)."""
+    prompt at a time. A P-Tuning v2 prefix model goes through `generate_ids` (its prefix is the
+    initial cache), in the same left-padded batches."""
     from tasks.decode import StaticDecoder, cut_at_eos, left_pad
     from tasks.progress import Progress
 
     device = next(model.parameters()).device
     ends = eos_ids(model, tokenizer)
     all_ids = [prompt_ids(tokenizer, messages) for messages in prompts]
-    batch_size = 1 if prefix_length(model) else max(1, min(batch_size, len(all_ids)))
+    batch_size = max(1, min(batch_size, len(all_ids)))
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     decoder = None if prefix_length(model) or not all_ids else StaticDecoder(
@@ -288,15 +288,15 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     progress = Progress(f"answers of {Path(str(model.name_or_path)).name or 'the model'}",
                         len(all_ids))
     for batch in batches:
+        ids, mask = left_pad([all_ids[i] for i in batch], tokenizer.pad_token_id or 0)
         if decoder is None:
-            x = torch.tensor([all_ids[batch[0]]], device=device)
-            out = generate_ids(model, x, max_new_tokens=max_new_tokens, do_sample=False,
+            out = generate_ids(model, ids.to(device), mask.to(device), do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
                                pad_token_id=tokenizer.pad_token_id)
-            new[batch[0]] = out[0, x.shape[1]:].tolist()
+            rows = out[:, ids.shape[1]:].tolist()
         else:
-            ids, mask = left_pad([all_ids[i] for i in batch], tokenizer.pad_token_id or 0)
             rows = decoder.decode(ids, mask, max_new_tokens, stop_ids=ends).tokens.tolist()
-            new |= dict(zip(batch, rows))
+        new |= dict(zip(batch, rows))
         progress.update(len(batch))
     progress.close()
     answers = []

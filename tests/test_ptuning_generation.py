@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from tasks.config import TrainConfig
-from tasks.modeling import generate, generate_ids, load_model, load_tokenizer, prefix_length, \
-    prompt_ids
+from tasks.decode import left_pad
+from tasks.modeling import answer, generate, generate_ids, load_model, load_tokenizer, \
+    prefix_length, prompt_ids
 from tasks.train import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,3 +78,24 @@ def test_every_generated_step_matches_a_full_forward(trained):
     assert seq[0, ids.shape[1]:].tolist() == out.tolist()
     [answer] = generate(tuned, tok, [PROMPT], max_new_tokens=6)
     assert answer == tok.decode(out, skip_special_tokens=True).strip()
+
+
+def test_answers_in_left_padded_batches_are_the_answers_one_at_a_time(trained):
+    """A batch of prompts of different lengths, padded on the left behind the prefix's
+    placeholders, gets at every step the logits each prompt gets alone, and `answer` gives each
+    prompt its own answer, in the prompts' order."""
+    tuned = load_model(trained["base"], adapter=trained["adapter"])
+    tok = load_tokenizer(trained["adapter"])
+    prompts = [PROMPT, [{"role": "user", "content": "多肉"}],
+               [{"role": "user", "content": "冬天室内温度低，绿萝要减少浇水吗？"}]]
+    ids = [prompt_ids(tok, p) for p in prompts]
+    assert len({len(i) for i in ids}) == 3
+    steps = dict(max_new_tokens=4, do_sample=False, output_logits=True,
+                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    batch = generate_ids(tuned, *left_pad(ids, tok.pad_token_id), **steps)
+    for row, one in enumerate(ids):
+        alone = generate_ids(tuned, torch.tensor([one]), **steps)
+        for step, logits in enumerate(alone.logits):
+            torch.testing.assert_close(batch.logits[step][row], logits[0], rtol=1e-4, atol=1e-4)
+    assert answer(tuned, tok, prompts, 10, batch_size=3) == \
+        answer(tuned, tok, prompts, 10, batch_size=1)

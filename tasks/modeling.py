@@ -291,7 +291,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         ids, mask = left_pad([all_ids[i] for i in batch], tokenizer.pad_token_id or 0)
         if decoder is None:
             out = generate_ids(model, ids.to(device), mask.to(device), do_sample=False,
-                               max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
+                               max_new_tokens=max_new_tokens, eos_token_id=sorted(ends) or None,
                                pad_token_id=tokenizer.pad_token_id)
             rows = out[:, ids.shape[1]:].tolist()
         else:

@@ -279,10 +279,11 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     device = next(model.parameters()).device
     ends = eos_ids(model, tokenizer)
     all_ids = [prompt_ids(tokenizer, messages) for messages in prompts]
+    prefixed = prefix_length(model) > 0               # through generate_ids, not the loop
     batch_size = max(1, min(batch_size, len(all_ids)))
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    decoder = None if prefix_length(model) or not all_ids else StaticDecoder(
+    decoder = None if prefixed or not all_ids else StaticDecoder(
         model, batch_size=batch_size, max_len=max(map(len, all_ids)) + max_new_tokens)
     new: dict[int, list[int]] = {}
     progress = Progress(f"answers of {Path(str(model.name_or_path)).name or 'the model'}",

@@ -7,7 +7,8 @@ Prefect servers, MLflow servers, command-line runs, Chromium, fork-server childr
 
 On the 2-core CI machine the suite is bound by the CPU (README "Tests"): its wall time is about
 its CPU seconds over two, so this says what to make cheaper. A process that lives less than half
-a second may be missed, and one that exits loses its last half second. Prints the totals and
+a second may be missed, and one that exits loses its last half second; a process already running
+at the start counts from then on. Prints the totals and
 writes benchmarks/results/suite_cpu.json (see `--out`).
 """
 
@@ -50,6 +51,10 @@ def kind(cmdline: list[str]) -> str:
     return Path(cmdline[0]).name if cmdline else "unknown"
 
 
+#: kinds that a process may have only until it execs its own program: named again next time
+UNNAMED = ("unknown", "python", "python3")
+
+
 class Sampler(threading.Thread):
     """CPU seconds (user + system) of every process seen, by (pid, start time)."""
 
@@ -57,9 +62,11 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.every_s, self.done = every_s, threading.Event()
         self.seen: dict[tuple[int, float], list] = {}         # -> [kind, cpu seconds]
+        self.before: dict[tuple[int, float], float] = {}      # CPU of those already running
 
     def run(self) -> None:
         me = psutil.Process().pid
+        first = True
         while not self.done.is_set():
             for p in psutil.process_iter(["pid", "create_time"]):
                 if p.info["pid"] == me:
@@ -67,18 +74,21 @@ class Sampler(threading.Thread):
                 try:
                     t = p.cpu_times()
                     key = (p.info["pid"], p.info["create_time"])
-                    if key not in self.seen:
-                        self.seen[key] = [kind(p.cmdline()), 0.0]
+                    if self.seen.get(key, [UNNAMED[0]])[0] in UNNAMED:   # new, or seen
+                        self.seen[key] = [kind(p.cmdline()), 0.0]          # before its exec
                     self.seen[key][1] = t.user + t.system
+                    if first:                                 # counted from now on only
+                        self.before[key] = t.user + t.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                     pass
+            first = False
             self.done.wait(self.every_s)
 
     def totals(self) -> list[dict]:
         out: dict[str, list] = {}
-        for name, cpu in self.seen.values():
+        for key, (name, cpu) in self.seen.items():
             out.setdefault(name, [0.0, 0])
-            out[name][0] += cpu
+            out[name][0] += cpu - self.before.get(key, 0.0)
             out[name][1] += 1
         return sorted(({"kind": k, "cpu_s": round(v[0], 1), "processes": v[1]}
                        for k, v in out.items()), key=lambda r: -r["cpu_s"])

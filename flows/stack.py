@@ -39,6 +39,13 @@ POOL = "local-process"
 SERVICES = ("prefect-server", "mlflow-server", "prefect-worker")
 
 
+#: Prefect's worker takes a first SIGTERM as "stop taking flow runs and wait for those running"
+#: (they are stopped here too), a second as "now" (it SIGKILLs itself; prefect.utilities.
+#: processutils.setup_signal_handlers_worker). After it has run flow runs, that wait was seen
+#: to last past 20 s with none left to wait for; the second SIGTERM follows after this grace.
+WORKER_GRACE_S = 5.0
+
+
 class StackError(RuntimeError):
     """The stack could not be started/used; the message names the log to read."""
 
@@ -260,6 +267,10 @@ class Stack:
             tree = [proc] + proc.children(recursive=True)
             for p in tree:
                 _signal(p, signal.SIGTERM)
+            if service == "prefect-worker":
+                _, alive = psutil.wait_procs(tree, timeout=WORKER_GRACE_S)
+                if proc in alive:
+                    _signal(proc, signal.SIGTERM)         # Prefect's second SIGTERM: now
             _, alive = psutil.wait_procs(tree, timeout=timeout)
             for p in alive + [c for p in alive for c in _children(p)]:
                 _signal(p, signal.SIGKILL)

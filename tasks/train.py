@@ -274,18 +274,24 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     with sigterm, attention_kernels(device):
         result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - t0
-    with attention_kernels(device):
-        eval_after = trainer.evaluate()["eval_loss"]
+    # HF evaluates at the last step itself (transformers' DefaultFlowCallback); a run resumed
+    # from a checkpoint of a finished run has done so before it was saved
+    evaluated_at_end = any("eval_loss" in h and h["step"] == trainer.state.global_step
+                           for h in trainer.state.log_history)
+    if not evaluated_at_end:
+        with attention_kernels(device):
+            trainer.evaluate()
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     if rank != 0:
         return None
 
     history = trainer.state.log_history
     evals = [h for h in history if "eval_loss" in h]
-    eval_before = evals[0]["eval_loss"]
+    eval_before, eval_after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     resumed_step = int(last.rsplit("-", 1)[1]) if last else 0
     done = (trainer.state.global_step - resumed_step) / max(trainer.state.global_step, 1)
-    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in evals[:-1]
+    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in (evals if evaluated_at_end
+                                                             else evals[:-1])
                        if h["step"] >= resumed_step and (last is None or h["step"] > 0))
     useful = sum(len(e["input_ids"]) for e in train) * cfg.epochs    # the whole run, no pads
     seen = trainer.state.num_input_tokens_seen or useful             # ... and with its pads

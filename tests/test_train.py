@@ -4,6 +4,7 @@ on a tiny base."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -115,10 +116,11 @@ def test_packing_and_checkpointing_are_refused_for_ptuning():
 
 
 @pytest.mark.parametrize("method,packing", [("lora", False), ("qlora", False), ("lora", True)])
-def test_train_adapter_lowers_dev_loss(data, home, method, packing):
+def test_train_adapter_lowers_dev_loss(data, home, method, packing, caplog):
     cfg = TrainConfig(method=method, epochs=4, batch_size=8, learning_rate=1e-2, lora_r=8,
                       lora_alpha=16, max_length=96, eval_steps=8, packing=packing)
-    res = train_adapter(data["base"], data["train"], data["dev"], cfg)
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        res = train_adapter(data["base"], data["train"], data["dev"], cfg)
     out = Path(res.path)
     assert res.stage == "train" and out.parent == home / "outputs" / "train" and res.exists()
     for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
@@ -138,6 +140,11 @@ def test_train_adapter_lowers_dev_loss(data, home, method, packing):
     log = res.history
     evals = [h for h in log if "eval_loss" in h]
     assert evals[0]["step"] == 0 and len(evals) >= 3
+    # the dev set is evaluated once after the last step (by the Trainer), not again after it
+    last = f"step {m['global_step']:.0f}/{m['global_step']:.0f} "
+    assert len([r for r in caplog.records if r.getMessage().startswith(last)
+                and "eval_loss" in r.getMessage()]) == 1
+    assert m["eval_loss_after"] == pytest.approx(evals[-1]["eval_loss"], abs=1e-5)
     assert any("loss" in h for h in log) and all(isinstance(h["step"], int) for h in log)
 
     tok = load_tokenizer(out)

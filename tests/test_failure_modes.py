@@ -96,16 +96,16 @@ def test_sigterm_and_ctrl_c_end_the_runs_as_killed(tmp_path, sig, code):
 
 def test_two_first_runs_at_once_on_a_new_home_both_succeed(tmp_path):
     home = tmp_path / "new-home"                      # does not exist yet
-    procs = [_cli.start("data", home=home, out=tmp_path / f"run{i}") for i in range(3)]
+    procs = [_cli.start("data", home=home, out=tmp_path / f"run{i}") for i in range(2)]
     for p in procs:
         p.wait(timeout=600)
     for p in procs:
         out, err = _cli.output(p)
         assert p.returncode == 0 and "Traceback" not in out + err, err
-    assert [r.info.status for r in parents(home)] == ["FINISHED"] * 3
+    assert [r.info.status for r in parents(home)] == ["FINISHED"] * 2
     computed = [r for r in runs_of(home) if r.data.tags.get("pipeline.cache") == "computed"]
     assert sorted(r.info.run_name for r in computed) == sorted(STAGES), \
-        "each stage computed once: the others waited for it and found it in the cache"
+        "each stage computed once: the other run waited for it and found it in the cache"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -63,13 +63,13 @@ def tiny_base(tmp_path_factory):
 
 
 #: the order in which modules start: the long ones first, so the short ones fill the gaps at the end
-_FIRST = ("browser", "slow", "server")
+_FIRST = ("browser", "slow", "server", "long")
 
 
 def pytest_collection_modifyitems(items):
-    """Modules with a browser, slow or server test run first (`make test` hands each module
-    whole to one xdist worker in this order: --dist loadfile --no-loadscope-reorder); within a
-    module, the order is kept."""
+    """Modules with a browser, slow, server or long test run first, in that order (`make test`
+    and `make test-fast` hand each module whole to one xdist worker in this order: --dist
+    loadfile --no-loadscope-reorder); within a module, the order is kept."""
     module = {item: item.nodeid.split("::")[0] for item in items}
     rank: dict[str, int] = {}
     for item in items:

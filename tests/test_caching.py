@@ -13,6 +13,8 @@ from tasks.code_version import code_closure
 from tasks.common import StageResult
 from tasks.config import DataConfig
 
+pytestmark = pytest.mark.long        # edits code and recomputes keys (seconds)
+
 
 def test_code_closure_follows_helper_modules():
     names = {p.name for p in code_closure("tasks.conversations")}

@@ -17,7 +17,7 @@ from tasks.merge import merge_adapter
 from tasks.modeling import _from_pretrained, bnb_config
 from tests._tiny_model import make_all
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.long, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

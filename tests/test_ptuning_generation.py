@@ -18,7 +18,7 @@ from tasks.modeling import answer, generate, generate_ids, load_model, load_toke
     prefix_length, prompt_ids
 from tasks.train import train_adapter
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.long, pytest.mark.usefixtures("one_torch_thread")]
 PROMPT = [{"role": "user", "content": "绿萝叶子发黄怎么办？"}]
 
 

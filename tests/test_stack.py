@@ -14,6 +14,8 @@ import yaml
 from flows.stack import Stack, StackError, local_timezone, running_api_url
 from tasks.common import REPO_DIR
 
+pytestmark = pytest.mark.long        # starts and stops service processes
+
 
 class FakeStack(Stack):
     """The real bookkeeping, with stand-in commands: 'mlflow-server' prints and dies at once,

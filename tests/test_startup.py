@@ -11,7 +11,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tasks.common import REPO_DIR
+
+pytestmark = pytest.mark.long        # fresh interpreters that import the flows
 
 
 def python(code: str, env: dict[str, str]) -> dict:

@@ -29,7 +29,7 @@ MULTI_TURN = [{"role": "system", "content": "你是园艺助手。"},
               {"role": "assistant", "content": "见干见湿，约一周一次。"}]
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.long, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

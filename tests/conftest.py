@@ -38,7 +38,25 @@ def tiny_base(tmp_path_factory):
     """A tiny embedded base (180k parameters, a 300-token vocab) built from the first 96/24
     records of the sample split, for training tests that need a real but fast model.
 
-    Returns {"train", "dev", "base"} paths; built once per session."""
+    Returns {"train", "dev", "base"} paths; built once per `pytest` run: the first xdist worker
+    to ask builds it in the run's shared temporary folder, under a file lock, the other waits
+    for it and reads it (pytest-xdist's docs, "Making session-scoped fixtures execute only
+    once"). Tests read it and train into their own homes."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):      # basetemp/popen-gwN: the run's is above
+        shared = shared.parent
+    root = shared / "tiny-base"
+    paths = {"train": root / "train.json", "dev": root / "dev.json"}
+    with FileLock(str(root) + ".lock"):
+        if not (root / "base.txt").is_file():
+            paths["base"] = _build_tiny_base(root, paths["train"], paths["dev"])
+            (root / "base.txt").write_text(str(paths["base"]), encoding="utf-8")
+    return {**paths, "base": Path((root / "base.txt").read_text(encoding="utf-8"))}
+
+
+def _build_tiny_base(root: Path, train_json: Path, dev_json: Path) -> Path:
     import json
 
     from tasks.base_model import build_base_model
@@ -47,19 +65,18 @@ def tiny_base(tmp_path_factory):
     from tasks.conversations import qa_to_conversation, split_train_dev
     from tasks.qa_text import read_qa_text
 
-    root = tmp_path_factory.mktemp("tiny-base")
+    root.mkdir(parents=True, exist_ok=True)
     convs = [qa_to_conversation(r["q"], r["a"])
              for r in read_qa_text(DATA_DIR / "sample" / "plant_care_qa.txt")]
     train, dev = split_train_dev(convs, 0.7)
-    paths = {"train": root / "train.json", "dev": root / "dev.json"}
-    paths["train"].write_text(json.dumps(train[:96], ensure_ascii=False), encoding="utf-8")
-    paths["dev"].write_text(json.dumps(dev[:24], ensure_ascii=False), encoding="utf-8")
+    train_json.write_text(json.dumps(train[:96], ensure_ascii=False), encoding="utf-8")
+    dev_json.write_text(json.dumps(dev[:24], ensure_ascii=False), encoding="utf-8")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PIPELINE_HOME", str(root / "home"))
-        base = build_base_model(paths["train"], BaseModelConfig(
+        base = build_base_model(train_json, BaseModelConfig(
             vocab_size=300, hidden_size=64, num_layers=2, num_heads=2, max_seq_len=64,
             pretrain_epochs=10, learning_rate=5e-3))
-    return {**paths, "base": Path(base.path)}
+    return Path(base.path)
 
 
 #: the order in which modules start: the long ones first, so the short ones fill the gaps at the end

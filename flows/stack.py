@@ -294,8 +294,7 @@ class Stack:
             raise StackError(f"no Prefect server at {self.api_url}: run `make stack` first")
         env = {**self.env(), "PIPELINE_REPO_DIR": str(REPO_DIR),
                "PIPELINE_WORK_POOL": self.pool, "PIPELINE_TIMEZONE": local_timezone()}
-        subprocess.run([sys.executable, "-m", "prefect", "work-pool", "inspect", self.pool],
-                       env=env, capture_output=True, check=False).returncode == 0 or \
+        if not _get(f"{self.api_url}/work_pools/{self.pool}"):     # the worker makes it
             subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", self.pool,
                             "--type", "process"], env=env, capture_output=True, check=True)
         res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",

@@ -51,10 +51,8 @@ def output(proc: subprocess.Popen) -> tuple[str, str]:
 
 
 def run(module: str, *args: str, home: Path, cwd: Path | None = None,
-        api_url: str | None = None, extra_env: dict[str, str] | None = None,
-        timeout: float = 600) -> subprocess.CompletedProcess:
+        api_url: str | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the CLI to the end; returns the exit code with stdout and stderr."""
     return subprocess.run([sys.executable, "-m", f"flows.{module}", *args],
-                          cwd=cwd or home.parent, env={**cli_env(home, api_url),
-                                                       **(extra_env or {})},
+                          cwd=cwd or home.parent, env=cli_env(home, api_url),
                           capture_output=True, text=True, timeout=timeout)

@@ -73,49 +73,37 @@ def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, api_ur
 
 
 def test_inputs_that_leave_too_few_records_name_the_users_file(work, api_url):
-    home = work.parent / "home"
+    """The file alone, then the hint on the next line. (What the other too-few cases say is
+    tests/test_data_bad.py's: the same cores.)"""
     (work / "one.json").write_text('{"q": "问题？", "a": "答案。"}\n', encoding="utf-8")
-    result = _cli.run("data", "--set", "source=one.json", home=home, cwd=work, api_url=api_url)
+    result = _cli.run("data", "--set", "source=one.json", home=work.parent / "home", cwd=work,
+                      api_url=api_url)
     lines = check_one_line_error(result, code=2, where=f"{work}/one.json: ",
                                  words="need at least 2 records")
     assert "(stage conversations)" in lines[0] and "one JSON object" in lines[1]
 
-    (work / "mostly_bad.jsonl").write_text(
-        '{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n{"q": "", "a": "答案三"}\n',
-        encoding="utf-8")
-    result = _cli.run("data", "--set", "source=mostly_bad.jsonl", "--set", "on_error=skip",
-                      home=home, cwd=work, api_url=api_url)
-    lines = check_one_line_error(result, code=2, where=f"{work}/mostly_bad.jsonl: ",
-                                 words="got 1")
-    assert "2 malformed record(s) were skipped" in lines[1]
-
-    (work / "no_turns.json").write_text('[{"conversations": []}, {"conversations": []}]',
-                                        encoding="utf-8")
-    result = _cli.run("data", "--set", "source=no_turns.json", home=home, cwd=work,
-                      api_url=api_url)
-    check_one_line_error(result, code=2, where=f"{work}/no_turns.json:1 record #0",
-                         words="no turns")
-    assert "several formats" not in result.stderr
-
 
 def test_the_failure_is_recorded_in_mlflow_and_prefect(work, api_url):
+    """Also: `#` in a --set value is part of the file name, not a comment, and a relative path
+    is taken from the current directory, not the repository."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
-    home = work.parent / "home"
-    shutil.copy(BAD / "odd_lines_block.txt", work / "odd.txt")
-    result = _cli.run("data", "--set", "source=odd.txt", home=home, cwd=work, api_url=api_url)
-    check_one_line_error(result, code=2, where=f"{work}/odd.txt:1: ")
+    home, name = work.parent / "home", "q&a #1.txt"
+    shutil.copy(BAD / "odd_lines_block.txt", work / name)
+    result = _cli.run("data", "--set", f"source={name}", home=home, cwd=work, api_url=api_url)
+    check_one_line_error(result, code=2, where=f"{work}/{name}:1: ", words="block has 3 lines")
+    assert not (REPO_DIR / name).exists()
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("finetune-pipeline").experiment_id])
     parent = next(r for r in runs if "pipeline.kind" in r.data.tags)
     ingest = next(r for r in runs if r.info.run_name == "ingest")
     assert parent.info.status == ingest.info.status == "FAILED"
-    assert f"{work}/odd.txt:1" in parent.data.tags["pipeline.error"]
+    assert f"{work}/{name}:1" in parent.data.tags["pipeline.error"]
     assert "[stage ingest]" in parent.data.tags["pipeline.error"]
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
-    assert flow_run.state.is_failed() and f"{work}/odd.txt:1" in flow_run.state.message
+    assert flow_run.state.is_failed() and f"{work}/{name}:1" in flow_run.state.message
 
 
 @pytest.mark.parametrize("args, where, words", [
@@ -140,17 +128,6 @@ def test_config_mistakes_fail_in_one_line_before_anything_runs(args, where, word
     assert result.stdout == "", "the config was checked before anything was set up"
 
 
-def test_set_values_and_relative_paths_are_read_as_meant(work, api_url):
-    """`#` is part of a file name, not a comment; a relative path is taken from the current
-    directory, not the repository."""
-    name = "q&a #1.txt"
-    shutil.copy(BAD / "odd_lines_block.txt", work / name)
-    result = _cli.run("data", "--set", f"source={name}", home=work.parent / "home", cwd=work,
-                      api_url=api_url)
-    check_one_line_error(result, code=2, where=f"{work}/{name}:1: ", words="block has 3 lines")
-    assert not (REPO_DIR / name).exists()
-
-
 def test_nightly_gate_and_data_arguments_are_checked_before_anything_starts(work):
     home = work.parent / "home"
     result = _cli.run("nightly", "--gate", "metric=accuracy", home=home, cwd=work)
@@ -172,6 +149,21 @@ def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, 
     assert "Traceback" not in result.stdout + result.stderr
     debug = _cli.run("data", "--debug", home=home, cwd=work, api_url=api_url)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
-    by_env = _cli.run("data", home=home, cwd=work, api_url=api_url,
-                      extra_env={"PIPELINE_DEBUG": "1"})
-    assert by_env.returncode == 1 and "Traceback (most recent call last)" in by_env.stderr
+
+
+@pytest.mark.parametrize("flag, env, wanted", [
+    (False, None, False), (True, None, True), (False, "1", True), (False, "true", True),
+    (False, "0", False), (False, "", False)])
+def test_debug_is_asked_for_by_the_flag_or_by_PIPELINE_DEBUG(flag, env, wanted, monkeypatch):
+    """What decides the run above's `--debug` also reads PIPELINE_DEBUG (README "Failure
+    modes"), so one command-line run covers both."""
+    import argparse
+
+    from flows.cli import add_common_arguments, debug_wanted
+
+    monkeypatch.delenv("PIPELINE_DEBUG", raising=False)
+    if env is not None:
+        monkeypatch.setenv("PIPELINE_DEBUG", env)
+    ap = argparse.ArgumentParser()
+    add_common_arguments(ap)
+    assert debug_wanted(ap.parse_args(["--debug"] if flag else [])) is wanted

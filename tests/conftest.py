@@ -34,6 +34,18 @@ def session_home() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_api_url() -> str:
+    """The API of this worker's temporary Prefect server (the one its in-process flows report
+    to; started here if none has been yet), for command-line runs that need not start their
+    own: each start costs ~12 s of CPU."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    return server.api_url
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
     """A tiny embedded base (180k parameters, a 300-token vocab) built from the first 96/24
     records of the sample split, for training tests that need a real but fast model.

@@ -19,14 +19,9 @@ pytestmark = pytest.mark.server       # every run reports to one real Prefect se
 
 
 @pytest.fixture(scope="module")
-def api_url() -> str:
-    """One Prefect server for this module's runs (the session's temporary one), so each CLI
-    run does not start its own."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    return server.api_url
+def api_url(prefect_api_url) -> str:
+    """One Prefect server for this module's runs, so each CLI run does not start its own."""
+    return prefect_api_url
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def start_and_stop_mid_stage(tmp_path: Path, sig: int) -> tuple[Path, list, obje
     return home, started, proc
 
 
-def test_kill_9_mid_stage_leaves_nothing_the_next_run_trusts(tmp_path):
+def test_kill_9_mid_stage_leaves_nothing_the_next_run_trusts(tmp_path, prefect_api_url):
     home, started, proc = start_and_stop_mid_stage(tmp_path, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     _, alive = psutil.wait_procs(started, timeout=60)
@@ -64,7 +64,9 @@ def test_kill_9_mid_stage_leaves_nothing_the_next_run_trusts(tmp_path):
     killed = parents(home)[-1]
     assert killed.info.status == "RUNNING"
 
-    again = _cli.run("data", home=home)
+    # the next run on that home (reporting to a running server: what it must not trust is in
+    # the home, and the killed run's temporary server is gone)
+    again = _cli.run("data", home=home, api_url=prefect_api_url)
     assert again.returncode == 0, again.stderr
     assert leftovers(home) == []
     runs = {r.info.run_id: r for r in runs_of(home)}

@@ -65,7 +65,7 @@ def _answer(port: int, served_folder: str, proc: subprocess.Popen,
                 return last[0]
         except httpx.HTTPError as e:
             last = repr(e)
-        time.sleep(2)
+        time.sleep(0.5)
     log = proc.communicate(timeout=60)[0] if proc.poll() is not None else "(still running)"
     pytest.fail(f"no answer from {served_folder} within {timeout:.0f} s; last: {last}; "
                 f"flows.serve output:\n{log[-3000:]}")

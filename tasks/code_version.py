@@ -12,6 +12,7 @@ neither a cached result nor a resumed checkpoint outlives a change to the code t
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -32,8 +33,16 @@ def _module_file(name: str) -> Path | None:
 
 def _local_imports(path: Path) -> set[str]:
     """`tasks.*` modules imported by a module (absolute or relative imports, any depth)."""
+    return {m for m in _parsed(path.read_text(encoding="utf-8"))[0] if _module_file(m)}
+
+
+@functools.lru_cache(maxsize=512)
+def _parsed(source: str) -> tuple[frozenset[str], str]:
+    """(every module name a source imports, its `code_text`): parsed once per distinct source
+    text, so the files are still read on every call but a stage's cache key no longer parses
+    its whole code closure again (0.2-0.3 s per stage on the 2-core machine)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -42,7 +51,7 @@ def _local_imports(path: Path) -> set[str]:
                 base = ".".join(["tasks"] + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)
-    return {m for m in found if _module_file(m)}
+    return frozenset(found), code_text(source)
 
 
 def code_closure(module: str) -> list[Path]:
@@ -76,7 +85,7 @@ def code_digest(module: str) -> str:
     process must see code edited under it."""
     h = hashlib.blake2b(digest_size=16)
     for path in code_closure(module):
-        tree = code_text(path.read_text(encoding="utf-8"))
+        tree = _parsed(path.read_text(encoding="utf-8"))[1]
         h.update(path.relative_to(REPO_DIR).as_posix().encode() + b"\0" + tree.encode())
         # sibling templates/data a module reads (e.g. report_template.html) count as code too
         for extra in sorted(path.parent.glob(f"{path.stem}_*.html")):

@@ -157,16 +157,16 @@ def test_a_10_mb_single_line_is_refused_quickly_by_line(tmp_path):
     assert qa.metrics["skipped.too-long"] == 1 and qa.metrics["records"] == 3
 
 
-
 # file content, on_error -> (where, words of the reason, words of the hint). The conversations
 # stage is given the user's file and the skipped count as the data flow gives them
 # (flows/data.py); tests/test_cli_errors.py prints the first case through the command line.
 TOO_FEW = {
     "one.json": ('{"q": "问题？", "a": "答案。"}\n', "fail",
                  ("one.json: ", "need at least 2 records", "the file holds one JSON object")),
-    "mostly_bad.jsonl": ('{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n{"q": "", "a": "答案三"}\n',
-                         "skip", ("mostly_bad.jsonl: ", "got 1",
-                                  "2 malformed record(s) were skipped (data.on_error=skip)")),
+    "mostly_bad.jsonl": ('{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n'
+                         '{"q": "", "a": "答案三"}\n', "skip",
+                         ("mostly_bad.jsonl: ", "got 1",
+                          "2 malformed record(s) were skipped (data.on_error=skip)")),
     "no_turns.json": ('[{"conversations": []}, {"conversations": []}]', "fail",
                       ("no_turns.json:1 record #0 at $[0].conversations: ", "has no turns",
                        "set data.on_error=skip")),

@@ -221,8 +221,8 @@ def ui_run(stack, api, deployments, browser) -> dict:
     page.wait_for_url(re.compile(rf"/runs/flow-run/{flow_run_id}"))
     # wait in the Runs list: the flow-run page's live run graph (WebGL, drawn in software in
     # headless Chromium) takes nearly both cores of CI's machine from the run it shows. The
-    # list refreshes itself only every so often (on a loaded machine it showed the end up to
-    # 30 s late), so the API says when the run has ended; then the list, reloaded, must say so.
+    # list refreshes itself only every so often (in make test it showed the end ~40 s late),
+    # so the API says when the run has ended; then the list, reloaded, must say the same.
     name = api("GET", f"/flow_runs/{flow_run_id}")["name"]
     page.get_by_role("link", name="Runs", exact=True).first.click()
     run_link = page.get_by_role("link", name=name, exact=True).first

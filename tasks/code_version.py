@@ -31,15 +31,10 @@ def _module_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _local_imports(path: Path) -> set[str]:
-    """`tasks.*` modules imported by a module (absolute or relative imports, any depth)."""
-    return {m for m in _parsed(path.read_text(encoding="utf-8"))[0] if _module_file(m)}
-
-
 @functools.lru_cache(maxsize=512)
 def _parsed(source: str) -> tuple[frozenset[str], str]:
     """(every module name a source imports, its `code_text`): parsed once per distinct source
-    text, so the files are still read on every call but a stage's cache key no longer parses
+    text: the files are still read on every call, but a stage's cache key no longer parses
     its whole code closure again (0.2-0.3 s per stage on the 2-core machine)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(source)):
@@ -54,18 +49,23 @@ def _parsed(source: str) -> tuple[frozenset[str], str]:
     return frozenset(found), code_text(source)
 
 
-def code_closure(module: str) -> list[Path]:
-    """Source files of `module` and every `tasks.*` module it imports, transitively."""
-    seen: dict[str, Path] = {}
+def _closure_sources(module: str) -> dict[Path, str]:
+    """Source text of `module` and of every `tasks.*` module it imports (absolute or relative
+    imports, any depth), transitively, by file; each file read once."""
+    sources: dict[Path, str] = {}
     todo = [module]
     while todo:
-        name = todo.pop()
-        path = _module_file(name)
-        if name in seen or path is None:
+        path = _module_file(todo.pop())
+        if path is None or path in sources:
             continue
-        seen[name] = path
-        todo.extend(_local_imports(path))
-    return sorted(seen.values())
+        sources[path] = path.read_text(encoding="utf-8")
+        todo.extend(m for m in _parsed(sources[path])[0] if _module_file(m))
+    return sources
+
+
+def code_closure(module: str) -> list[Path]:
+    """Source files of `module` and every `tasks.*` module it imports, transitively."""
+    return sorted(_closure_sources(module))
 
 
 def code_text(source: str) -> str:
@@ -84,8 +84,8 @@ def code_digest(module: str) -> str:
     """Digest of `code_closure(module)`, read from disk on every call: a long-running server
     process must see code edited under it."""
     h = hashlib.blake2b(digest_size=16)
-    for path in code_closure(module):
-        tree = _parsed(path.read_text(encoding="utf-8"))[1]
+    for path, source in sorted(_closure_sources(module).items()):
+        tree = _parsed(source)[1]
         h.update(path.relative_to(REPO_DIR).as_posix().encode() + b"\0" + tree.encode())
         # sibling templates/data a module reads (e.g. report_template.html) count as code too
         for extra in sorted(path.parent.glob(f"{path.stem}_*.html")):

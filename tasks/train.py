@@ -290,6 +290,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     eval_before, eval_after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     resumed_step = int(last.rsplit("-", 1)[1]) if last else 0
     done = (trainer.state.global_step - resumed_step) / max(trainer.state.global_step, 1)
+    # the evaluations inside train_seconds (an evaluate() after train() is outside it)
     eval_seconds = sum(h.get("eval_runtime", 0.0) for h in (evals if evaluated_at_end
                                                              else evals[:-1])
                        if h["step"] >= resumed_step and (last is None or h["step"] > 0))

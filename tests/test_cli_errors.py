@@ -18,12 +18,6 @@ BAD = Path(__file__).parent / "data" / "bad"
 pytestmark = pytest.mark.server       # every run reports to one real Prefect server
 
 
-@pytest.fixture(scope="module")
-def api_url(prefect_api_url) -> str:
-    """One Prefect server for this module's runs, so each CLI run does not start its own."""
-    return prefect_api_url
-
-
 @pytest.fixture
 def work(tmp_path) -> Path:
     """The user's current directory; the project home is beside it."""
@@ -56,29 +50,29 @@ DATA_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(DATA_CASES))
-def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, api_url):
+def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, prefect_api_url):
     where, words = DATA_CASES[name]
     src = BAD / name
     (shutil.copytree if src.is_dir() else shutil.copy)(src, work / name)
     result = _cli.run("data", f"--set=source={name}", home=work.parent / "home", cwd=work,
-                      api_url=api_url)
+                      api_url=prefect_api_url)
     lines = check_one_line_error(result, code=2, where=f"{work}/{where}", words=words)
     assert "(stage ingest)" in lines[0] or "(stage conversations)" in lines[0]
     assert lines[-1].startswith("hint: ") or len(lines) == 1
 
 
-def test_inputs_that_leave_too_few_records_name_the_users_file(work, api_url):
+def test_inputs_that_leave_too_few_records_name_the_users_file(work, prefect_api_url):
     """The file alone, then the hint on the next line. (What the other too-few cases say is
     tests/test_data_bad.py's: the same cores.)"""
     (work / "one.json").write_text('{"q": "问题？", "a": "答案。"}\n', encoding="utf-8")
     result = _cli.run("data", "--set", "source=one.json", home=work.parent / "home", cwd=work,
-                      api_url=api_url)
+                      api_url=prefect_api_url)
     lines = check_one_line_error(result, code=2, where=f"{work}/one.json: ",
                                  words="need at least 2 records")
     assert "(stage conversations)" in lines[0] and "one JSON object" in lines[1]
 
 
-def test_the_failure_is_recorded_in_mlflow_and_prefect(work, api_url):
+def test_the_failure_is_recorded_in_mlflow_and_prefect(work, prefect_api_url):
     """Also: `#` in a --set value is part of the file name, not a comment, and a relative path
     is taken from the current directory, not the repository."""
     from prefect.client.orchestration import get_client
@@ -86,7 +80,8 @@ def test_the_failure_is_recorded_in_mlflow_and_prefect(work, api_url):
 
     home, name = work.parent / "home", "q&a #1.txt"
     shutil.copy(BAD / "odd_lines_block.txt", work / name)
-    result = _cli.run("data", "--set", f"source={name}", home=home, cwd=work, api_url=api_url)
+    result = _cli.run("data", "--set", f"source={name}", home=home, cwd=work,
+                      api_url=prefect_api_url)
     check_one_line_error(result, code=2, where=f"{work}/{name}:1: ", words="block has 3 lines")
     assert not (REPO_DIR / name).exists()
     client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
@@ -133,16 +128,16 @@ def test_nightly_gate_and_data_arguments_are_checked_before_anything_starts(work
     assert not (home / ".prefect" / "prefect.db").exists() and result.stdout == ""
 
 
-def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, api_url):
+def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, prefect_api_url):
     home = work.parent / "home"
     home.mkdir()
     (home / "outputs").write_text("not a directory", encoding="utf-8")   # a broken home
-    result = _cli.run("data", home=home, cwd=work, api_url=api_url)
+    result = _cli.run("data", home=home, cwd=work, api_url=prefect_api_url)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and len(lines) <= 3, result.stderr
     assert lines[0].startswith("internal error: ") and "--debug" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
-    debug = _cli.run("data", "--debug", home=home, cwd=work, api_url=api_url)
+    debug = _cli.run("data", "--debug", home=home, cwd=work, api_url=prefect_api_url)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
 
 

@@ -9,7 +9,8 @@ On the 2-core CI machine the suite is bound by the CPU (README "Tests"): its wal
 its CPU seconds over two, so this says what to make cheaper. A process that lives less than half
 a second may be missed, and one that exits loses its last half second; a process already running
 at the start counts from then on. Prints the totals and
-writes benchmarks/results/suite_cpu.json (see `--out`).
+writes benchmarks/results/suite_cpu.json (see `--out`): the totals by kind, and each process of
+at least one CPU second with its command line and when it started (seconds after the start).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class Sampler(threading.Thread):
     def __init__(self, every_s: float = 0.5):
         super().__init__(daemon=True)
         self.every_s, self.done = every_s, threading.Event()
-        self.seen: dict[tuple[int, float], list] = {}         # -> [kind, cpu seconds]
+        self.seen: dict[tuple[int, float], list] = {}    # -> [kind, cpu seconds, command line]
         self.before: dict[tuple[int, float], float] = {}      # CPU of those already running
+        self.started = time.time()
 
     def run(self) -> None:
         me = psutil.Process().pid
@@ -75,7 +77,8 @@ class Sampler(threading.Thread):
                     t = p.cpu_times()
                     key = (p.info["pid"], p.info["create_time"])
                     if self.seen.get(key, [UNNAMED[0]])[0] in UNNAMED:   # new, or seen
-                        self.seen[key] = [kind(p.cmdline()), 0.0]          # before its exec
+                        cmd = p.cmdline()                             # before its exec
+                        self.seen[key] = [kind(cmd), 0.0, " ".join(cmd)[:300]]
                     self.seen[key][1] = t.user + t.system
                     if first:                                 # counted from now on only
                         self.before[key] = t.user + t.system
@@ -86,12 +89,20 @@ class Sampler(threading.Thread):
 
     def totals(self) -> list[dict]:
         out: dict[str, list] = {}
-        for key, (name, cpu) in self.seen.items():
+        for key, (name, cpu, _) in self.seen.items():
             out.setdefault(name, [0.0, 0])
             out[name][0] += cpu - self.before.get(key, 0.0)
             out[name][1] += 1
         return sorted(({"kind": k, "cpu_s": round(v[0], 1), "processes": v[1]}
                        for k, v in out.items()), key=lambda r: -r["cpu_s"])
+
+    def processes(self, at_least_s: float = 1.0) -> list[dict]:
+        """Every process that used at least `at_least_s` CPU seconds, the costliest first: what
+        each kind is made of."""
+        rows = [{"cpu_s": round(cpu - self.before.get(key, 0.0), 1), "kind": name,
+                 "started_s": round(key[1] - self.started, 1), "command": cmd}
+                for key, (name, cpu, cmd) in self.seen.items()]
+        return sorted((r for r in rows if r["cpu_s"] >= at_least_s), key=lambda r: -r["cpu_s"])
 
 
 def main() -> None:
@@ -117,7 +128,8 @@ def main() -> None:
     args.out.write_text(json.dumps({
         "date": datetime.date.today().isoformat(), "command": args.command, "exit_code": code,
         "wall_s": round(wall, 1), "cores": psutil.cpu_count(), "cpu_s": round(cpu, 1),
-        "by_kind": totals}, indent=1) + "\n", encoding="utf-8")
+        "by_kind": totals, "processes": sampler.processes()}, indent=1) + "\n",
+        encoding="utf-8")
 
 
 if __name__ == "__main__":

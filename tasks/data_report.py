@@ -69,7 +69,9 @@ def _texts_by_role(conversations: pa.Array) -> dict[str, pa.Array]:
 
 def _histograms(path: Path, title: str, unit: str,
                 series: dict[str, dict[str, np.ndarray]]) -> None:
-    """One panel per role, train and dev overlaid."""
+    """One panel per role, train and dev overlaid; each histogram one filled outline
+    (`histtype="stepfilled"`: the same picture as bars, drawn as one patch instead of one per
+    bin, in half the time)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +84,7 @@ def _histograms(path: Path, title: str, unit: str,
             top = max(int(np.percentile(np.concatenate(list(data.values())), 99.5)), 1)
             bins = np.linspace(0, top, min(60, top + 1))
             for split, values in data.items():
-                ax.hist(np.minimum(values, top), bins=bins, alpha=0.6,
+                ax.hist(np.minimum(values, top), bins=bins, alpha=0.6, histtype="stepfilled",
                         label=f"{split} (n={len(values):,})")
             ax.legend()
         ax.set_title(f"{role} messages")

@@ -88,8 +88,8 @@ class BaseModelConfig(_Section):
                              "on a machine with hub access). Empty: build the embedded default "
                              "tiny model from the train split, offline.")
     vocab_size: int = Field(1600, ge=300, description="Embedded default: sentencepiece vocab.")
-    hidden_size: int = Field(192, ge=32, description="Embedded default: hidden size.")
-    num_layers: int = Field(4, ge=1, description="Embedded default: decoder layers.")
+    hidden_size: int = Field(160, ge=32, description="Embedded default: hidden size.")
+    num_layers: int = Field(3, ge=1, description="Embedded default: decoder layers.")
     num_heads: int = Field(4, ge=1, description="Embedded default: attention heads.")
     max_seq_len: int = Field(160, ge=32, description="Embedded default: pretraining context.")
     pretrain_epochs: float = Field(20.0, gt=0, description="Embedded default: passes over the "

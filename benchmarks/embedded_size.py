@@ -4,7 +4,7 @@ train split, train each method with its defaults on each, and score what the tes
 answers to the report's dev prompts -- beside the CPU seconds each candidate costs.
 
     .venv/bin/python benchmarks/embedded_size.py --jobs 2                  # every candidate
-    .venv/bin/python benchmarks/embedded_size.py --only current h160-l3
+    .venv/bin/python benchmarks/embedded_size.py --only 192x4 160x3
 
 Each candidate runs in a process of its own with one torch thread (as in `make test`, two
 workers on two cores), `--jobs` at a time. Prints a table and writes
@@ -27,23 +27,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: candidate -> BaseModelConfig fields that differ from today's default
+#: candidate -> the BaseModelConfig fields it sets (the others at their defaults): hidden size x
+#: layers, and a variant or two of the vocabulary, the pretraining epochs and the context
 CANDIDATES: dict[str, dict] = {
-    "current": {},
-    "l3": {"num_layers": 3},
-    "h160": {"hidden_size": 160},
-    "h160-l3": {"hidden_size": 160, "num_layers": 3},
-    "h128": {"hidden_size": 128},
-    "h128-l3": {"hidden_size": 128, "num_layers": 3},
-    "v1200": {"vocab_size": 1200},
-    "h160-v1200": {"hidden_size": 160, "vocab_size": 1200},
-    "seq128": {"max_seq_len": 128},
-    "e16": {"pretrain_epochs": 16.0},
-    "h160-e16": {"hidden_size": 160, "pretrain_epochs": 16.0},
-    "l3-e16": {"num_layers": 3, "pretrain_epochs": 16.0},
-    "h144": {"hidden_size": 144},
-    "l2": {"num_layers": 2},
-    "h160-l3-v1200": {"hidden_size": 160, "num_layers": 3, "vocab_size": 1200},
+    "192x4": {"hidden_size": 192, "num_layers": 4},       # the default until 2026-12-01 (2 M)
+    "192x3": {"hidden_size": 192, "num_layers": 3},
+    "192x2": {"hidden_size": 192, "num_layers": 2},
+    "160x4": {"hidden_size": 160, "num_layers": 4},
+    "160x3": {"hidden_size": 160, "num_layers": 3},       # the default since (1.2 M)
+    "144x4": {"hidden_size": 144, "num_layers": 4},
+    "128x4": {"hidden_size": 128, "num_layers": 4},
+    "128x3": {"hidden_size": 128, "num_layers": 3},
+    "192x4-v1200": {"hidden_size": 192, "num_layers": 4, "vocab_size": 1200},
+    "160x4-v1200": {"hidden_size": 160, "num_layers": 4, "vocab_size": 1200},
+    "160x3-v1200": {"hidden_size": 160, "num_layers": 3, "vocab_size": 1200},
+    "192x4-seq128": {"hidden_size": 192, "num_layers": 4, "max_seq_len": 128},
+    "192x4-e16": {"hidden_size": 192, "num_layers": 4, "pretrain_epochs": 16.0},
+    "160x4-e16": {"hidden_size": 160, "num_layers": 4, "pretrain_epochs": 16.0},
+    "192x3-e16": {"hidden_size": 192, "num_layers": 3, "pretrain_epochs": 16.0},
 }
 METHOD_NAMES = ("lora", "qlora", "ptuning")
 

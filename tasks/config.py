@@ -88,8 +88,11 @@ class BaseModelConfig(_Section):
                              "on a machine with hub access). Empty: build the embedded default "
                              "tiny model from the train split, offline.")
     vocab_size: int = Field(1600, ge=300, description="Embedded default: sentencepiece vocab.")
-    hidden_size: int = Field(160, ge=32, description="Embedded default: hidden size.")
-    num_layers: int = Field(3, ge=1, description="Embedded default: decoder layers.")
+    hidden_size: int = Field(192, ge=64, multiple_of=64, description=(
+        "Embedded default: hidden size, a multiple of 64: on CPUs with AVX512-BF16, bitsandbytes' "
+        "4-bit kernel repacks each weight in blocks of 64 inputs and fails on any other width "
+        "(bitsandbytes/functional.py, `_convert_weight_packed_for_cpu`)."))
+    num_layers: int = Field(2, ge=1, description="Embedded default: decoder layers.")
     num_heads: int = Field(4, ge=1, description="Embedded default: attention heads.")
     max_seq_len: int = Field(160, ge=32, description="Embedded default: pretraining context.")
     pretrain_epochs: float = Field(20.0, gt=0, description="Embedded default: passes over the "

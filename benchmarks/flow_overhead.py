@@ -32,7 +32,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from data_bench import generate, timed  # noqa: E402
+
+from flows.stack import free_port  # noqa: E402
 
 STAGES = ("ingest", "conversations", "validate", "data_report")
 
@@ -117,12 +118,6 @@ def first_and_cached(home: Path, corpus: Path, log: Path) -> tuple[dict, dict]:
     assert not any(first["cached"].values()) and all(cached["cached"].values()), \
         (first["cached"], cached["cached"])
     return first, cached
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stack(home: Path, *args: str) -> None:

@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,10 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+from flows.stack import free_port  # noqa: E402
+from tests._browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the browser test's flags)
+
 FLOW = textwrap.dedent("""
     import time
     from prefect import flow, task
@@ -48,12 +48,6 @@ FLOW = textwrap.dedent("""
 
     slow()
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def chromium_cpu_s() -> float:
@@ -96,7 +90,7 @@ def main() -> None:
         cores: dict[str, float] = {}
         with sync_playwright() as p:
             for name, (url, extra) in pages.items():
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS + extra)
+                browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + extra)
                 page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
                 page.goto(url)
                 page.wait_for_timeout(5000)                       # loaded and drawing

@@ -324,6 +324,13 @@ def _get(url: str, timeout: float = 5.0) -> str:
         return ""
 
 
+def free_port() -> int:
+    """A TCP port on HOST that nothing listens on now (the operating system picks it)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)

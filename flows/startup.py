@@ -36,7 +36,6 @@ import contextlib
 import gc
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -200,9 +199,9 @@ def launch_temporary_server() -> str:
 
         creating = file_lock("prefect-db")
         creating.acquire()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from flows.stack import free_port
+
+    port = free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
     process = subprocess.Popen(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import psutil
 import pytest
 from mlflow import MlflowClient
 
+from flows.stack import free_port
 from flows.tracking import Tracker
 from tasks.common import REPO_DIR
 from tasks.merge import merge_adapter
@@ -42,12 +42,6 @@ def versions(tmp_path_factory) -> list[tuple[str, str]]:
                                             quantized=False))
         out.append((v.version, merged.path))
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answer(port: int, served_folder: str, proc: subprocess.Popen,
@@ -76,7 +70,7 @@ def test_the_served_champion_answers_and_follows_a_promotion(versions):
     (v1, folder1), (v2, folder2) = versions
     assert v1 != v2 and folder1 != folder2
     client.set_registered_model_alias(MODEL, "champion", v1)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--model", MODEL, "--port",
                              str(port), "--poll", "1"], cwd=REPO_DIR, env={**os.environ},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

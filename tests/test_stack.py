@@ -11,7 +11,7 @@ import psutil
 import pytest
 import yaml
 
-from flows.stack import Stack, StackError, local_timezone, running_api_url
+from flows.stack import Stack, StackError, free_port, local_timezone, running_api_url
 from tasks.common import REPO_DIR
 
 pytestmark = pytest.mark.long        # starts and stops service processes
@@ -29,7 +29,7 @@ class FakeStack(Stack):
 
 
 def test_a_service_that_dies_is_reported_with_its_log_and_stop_leaves_nothing(tmp_path):
-    stack = FakeStack(home=tmp_path, prefect_port=_free_port(), mlflow_port=_free_port())
+    stack = FakeStack(home=tmp_path, prefect_port=free_port(), mlflow_port=free_port())
     with pytest.raises(StackError) as err:
         stack.start(timeout=20)
     msg = str(err.value)
@@ -45,7 +45,7 @@ def test_a_service_that_dies_is_reported_with_its_log_and_stop_leaves_nothing(tm
 
 
 def test_stale_records_of_a_previous_session_are_forgotten(tmp_path):
-    stack = FakeStack(home=tmp_path, prefect_port=_free_port(), mlflow_port=_free_port())
+    stack = FakeStack(home=tmp_path, prefect_port=free_port(), mlflow_port=free_port())
     dead = {"pid": 999999, "create_time": 1.0, "log": "x"}          # e.g. before a reboot
     stack._save({"processes": dict.fromkeys(["prefect-server", "prefect-worker"], dead)})
     with pytest.raises(StackError, match="mlflow-server: exited"):  # not the stale worker
@@ -58,7 +58,7 @@ def test_start_refuses_a_port_taken_by_someone_else(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        stack = Stack(home=tmp_path, prefect_port=port, mlflow_port=_free_port())
+        stack = Stack(home=tmp_path, prefect_port=port, mlflow_port=free_port())
         with pytest.raises(StackError, match=f"port {port} .* did not start"):
             stack.start(timeout=5)
     assert stack.status()["prefect-server"]["running"] is False
@@ -105,7 +105,3 @@ def test_prefect_yaml_declares_the_three_deployments():
         "directory": "{{ $PIPELINE_REPO_DIR }}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

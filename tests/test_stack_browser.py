@@ -20,38 +20,19 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
-import httpx
 import psutil
 import pytest
 from mlflow import MlflowClient
 
-from flows.stack import Stack, local_timezone
+from flows.stack import Stack, free_port, local_timezone
 from tasks.common import REPO_DIR
+from tests._browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, Api, shot
 from tests._ops_config import PIPELINE_STAGES, TINY_GATE, tiny
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = REPO_DIR / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 CHANGED_SEED = 7                                  # the parameter changed in the Run form
-RUN_TIMEOUT_S = 20 * 60                           # a cold tiny pipeline: ~2-3 min here
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def shot(page, name: str) -> None:
-    SHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,37 +62,6 @@ def stack(tmp_path_factory):
         assert stack.stop() == []                             # idempotent
         with socket.socket() as s:
             assert s.connect_ex(("127.0.0.1", stack.prefect_port)) != 0
-
-
-class Api:
-    def __init__(self, stack: Stack):
-        self.http = httpx.Client(base_url=stack.api_url, timeout=30)
-
-    def __call__(self, method: str, path: str, **kw) -> Any:
-        for attempt in range(6):          # like Prefect's own client: retry a busy server
-            try:
-                r = self.http.request(method, path, **kw)
-            except httpx.TimeoutException:
-                # a read may time out while the server is busy (seen once, in make test, on
-                # the GET right after the second deploy): reads are retried, writes are not
-                if method != "GET" or attempt == 5:
-                    raise
-                continue
-            if r.status_code not in (429, 502, 503) or attempt == 5:
-                break
-            time.sleep(2 ** attempt)
-        r.raise_for_status()
-        return r.json() if r.content else None
-
-    def deployment(self, flow: str, name: str) -> dict:
-        return self("GET", f"/deployments/name/{flow}/{name}")
-
-    def wait(self, flow_run_id: str, timeout: float = RUN_TIMEOUT_S, poll: float = 1) -> dict:
-        deadline = time.monotonic() + timeout
-        while (run := self("GET", f"/flow_runs/{flow_run_id}"))["state_type"] not in TERMINAL:
-            assert time.monotonic() < deadline, f"flow run still {run['state_name']}"
-            time.sleep(poll)
-        return run
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,8 @@ def main() -> None:
         cores: dict[str, float] = {}
         with sync_playwright() as p:
             for name, (url, extra) in pages.items():
-                browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + extra)
+                browser = p.chromium.launch(executable_path=str(CHROMIUM),
+                                            args=CHROMIUM_ARGS + extra)
                 page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
                 page.goto(url)
                 page.wait_for_timeout(5000)                       # loaded and drawing

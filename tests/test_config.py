@@ -42,7 +42,7 @@ def test_file_and_dotted_overrides(tmp_path):
     ("train.method=sgd", "train.method: Input should be 'lora', 'qlora' or 'ptuning'"),
     ("data.train_ratio=1.5", "data.train_ratio: Input should be less than 1"),
     # bitsandbytes' AVX512-BF16 CPU kernel packs 4-bit weights in blocks of 64 inputs: a width
-    # of 160 trained, then failed at the first int4 answer on such a CPU (README "Stages")
+    # of 160 trained, then failed at the first int4 answer on such a CPU (README "Two commands")
     ("base.hidden_size=160", "base.hidden_size: Input should be a multiple of 64")])
 def test_typos_and_bad_values_are_refused_naming_the_argument(override, words):
     with pytest.raises(ConfigError) as caught:

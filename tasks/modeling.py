@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import inspect
 import logging
+import sys
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,10 +111,29 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     how = "" if quantization is None else f" as {type(quantization).__name__}"
     with step(f"loaded {path}{how} onto {device}"):
         model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
+        if device == "cpu" and "bitsandbytes" in sys.modules:      # else no 4-bit layers
+            _keep_unpackable_layers_unpacked(model)
         if adapter is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
+
+
+def _keep_unpackable_layers_unpacked(model: PreTrainedModel) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its fast kernel
+    at the layer's first inference call, and fails for an input width that is not a multiple of
+    the quantization block (64) or an output width that is not a multiple of 32
+    (`bitsandbytes/nn/modules.py` `Linear4bit.forward`,
+    `bitsandbytes/functional.py` `_convert_weight_packed_for_cpu`). Such layers keep
+    bitsandbytes' generic CPU path, which every other CPU takes; the others still get the fast
+    one. (MLflow's own loaders of a registered int4 model do not pass here:
+    the embedded default's widths are multiples of 64, README "Two commands".)"""
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit) and (
+                module.in_features % module.weight.blocksize or module.out_features % 32):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:

@@ -34,11 +34,11 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def make_base(path: Path, seed: int = 0) -> Path:
-    """Save a tiny Llama (hidden 64, 2 layers) and its tokenizer to `path`."""
+def make_base(path: Path, seed: int = 0, hidden_size: int = 64) -> Path:
+    """Save a tiny Llama (hidden 64 unless asked, 2 layers) and its tokenizer to `path`."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=256, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny_model import make_all  # noqa: E402
+from _tiny_model import make_all, make_base  # noqa: E402
 
 from tasks.common import DataError  # noqa: E402
 from tasks.config import QuantizeConfig  # noqa: E402
@@ -87,3 +87,17 @@ def test_quantize_saves_reloads_and_generates(merged):
     assert generate(model, load_tokenizer(out), [[{"role": "user", "content": "浇水"}]], 4)
     with pytest.raises(DataError, match="already quantized"):
         quantize_int4(out, QuantizeConfig())
+
+
+def test_a_width_bitsandbytes_cannot_pack_still_quantizes_and_answers(tmp_path):
+    """A user's model whose layers are 96 wide: on a CPU with AVX512-BF16 (CI's, 2026-12-01),
+    bitsandbytes' fast 4-bit kernel fails on it at the first answer; those layers keep the
+    generic path there, and on every CPU `load_model` marks them so."""
+    base = make_base(tmp_path / "base96", hidden_size=96)
+    res = quantize_int4(base, QuantizeConfig())
+    assert res.metrics["reload_ok"] == 1.0 and res.info["sample"].strip()
+    model = load_model(res.path)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    narrow = [m for m in layers if m.in_features == 96]              # q/k/v/o, gate/up
+    assert narrow and not any(m.support_avx512bf16_for_cpu for m in narrow)
+    assert generate(model, load_tokenizer(res.path), [[{"role": "user", "content": "浇水"}]], 4)

@@ -145,10 +145,10 @@ def cpu() -> dict:
             "avx512_bf16": bool(has_avx512bf16())}
 
 
-def write(out: Path, jobs: int, rows: list[dict]) -> None:
+def write(out: Path, jobs: int, machine: dict, rows: list[dict]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": datetime.date.today().isoformat(),
-                               "machine": os.uname().nodename, "cpu": cpu(), "jobs": jobs,
+                               "machine": os.uname().nodename, "cpu": machine, "jobs": jobs,
                                "candidates": rows}, indent=1) + "\n", encoding="utf-8")
 
 
@@ -162,12 +162,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="embedded-size-"))
     data = prepare_data(work)
     names = args.only or list(CANDIDATES)
-    rows = []
+    machine, rows = cpu(), []
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(run_candidate, n, CANDIDATES[n], data, work) for n in names]
         for done in as_completed(futures):            # written as they end: a cut-off run
             rows.append(done.result())                # keeps what it finished
-            write(args.out, args.jobs, rows)
+            write(args.out, args.jobs, machine, rows)
     for r in sorted(rows, key=lambda r: names.index(r["name"])):
         if "error" in r:
             print(f"{r['name']:12} FAILED: {r['error'][-300:]}")

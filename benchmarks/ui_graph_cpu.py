@@ -30,7 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flows.stack import free_port  # noqa: E402
+from flows.stack import Stack, free_port  # noqa: E402
 from tests._browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the browser test's flags)
 
 FLOW = textwrap.dedent("""
@@ -69,8 +69,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/results/ui_graph_cpu.json")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
-
-    from flows.stack import Stack
 
     home = Path(tempfile.mkdtemp(prefix="ui-graph-cpu-"))
     stack = Stack(home=home, prefect_port=free_port(), mlflow_port=free_port())

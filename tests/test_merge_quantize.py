@@ -13,10 +13,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _tiny_model import make_all, make_base  # noqa: E402
 
 from tasks.common import DataError  # noqa: E402
-from tasks.config import QuantizeConfig  # noqa: E402
+from tasks.config import QuantizeConfig, TrainConfig  # noqa: E402
 from tasks.merge import PROBE, merge_adapter, probe_ids  # noqa: E402
 from tasks.modeling import generate, load_model, load_tokenizer  # noqa: E402
 from tasks.quantize import quantize_int4  # noqa: E402
+from tasks.train import _load_for_training  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -101,3 +102,13 @@ def test_a_width_bitsandbytes_cannot_pack_still_quantizes_and_answers(tmp_path):
     narrow = [m for m in layers if m.in_features == 96]              # q/k/v/o, gate/up
     assert narrow and not any(m.support_avx512bf16_for_cpu for m in narrow)
     assert generate(model, load_tokenizer(res.path), [[{"role": "user", "content": "浇水"}]], 4)
+
+    # QLoRA on it: the dev evaluation (no gradients, the kernel's trigger), then a training step
+    qlora, _ = _load_for_training(str(base), TrainConfig(method="qlora"), "cpu")
+    x = torch.tensor([load_tokenizer(base).encode("绿萝叶子发黄怎么办？浇水不要太多。How often?")])
+    qlora.eval()
+    with torch.no_grad():
+        qlora(input_ids=x)
+    qlora.train()
+    qlora(input_ids=x, labels=x).loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in qlora.parameters())

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from flows import startup
+from flows.signals import die_of, signal_in
 from tasks.common import ConfigError, DataError, file_lock
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -240,10 +241,12 @@ def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Name
         print(describe(error), file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        print("interrupted (Ctrl-C): the MLflow run is marked KILLED; run again to resume "
-              "from the cache", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except Exception as error:
+        if (killer := signal_in(error)) is not None:      # it surfaced as another error
+            if isinstance(killer, KeyboardInterrupt):
+                return _interrupted()
+            die_of(killer)
         if debug:
             traceback.print_exc()
             return EXIT_INTERNAL
@@ -253,3 +256,9 @@ def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Name
               file=sys.stderr)
         return EXIT_INTERNAL
     return 0
+
+
+def _interrupted() -> int:
+    print("interrupted (Ctrl-C): the MLflow run is marked KILLED; run again to resume "
+          "from the cache", file=sys.stderr)
+    return EXIT_INTERRUPTED

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from flows.signals import signal_in
 from tasks.common import owner_gone, owner_tag, sweep_leftovers
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ def owner_tags() -> dict[str, str]:
 
 
 def ending(error: BaseException) -> tuple[str, str]:
-    """(MLflow run status, reason) for a run an exception ended: a signal or Ctrl-C is KILLED,
-    anything else FAILED."""
+    """(MLflow run status, reason) for a run an exception ended: a signal or Ctrl-C (also one
+    that surfaced as another exception, `signal_in`) is KILLED, anything else FAILED."""
+    error = signal_in(error) or error
     if isinstance(error, Exception):
         stage = getattr(error, "stage", None)
         return "FAILED", f"{type(error).__name__}: {error}" + (f" [stage {stage}]" if stage

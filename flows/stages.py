@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 from flows import hygiene, startup
 from flows.caching import cached_stage, inputs_lock
 from flows.mlflow_files import DatasetFile
+from flows.signals import as_raised_by_signal
 from flows.tracking import Tracker
 from tasks.common import DataError, StageName, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
@@ -386,6 +387,8 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
     except BaseException as error:
         _best_effort(_log_timings, run)
         _best_effort(tracker.end_with_error, parent_id, error)
+        if (ended := as_raised_by_signal(error)) is not error:
+            raise ended from error          # a signal that surfaced as another error
         raise
     finally:
         thaw()                               # what the stages set aside (tasks/resources.py)

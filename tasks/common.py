@@ -24,6 +24,7 @@ import psutil
 from filelock import FileLock
 
 from tasks.manifest import build_manifest, check_manifest, files_of, hash_file, write_manifest
+from tasks.pause import pause_point
 from tasks.progress import step
 
 REPO_DIR = Path(__file__).resolve().parent.parent
@@ -186,6 +187,7 @@ def staging_dir(parent: Path) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".staging-{owner_tag()}-"))
     try:
+        pause_point(parent.name)                # tests signal a stage here (tasks/pause.py)
         yield tmp
     finally:
         if tmp.exists():

@@ -50,8 +50,8 @@ from tasks.common import REPO_DIR, StageName, StageResult, atomic_write_json, di
 from tasks.config import TrainConfig
 from tasks.methods import METHODS
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
-from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, ProgressLog, StepTimes, \
-    last_checkpoint, list_checkpoints, log_history
+from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
+    ProgressLog, StepTimes, last_checkpoint, list_checkpoints, log_history
 from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss_curve, \
     write_sanity
 
@@ -266,7 +266,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     sigterm, step_times = DeferredSigterm(), StepTimes()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                       data_collator=collator,
-                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm), step_times])
+                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm), step_times,
+                                 PauseAfterSave()])
     trainer.remove_callback(PrinterCallback)      # the log history is returned instead
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

@@ -19,6 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from tasks.common import read_json
+from tasks.pause import pause_point
 
 log = logging.getLogger("tasks.train")      # the train stage's log (also under torchrun)
 
@@ -42,6 +43,15 @@ class ProgressLog(TrainerCallback):
                  if k in ("loss", "eval_loss", "learning_rate")}
         if shown and state.is_world_process_zero:
             log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class PauseAfterSave(TrainerCallback):
+    """The pause point `train:checkpoint` (tasks/pause.py): a test kills the run right after a
+    checkpoint was saved, not at a moment it guesses."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            pause_point("train:checkpoint")
 
 
 class StepTimes(TrainerCallback):

@@ -39,15 +39,23 @@ def leftovers(home: Path) -> list[Path]:
     return sorted(home.glob("outputs/*/.staging-*"))
 
 
-def start_and_stop_mid_stage(tmp_path: Path, sig: int) -> tuple[Path, list, object]:
+def start_and_stop_mid_stage(tmp_path: Path, sig: int, in_import: bool = False
+                             ) -> tuple[Path, list, object]:
     """Start the data flow from the command line on a new project home (so it starts its own
-    temporary Prefect server), wait until the data_report stage is writing its outputs, send
-    `sig` to the flow process only; return (home, the processes it had started, the proc)."""
-    home = tmp_path / "home"
-    proc = _cli.start("data", home=home)
-    while not list(home.glob("outputs/data_report/.staging-*")):
+    temporary Prefect server); when the data_report stage has its staging folder, it waits
+    there (tasks/pause.py) -- inside an import that turns the signal's exception into an
+    ImportError, as a C extension's initialization does, if `in_import` -- and `sig` is sent to
+    the flow process only. Returns (home, the processes it had started, the proc)."""
+    home, marker = tmp_path / "home", tmp_path / "paused"
+    env = {"PIPELINE_PAUSE_AT": f"data_report={marker}"}
+    if in_import:
+        env["PIPELINE_PAUSE_IMPORT"] = "tests._paused_import"
+    proc = _cli.start("data", home=home, env=env)
+    while not marker.exists():
         assert proc.poll() is None, _cli.output(proc)
         time.sleep(0.02)
+    assert int(marker.read_text()) == proc.pid, "the stage runs in the flow process"
+    assert leftovers(home), "paused with its staging folder"
     started = psutil.Process(proc.pid).children(recursive=True)
     assert any("uvicorn" in " ".join(p.cmdline()) for p in started), "a temporary server"
     proc.send_signal(sig)
@@ -81,15 +89,17 @@ def test_kill_9_mid_stage_leaves_nothing_the_next_run_trusts(tmp_path, prefect_a
         "ingest": "hit", "conversations": "hit", "validate": "hit", "data_report": "computed"}
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)])
-def test_sigterm_and_ctrl_c_end_the_runs_as_killed(tmp_path, sig, code):
-    home, started, proc = start_and_stop_mid_stage(tmp_path, sig)
+@pytest.mark.parametrize("in_import", [False, True], ids=["in-code", "in-an-import"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_end_the_runs_as_killed(tmp_path, sig, code, in_import):
+    home, started, proc = start_and_stop_mid_stage(tmp_path, sig, in_import)
     assert proc.returncode == code, _cli.output(proc)
     _, alive = psutil.wait_procs(started, timeout=60)
     assert alive == []
     assert leftovers(home) == [], "the stage in flight cleaned up after itself"
     parent = parents(home)[-1]
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == "KILLED", parent.data.tags.get("pipeline.error")
     assert signal.Signals(sig).name in parent.data.tags["pipeline.error"]
     stage = next(r for r in runs_of(home) if r.info.run_name == "data_report")
     assert stage.info.status == "KILLED"

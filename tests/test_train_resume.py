@@ -44,10 +44,12 @@ def data(tiny_base, tmp_path, monkeypatch) -> dict[str, Path]:
 
 
 @contextmanager
-def _training_process(data, cfg: TrainConfig, **kwargs) -> Iterator[subprocess.Popen]:
-    """The train stage in a child process of its own (the process that gets killed); killed
-    after 300 s at the latest, so a hung child fails the test, not the session."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1"}
+def _training_process(data, cfg: TrainConfig, env: dict[str, str] | None = None, **kwargs
+                      ) -> Iterator[subprocess.Popen]:
+    """The train stage in a child process of its own (the process that gets killed; `env`
+    added to its environment); killed after 300 s at the latest, so a hung child fails the
+    test, not the session."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data["base"]), str(data["train"]),
                              str(data["dev"]), cfg.model_dump_json()], cwd=REPO_DIR, env=env,
                             **kwargs)
@@ -73,18 +75,19 @@ def _resume_and_check(data, cfg: TrainConfig, killed_at: int, eval_loss_at_start
     return res
 
 
-def test_sigkilled_run_resumes_from_its_last_checkpoint(data):
-    ckpt = checkpoint_dir(data["base"], data["train"], data["dev"], CFG)
-    with _training_process(data, CFG, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL) as proc:
-        while last_checkpoint(ckpt) is None:
+def test_sigkilled_run_resumes_from_its_last_checkpoint(data, tmp_path):
+    ckpt, marker = checkpoint_dir(data["base"], data["train"], data["dev"], CFG), \
+        tmp_path / "paused"
+    with _training_process(data, CFG, env={"PIPELINE_PAUSE_AT": f"train:checkpoint={marker}"},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        while not marker.exists():              # it waits there after its first checkpoint
             assert proc.poll() is None, "training exited before its first checkpoint"
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     killed_at = int(Path(last_checkpoint(ckpt)).name.split("-")[1])
-    assert 0 < killed_at < TOTAL
+    assert killed_at == CFG.save_steps, "killed right after its first checkpoint"
     before = read_json(Path(last_checkpoint(ckpt)) / "trainer_state.json")["log_history"]
     assert [h["step"] for h in before if "eval_loss" in h] == [0]      # eval_on_start
 

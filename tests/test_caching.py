@@ -19,7 +19,7 @@ pytestmark = pytest.mark.long        # edits code and recomputes keys (seconds)
 def test_code_closure_follows_helper_modules():
     names = {p.name for p in code_closure("tasks.conversations")}
     assert names == {"conversations.py", "dataset_io.py", "common.py", "manifest.py",
-                     "progress.py", "resources.py"}
+                     "progress.py", "resources.py", "pause.py"}
     assert {"formats.py", "qa_text.py", "sources.py", "dataset_io.py", "common.py"} <= \
         {p.name for p in code_closure("tasks.ingest")}
     assert "formats.py" not in {p.name for p in code_closure("tasks.validate")}

@@ -28,12 +28,13 @@ from prefect.artifacts import create_markdown_artifact
 from flows import cli
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
-from flows.stages import PipelineRun, base_model_task, benchmark_task, generations_task, \
-    merge_task, parent_run, quantize_task, quantize_torchao_task, report_task, \
-    resolve_base_task, stage_of, train_task
-from tasks.common import StageResult, read_json
-from tasks.config import PipelineConfig
+from flows.stages import PipelineRun, base_model_task, benchmark_task, convert_base_task, \
+    generations_task, merge_task, parent_run, quantize_task, quantize_torchao_task, \
+    report_task, resolve_base_task, stage_of, train_task
+from tasks.common import ConfigError, StageResult, is_local_model_path, read_json
+from tasks.config import BaseModelConfig, PipelineConfig
 from tasks.methods import METHODS
+from tasks.model_folder import classify
 from tasks.model_spec import ModelSpec
 from tasks.register import RegisteredVersion, log_chat_model, register_version
 from tasks.scoring import read_dev_prompts
@@ -70,12 +71,13 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     headline metrics and the generations table. Nothing is registered."""
     # torch loads here, not at import: a mistake on the command line is reported in seconds
     from tasks.modeling import pick_device, resolve_dtype
+    refuse_foreign_code(cfg.base)
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
     _, data = data_stages(run, data_cfg)     # token lengths in the report: the model's tokens
     if cfg.base.path:
-        base = run.stage(resolve_base_task, cfg=cfg.base, params={"path": cfg.base.path})
+        base = user_base(run, cfg.base)
     else:
         base = run.stage(base_model_task, data=data, cfg=cfg.base)
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train)
@@ -117,6 +119,23 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                  headline_metrics(data, adapter, generations, bench, int4),
                  generations_table(generations))
     return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report)
+
+
+def refuse_foreign_code(cfg: BaseModelConfig) -> None:
+    """Before any stage: a base.path folder that needs its own Python code is refused in one
+    line (tasks/model_folder.py; the command line checks this when it loads the config)."""
+    if cfg.path and is_local_model_path(cfg.path) and Path(cfg.path).is_dir():
+        if (kind := classify(cfg.path)).kind == "refused":
+            raise ConfigError(f"base.path={cfg.path}", kind.reason or "needs code of its own")
+
+
+def user_base(run: PipelineRun, cfg: BaseModelConfig) -> StageResult:
+    """The user's base model: a ChatGLM2/3 or original GLM-4 folder converted once (cached by
+    content), any other used where it is."""
+    if is_local_model_path(cfg.path) and Path(cfg.path).is_dir() and \
+            classify(cfg.path).kind == "convert":
+        return run.stage(convert_base_task, source=Path(cfg.path), params={"path": cfg.path})
+    return run.stage(resolve_base_task, cfg=cfg, params={"path": cfg.path})
 
 
 def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:

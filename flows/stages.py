@@ -91,6 +91,14 @@ def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
     return base_model.resolve_base_model(cfg)
 
 
+@cached_stage(StageName.BASE, "tasks.chatglm", model_libs=True)
+def convert_base_task(source: Path) -> StageResult:
+    """base.path is a ChatGLM2/3 or original GLM-4 folder: converted once to a native one."""
+    from tasks import chatglm
+
+    return _model_core(chatglm.convert_folder, source)
+
+
 @cached_stage(StageName.BASE, "tasks.base_model", model_libs=True)
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks import base_model
@@ -181,6 +189,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(data_report_task, (StageName.INGEST, StageName.CONVERSATIONS)),
     Stage(base_model_task, (StageName.CONVERSATIONS,), folder="base_model"),
     Stage(resolve_base_task, log_outputs=False),
+    Stage(convert_base_task),                       # conversion.json (the weights stay out)
     Stage(train_task, (StageName.BASE, StageName.CONVERSATIONS), folder="adapter"),
     Stage(merge_task, (StageName.BASE, StageName.TRAIN), folder="merged_model"),
     Stage(quantize_task, (StageName.MERGE,), folder="int4_model"),

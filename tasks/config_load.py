@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from tasks.common import ConfigError, is_local_model_path
+from tasks.model_folder import classify
 from tasks.config import PipelineConfig
 
 M = TypeVar("M", bound=BaseModel)
@@ -236,6 +237,7 @@ def _content_problem(key: tuple[str, ...], path: Path) -> str | None:
             if not config.is_file():
                 return "not a Hugging Face model folder (it has no config.json)"
             json.loads(config.read_text(encoding="utf-8"))
+            return classify(path).reason            # a folder that needs its own code
     except (OSError, ValueError) as e:
         return f"cannot be read ({type(e).__name__}: {e})"
     return None

@@ -33,10 +33,12 @@ Counter_ = Callable[[list[str]], np.ndarray]
 def token_counter(tokenizer: Path | None) -> tuple[str, Counter_]:
     """(unit name, texts -> token counts): the given tokenizer, else jieba words."""
     if tokenizer:
-        from transformers import AutoTokenizer
+        from tasks.model_folder import tokenizer_of
 
         try:
-            tok = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+            tok = tokenizer_of(tokenizer, local_files_only=True)
+        except DataError:
+            raise
         except (OSError, ValueError) as e:
             raise DataError(tokenizer, f"data.tokenizer: not a loadable Hugging Face "
                                        f"tokenizer folder ({type(e).__name__}: "

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, \
-    PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, \
+    PreTrainedTokenizerBase
 
+from tasks.model_folder import tokenizer_of
 from tasks.progress import step
 
 Message = dict[str, str]
@@ -79,7 +80,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a model folder, with a pad token (its eos if it has none) and a chat
     template (DEFAULT_CHAT_TEMPLATE if it has none; saved with the adapter and merged model, so
     what was trained is what is served)."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = tokenizer_of(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):
@@ -149,13 +150,13 @@ def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
     A torchao folder's quantizer also gets the files' metadata (`_torchao_metadata`)."""
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not stream or not files:
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     from transformers import AutoConfig, GenerationConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     from tasks.mapped_weights import mapped_state_dict
 
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     device = str(kwargs.get("device_map", {}).get("", "cpu"))
     with ExitStack() as stack:
         if _is_torchao_folder(path):

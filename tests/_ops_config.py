@@ -22,13 +22,16 @@ TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
 
 
 
-def stage_names(*, own_base: bool = False) -> list[str]:
+def stage_names(*, own_base: bool = False, converted: bool = False) -> list[str]:
     """The stages a LoRA run on a CPU computes, in order, read from the stage table
-    (flows/stages.py): the embedded default's base is built (`own_base`: a folder is resolved);
-    no torchao int4 model on a CPU."""
-    from flows.stages import STAGES, base_model_task, quantize_torchao_task, resolve_base_task
+    (flows/stages.py): the embedded default's base is built (`own_base`: a folder is resolved;
+    `converted`: a ChatGLM folder is converted); no torchao int4 model on a CPU."""
+    from flows.stages import STAGES, base_model_task, convert_base_task, \
+        quantize_torchao_task, resolve_base_task
 
-    skip = (base_model_task if own_base else resolve_base_task, quantize_torchao_task)
+    base = convert_base_task if converted else resolve_base_task if own_base else \
+        base_model_task
+    skip = {base_model_task, resolve_base_task, convert_base_task, quantize_torchao_task} - {base}
     return [s.name for s in STAGES if s.task not in skip]
 
 

@@ -5,6 +5,7 @@ The flow run (Prefect) and the MLflow run still record the failure."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -105,8 +106,20 @@ def test_the_failure_is_recorded_in_mlflow_and_prefect(work, prefect_api_url):
     (["--config", "run.yaml"], "run.yaml:4: train.epochs: ", "number"),
     (["--config", "broken.yaml"], "broken.yaml:3: invalid YAML/JSON", ""),
     (["--config", "nope.yaml"], "nope.yaml: no such config file", ""),
+    (["--set", "base.path=baichuan"], "--set base.path=baichuan: base.path: ",
+     "model_type 'baichuan' needs the folder's own Python code (modeling_baichuan.py"),
+    (["--set", "base.path=chatglm-6b"], "--set base.path=chatglm-6b: base.path: ",
+     "ChatGLM-6B (v1"),
 ])
 def test_config_mistakes_fail_in_one_line_before_anything_runs(args, where, words, work):
+    # folders whose models need their own code (README "Which models"): refused, never run
+    remote = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+              "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
+    for name, config in (("baichuan", {"model_type": "baichuan", "auto_map": remote}),
+                         ("chatglm-6b", {"model_type": "chatglm", "position_encoding_2d": True,
+                                         "auto_map": remote})):
+        (work / name).mkdir()
+        (work / name / "config.json").write_text(json.dumps(config), encoding="utf-8")
     (work / "run.yaml").write_text("# a run\ntrain:\n  method: lora\n  epochs: many\n",
                                    encoding="utf-8")
     (work / "broken.yaml").write_text("train:\n  method: lora\n epochs: 2\n", encoding="utf-8")

@@ -3,11 +3,15 @@ server) with an MLflow store, every stage from data to register, measured per st
 
     PYTHONPATH=. python benchmarks/gpu_flow.py                 # 6 B (ChatGLM2-6B shape) on a GPU
     PYTHONPATH=. python benchmarks/gpu_flow.py --size tiny     # the same, in a minute on a CPU
+    PYTHONPATH=. python benchmarks/gpu_flow.py --original chatglm3   # a ChatGLM3-6B folder
 
 The base is a random-weight model of `--size` (benchmarks/models.py), built directly on the
 device in bf16, saved as a Hugging Face folder and passed as `base.path`: speed and memory, not
-quality. Writes benchmarks/results/gpu_flow_<size>.json (per stage: seconds, device, peak CUDA
-and host memory, cache hit; the benchmark rows) and prints the README table.
+quality. With `--original chatglm3` it is a folder in ChatGLM3-6B's own format instead (its
+published config, tensor names and a SentencePiece tokenizer), which the base stage converts.
+Writes benchmarks/results/gpu_flow_[<original>_]<size>.json (per stage: seconds, device, peak
+CUDA and host memory, cache hit; the benchmark rows; the disk: free space at the start, the
+peak used by the run, what the project home holds at the end) and prints the README table.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ import argparse
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import shlex
 import sys
+import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +58,46 @@ def config(base_dir: Path, gpu: bool, epochs: float, repeats: int) -> dict:
         "registry": {"model_name": "gpu-flow-chat"},
         "experiment": "gpu-flow",
     }
+
+
+class DiskWatch:
+    """The disk's free space under `path`, sampled every `every` seconds while it lasts: the
+    run's peak use is the start's free space minus the least seen."""
+
+    def __init__(self, path: Path, every: float = 0.5):
+        self.path, self.every = path, every
+        self.start = self.least = shutil.disk_usage(path).free
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self.least = min(self.least, shutil.disk_usage(self.path).free)
+
+    def __enter__(self) -> "DiskWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.least = min(self.least, shutil.disk_usage(self.path).free)
+
+    def figures(self) -> dict:
+        return {"start_free_gb": round(self.start / 1e9, 2),
+                "peak_used_gb": round((self.start - self.least) / 1e9, 2)}
+
+
+def allocated_gb(folder: Path) -> float:
+    """Bytes allocated under `folder` (a hard-linked file counted once, as `du` does), GB."""
+    seen, total = set(), 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return round(total / 1e9, 2)
 
 
 def computed_figures(row: dict) -> dict:
@@ -104,6 +151,35 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def build_base(original: str | None, size: str, out: Path, device: str) -> int:
+    """Save the run's random-weight base: a native folder of `size`, or a folder in `original`'s
+    own format (its published shape at 6 B, the tests' small one otherwise); its parameters."""
+    import torch
+
+    from benchmarks.models import CHATGLM3_6B, build_random_model
+
+    if not original:
+        return build_random_model(size, out, device)[1]
+    from tests._chatglm import make_original, original_config, original_tensors
+
+    shape = CHATGLM3_6B if size == "6b" else None
+    make_original(out, original, shape=shape, device=device,
+                  dtype=torch.float16 if device == "cuda" else torch.float32)
+    config = json.loads((out / "config.json").read_text())
+    return sum(math.prod(s) for s, _ in original_tensors(config).values())
+
+
+def conversion_figures(base_row: dict) -> dict:
+    """What the base stage's conversion.json says (seconds, peak host RSS, tensors, bytes)."""
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    path = MlflowClient(tracking_uri()).get_run(base_row["from_run"]).data.tags[
+        "pipeline.output_path"]
+    return json.loads((Path(path) / "conversion.json").read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="6b", help="a shape of benchmarks/models.py (default 6b)")
@@ -113,6 +189,8 @@ def main() -> int:
                     help="folder of gpu_flow_<size>.json")
     ap.add_argument("--epochs", type=float, default=0.5, help="QLoRA epochs over the sample")
     ap.add_argument("--repeats", type=int, default=1, help="benchmark repeats")
+    ap.add_argument("--original", choices=["chatglm3"], help="the base as a folder in this "
+                    "model's own format (converted by the base stage)")
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
     os.environ["PIPELINE_HOME"] = str(home)
@@ -128,14 +206,15 @@ def main() -> int:
 
     gpu = torch.cuda.is_available()
     start = time.perf_counter()
-    base_dir, built = home / "models" / args.size, home / "models" / f"{args.size}.json"
+    name = f"{args.original}_{args.size}" if args.original else args.size
+    base_dir, built = home / "models" / name, home / "models" / f"{name}.json"
     if built.is_file():                               # a resumed run on the same --home
         params, build_seconds = json.loads(built.read_text())
     else:
-        _, params = build_random_model(args.size, base_dir, "cuda" if gpu else "cpu")
+        params = build_base(args.original, args.size, base_dir, "cuda" if gpu else "cpu")
         build_seconds = time.perf_counter() - start
         built.write_text(json.dumps([params, build_seconds]))
-    print(f"[gpu_flow] {args.size}: {params / 1e9:.2f} B parameters, built and saved in "
+    print(f"[gpu_flow] {name}: {params / 1e9:.2f} B parameters, built and saved in "
           f"{build_seconds:.1f} s -> {base_dir}", flush=True)
 
     from flows.pipeline import pipeline
@@ -143,7 +222,8 @@ def main() -> int:
 
     cfg = PipelineConfig.model_validate(config(base_dir, gpu, args.epochs, args.repeats))
     start = time.perf_counter()
-    out = pipeline(cfg)
+    with DiskWatch(home) as disk:
+        out = pipeline(cfg)
     flow_seconds = time.perf_counter() - start
     result = {
         "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)",
@@ -156,9 +236,15 @@ def main() -> int:
                                          "peak_rss_mib", "compile_s", "dtype", "quant",
                                          "repeats")} for b in out["benchmark"]],
         "registered": out["registered"], "mlflow_run_id": out["mlflow_run_id"],
+        "disk": {**disk.figures(), "home_gb": {
+            p.name: allocated_gb(p) for p in sorted(home.iterdir()) if p.is_dir()},
+            "home_total_gb": allocated_gb(home)},
     }
+    if args.original:
+        base = next(r for r in out["stages"] if r["stage"] == "base")
+        result["conversion"] = conversion_figures(base)
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"gpu_flow_{args.size}.json"
+    target = args.out / f"gpu_flow_{name}.json"
     target.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(markdown(result))
     print(f"[gpu_flow] flow {flow_seconds:.1f} s; wrote {target}")

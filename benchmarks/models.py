@@ -37,6 +37,12 @@ SHAPES: dict[str, dict] = {
 }
 
 
+#: ChatGLM3-6B's published config.json (THUDM/chatglm3-6b): the folder a seed's reader brings
+CHATGLM3_6B = dict(hidden_size=4096, ffn_hidden_size=13696, num_layers=28, num_attention_heads=32,
+                   kv_channels=128, multi_query_group_num=2, padded_vocab_size=65024,
+                   seq_length=8192)
+
+
 def sample_tokenizer(vocab_size: int = 1600) -> PreTrainedTokenizerFast:
     """The embedded default's kind of tokenizer, trained on the sample corpus."""
     pairs = read_qa_text(DATA_DIR / "sample" / "plant_care_qa.txt")

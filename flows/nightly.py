@@ -44,7 +44,7 @@ from tasks.common import StageName, StageResult, project_dir, stage_root
 from tasks.config import PipelineConfig
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
-from tasks.register import RegisteredVersion
+from flows.registry import RegisteredVersion
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 

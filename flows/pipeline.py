@@ -36,7 +36,7 @@ from tasks.config import BaseModelConfig, PipelineConfig
 from tasks.methods import METHODS
 from tasks.model_folder import classify
 from tasks.model_spec import ModelSpec
-from tasks.register import RegisteredVersion, log_chat_model, register_version
+from flows.registry import RegisteredVersion, log_chat_model, register_version
 from tasks.scoring import read_dev_prompts
 
 
@@ -171,7 +171,7 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
     return device.startswith("cuda")
 
 
-#: the stages whose registered models are logged as MLflow models (tasks/register.py)
+#: the stages whose registered models are logged as MLflow models (flows/registry.py)
 MLFLOW_MODELS = (merge_task, quantize_task)
 
 

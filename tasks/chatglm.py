@@ -23,9 +23,9 @@ about one source shard plus one output shard, whatever the model's size.
 
 from __future__ import annotations
 
-import json
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,12 +34,13 @@ import torch
 
 from tasks.chatglm_tokenizer import save_tokenizer
 from tasks.common import DataError, StageName, StageResult, atomic_write_json, publish_dir, \
-    stage_root, staging_dir
+    require_free_space, stage_root, staging_dir
+from tasks.mapped_weights import mapped_state_dict
 from tasks.model_folder import classify, read_config
 from tasks.progress import Progress
 from tasks.resources import peak_memory
 
-SHARD_BYTES = 2 << 30
+SHARD_BYTES = 1 << 30
 #: the original config's switches that transformers' GLM has fixed: (key, value GLM has)
 FIXED = (("rmsnorm", True), ("add_bias_linear", False), ("post_layer_norm", True),
          ("apply_residual_connection_post_layernorm", False), ("original_rope", True))
@@ -126,13 +127,13 @@ def source_files(folder: Path) -> list[Path]:
 
 
 def _read(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one checkpoint file, one at a time."""
+    """The tensors of one checkpoint file, one at a time. A safetensors file is read through a
+    map whose pages leave this process once their tensor is copied (tasks/mapped_weights.py),
+    so host memory holds the output shard, not the input file too."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        with ExitStack() as stack:
+            for name, lazy in mapped_state_dict([path], "cpu", stack).items():
+                yield name, lazy[...]
         return
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     for name in list(state):
@@ -191,6 +192,9 @@ def convert_folder(folder: Path) -> StageResult:
     if kind.kind != "convert":
         raise DataError(folder, kind.reason or "not a ChatGLM2/3 or GLM-4 folder")
     start = time.perf_counter()
+    require_free_space(stage_root(StageName.BASE), sum(f.stat().st_size for f in
+                                                       source_files(folder)),
+                       f"converting {folder.name}")
     original = read_config(folder)
     config = native_config(original, folder)
     shape = Shape(config["num_attention_heads"], config["num_key_value_heads"],

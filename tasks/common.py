@@ -174,6 +174,20 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
 
 
+def require_free_space(folder: Path, needed_bytes: float, what: str) -> None:
+    """Fail at once, in one line, when the disk of `folder` has less than `needed_bytes` (plus
+    1 GiB of margin) free: a stage about to write gigabytes checks first, instead of dying
+    mid-write with `No space left on device` (README "Disk")."""
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes + (1 << 30):
+        raise DataError(folder, f"{what} needs about {needed_bytes / 2**30:.1f} GiB free on "
+                                f"this disk (plus 1 GiB to spare); {free / 2**30:.1f} GiB "
+                                "are free", hint="free some space, or point PIPELINE_HOME at "
+                                                 "a bigger disk")
+
+
 _LEFTOVERS = (".staging-", ".trash-")       # names of unfinished/retired dirs: prefix + owner
 
 

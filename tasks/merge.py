@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.common import DataError, StageName, StageResult, publish_dir, stage_root, staging_dir
+from tasks.common import DataError, StageName, StageResult, publish_dir, read_json, \
+    require_free_space, stage_root, staging_dir
 from tasks.model_spec import ModelSpec
-from tasks.modeling import is_prequantized, load_model, load_tokenizer, pick_device, prompt_ids, \
-    resolve_dtype, save_model
+from tasks.modeling import DTYPES, is_prequantized, load_model, load_tokenizer, pick_device, \
+    prompt_ids, resolve_dtype, save_model
 
 #: a short chat used to compare merged vs base+adapter logits
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
@@ -36,6 +37,15 @@ def weights_mib(folder: Path) -> float:
     """Size of the weight files (*.safetensors / *.bin) in a model folder, MiB."""
     files = [p for p in Path(folder).iterdir() if p.suffix in (".safetensors", ".bin")]
     return sum(p.stat().st_size for p in files) / 2**20
+
+
+def _bytes_in(folder: Path, dtype: str) -> float:
+    """Bytes of the model at `folder` saved in `dtype` (its weight files scaled by the ratio of
+    item sizes; a config without torch_dtype counts as float32)."""
+    config = read_json(folder / "config.json")
+    saved = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    ratio = DTYPES[dtype].itemsize / getattr(torch, saved, torch.float32).itemsize
+    return weights_mib(folder) * 2**20 * ratio
 
 
 def probe_ids(tokenizer, messages=PROBE) -> torch.Tensor:
@@ -68,6 +78,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
     tokenizer_dir = ModelSpec(base_dir, adapter=adapter_dir).tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
 
+    require_free_space(stage_root(StageName.MERGE), _bytes_in(base_dir, dtype),
+                       f"merging into {base_dir.name} ({dtype})")
     model = load_model(base_dir, dtype=dtype, device=device, adapter=adapter_dir)
     ids = probe_ids(tokenizer).to(device)
     with torch.inference_mode():

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from tasks.common import DataError, StageName, StageResult, publish_dir, stage_root, staging_dir
+from tasks.common import DataError, StageName, StageResult, publish_dir, require_free_space, \
+    stage_root, staging_dir
 from tasks.merge import PROBE, probe_ids, weights_mib
 from tasks.modeling import bnb_config, generate, is_prequantized, load_model, load_tokenizer, \
     release, resolve_dtype, save_model
@@ -84,6 +85,9 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         raise RuntimeError("torchao int4 (tinygemm layout) is made and served on a CUDA GPU; "
                            f"this stage runs on {device!r}")
     dtype = resolve_dtype(cfg.compute_dtype, device)
+    # 4 bits a weight plus scales: about a third of a 16-bit model; half asked for, to spare
+    require_free_space(stage_root(STAGES[fmt]), weights_mib(merged_dir) * 2**20 / 2,
+                       f"quantizing {merged_dir.name} ({describe(fmt, cfg)})")
     tokenizer = load_tokenizer(merged_dir)
     ids = probe_ids(tokenizer, PROBE)
     full = load_model(merged_dir, dtype=dtype, device=device)

@@ -91,8 +91,13 @@ def train_tiktoken(out: Path, vocab_size: int = 450) -> Path:
 
 
 def make_original(folder: Path, family: str, *, seed: int = 0, bin_weights: bool = False,
-                  sp_model: Path | None = None, tiktoken_file: Path | None = None) -> Path:
-    """Save an original-format folder of `family` (chatglm2 | chatglm3 | glm4)."""
+                  sp_model: Path | None = None, tiktoken_file: Path | None = None,
+                  shape: dict | None = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, shard_bytes: int = 2 << 30) -> Path:
+    """Save an original-format folder of `family` (chatglm2 | chatglm3 | glm4); `shape`
+    overrides the config's sizes (e.g. the published 6 B ones), the tensors are made on
+    `device` in `dtype` and saved in safetensors shards of `shard_bytes` (or, `bin_weights`,
+    as one PyTorch .bin file, as ChatGLM2-6B ships)."""
     folder.mkdir(parents=True, exist_ok=True)
     if family == "glm4":
         tokens = (folder / "tokenizer.model")
@@ -117,7 +122,8 @@ def make_original(folder: Path, family: str, *, seed: int = 0, bin_weights: bool
              "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}))
     for tmp in folder.glob("*.tmp*"):
         tmp.unlink()
-    config = original_config(family, vocab)
+    config = original_config(family, vocab) | (shape or {})
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if family == "glm4":                                 # <|endoftext|>, <|user|>, <|observation|>
         config |= {"eos_token_id": [n, n + 7, n + 9], "pad_token_id": n}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -125,38 +131,76 @@ def make_original(folder: Path, family: str, *, seed: int = 0, bin_weights: bool
         (folder / name).write_text(_GUARD)
     (folder / "tokenization_chatglm.py").write_text(
         _GUARD + "class SPTokenizer:\n    def __init__(self, model_path):\n" + special_line)
-    state = original_state_dict(config, seed)
     if bin_weights:                                     # ChatGLM2-6B ships .bin files only
-        torch.save(state, folder / "pytorch_model.bin")
+        torch.save(original_state_dict(config, seed), folder / "pytorch_model.bin")
     else:
-        from safetensors.torch import save_file
-        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_sharded(folder, config, seed, device, dtype, shard_bytes)
     return folder
 
 
-def original_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the original names and shapes (std 0.02, norms around 1)."""
-    g = torch.Generator().manual_seed(seed)
+def save_sharded(folder: Path, config: dict, seed: int, device: str, dtype: torch.dtype,
+                 shard_bytes: int) -> None:
+    """The original tensors, made one at a time on `device`, in safetensors shards (as the
+    published folders: model-0000i-of-0000n.safetensors and their index)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    shards, shard, size = [], {}, 0
+    for name, (shape, kind) in original_tensors(config).items():
+        shard[name] = random_tensor(shape, kind, g, device=device, dtype=dtype).cpu()
+        size += shard[name].numel() * shard[name].element_size()
+        if size >= shard_bytes:
+            shards.append(list(shard))                  # names only: the tensors are saved
+            save_file(shard, str(folder / f"part-{len(shards)}.tmp"), metadata={"format": "pt"})
+            shard, size = {}, 0
+    if shard:
+        shards.append(list(shard))
+        save_file(shard, str(folder / f"part-{len(shards)}.tmp"), metadata={"format": "pt"})
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"part-{i}.tmp").rename(folder / final)
+        weight_map |= {n: final for n in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def original_tensors(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor of the original layout: name -> (shape, kind), kind "weight" (std 0.02),
+    "norm" (around 1), "bias" (std 0.1) or "inv_freq" (zeros: recomputed, never read)."""
     h, f, kv = cfg["hidden_size"], cfg["ffn_hidden_size"], cfg["kv_channels"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["multi_query_group_num"]) * kv
-
-    def rand(*shape, std=0.02, mean=0.0):
-        return torch.randn(*shape, generator=g) * std + mean
-
-    sd = {"transformer.embedding.word_embeddings.weight": rand(cfg["padded_vocab_size"], h),
-          "transformer.rotary_pos_emb.inv_freq": torch.zeros(kv // 4),
-          "transformer.encoder.final_layernorm.weight": rand(h, std=0.1, mean=1.0),
-          "transformer.output_layer.weight": rand(cfg["padded_vocab_size"], h)}
+    vocab = cfg["padded_vocab_size"]
+    out = {"transformer.embedding.word_embeddings.weight": ((vocab, h), "weight"),
+           "transformer.rotary_pos_emb.inv_freq": ((kv // 4,), "inv_freq")}
     for i in range(cfg["num_layers"]):
         p = f"transformer.encoder.layers.{i}."
-        sd |= {p + "input_layernorm.weight": rand(h, std=0.1, mean=1.0),
-               p + "self_attention.query_key_value.weight": rand(qkv, h),
-               p + "self_attention.query_key_value.bias": rand(qkv, std=0.1),
-               p + "self_attention.dense.weight": rand(h, cfg["num_attention_heads"] * kv),
-               p + "post_attention_layernorm.weight": rand(h, std=0.1, mean=1.0),
-               p + "mlp.dense_h_to_4h.weight": rand(2 * f, h),
-               p + "mlp.dense_4h_to_h.weight": rand(h, f)}
-    return sd
+        out |= {p + "input_layernorm.weight": ((h,), "norm"),
+                p + "self_attention.query_key_value.weight": ((qkv, h), "weight"),
+                p + "self_attention.query_key_value.bias": ((qkv,), "bias"),
+                p + "self_attention.dense.weight": ((h, cfg["num_attention_heads"] * kv),
+                                                    "weight"),
+                p + "post_attention_layernorm.weight": ((h,), "norm"),
+                p + "mlp.dense_h_to_4h.weight": ((2 * f, h), "weight"),
+                p + "mlp.dense_4h_to_h.weight": ((h, f), "weight")}
+    return out | {"transformer.encoder.final_layernorm.weight": ((h,), "norm"),
+                  "transformer.output_layer.weight": ((vocab, h), "weight")}
+
+
+def random_tensor(shape: tuple[int, ...], kind: str, generator: torch.Generator,
+                  **where) -> torch.Tensor:
+    """A tensor of `original_tensors`' kind (`where`: device and dtype)."""
+    if kind == "inv_freq":
+        return torch.zeros(shape, **where)
+    std, mean = {"weight": (0.02, 0.0), "norm": (0.1, 1.0), "bias": (0.1, 0.0)}[kind]
+    device = where.get("device", "cpu")
+    return (torch.randn(shape, generator=generator, device=device) * std + mean).to(**where)
+
+
+def original_state_dict(cfg: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the original names and shapes, float32 on the CPU (for a .bin)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: random_tensor(shape, kind, g)
+            for name, (shape, kind) in original_tensors(cfg).items()}
 
 
 # ---------------------------------------------------------------------------------------------

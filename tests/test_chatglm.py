@@ -54,10 +54,10 @@ def converted(vocabularies, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 def _original(folder: Path) -> tuple[dict, dict]:
     cfg = json.loads((folder / "config.json").read_text())
-    weights = folder / "model.safetensors"
-    sd = load_file(weights) if weights.exists() else torch.load(folder / "pytorch_model.bin",
-                                                                weights_only=True)
-    return cfg, sd
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        return cfg, torch.load(folder / "pytorch_model.bin", weights_only=True)
+    return cfg, {k: v for f in shards for k, v in load_file(f).items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -122,3 +122,24 @@ def test_the_folders_code_is_never_run(converted, tmp_path):
         assert not list(folder.glob("*.ran")), "a file of the folder was imported"
         assert classify(native).kind == "native"
         assert not list(native.glob("*.py"))
+
+
+def test_a_conversion_that_would_not_fit_on_the_disk_fails_at_once(converted, tmp_path,
+                                                                   monkeypatch):
+    """Before writing gigabytes, the stage checks the free space (a sparse 4 TiB weight file:
+    real to the file system, no space used) and fails in one line, leaving nothing behind."""
+    from tasks.common import DataError
+
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
+    folder, _ = converted["chatglm3"]
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    for f in folder.iterdir():
+        if f.suffix not in (".safetensors", ".json") or f.name == "config.json":
+            (huge / f.name).write_bytes(f.read_bytes())
+    with open(huge / "model-00001-of-00001.safetensors", "wb") as f:
+        f.truncate(4 << 40)
+    with pytest.raises(DataError, match=r"converting huge needs about 4096\.0 GiB free") as e:
+        convert_folder(huge)
+    assert "\n" not in str(e.value) and e.value.hint
+    assert not list((tmp_path / "home").glob("outputs/base/*")), "nothing was written"

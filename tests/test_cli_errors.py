@@ -107,7 +107,8 @@ def test_the_failure_is_recorded_in_mlflow_and_prefect(work, prefect_api_url):
     (["--config", "broken.yaml"], "broken.yaml:3: invalid YAML/JSON", ""),
     (["--config", "nope.yaml"], "nope.yaml: no such config file", ""),
     (["--set", "base.path=baichuan"], "--set base.path=baichuan: base.path: ",
-     "model_type 'baichuan' needs the folder's own Python code (modeling_baichuan.py"),
+     "model_type 'baichuan' needs the folder's own Python code (configuration_baichuan.py, "
+     "modeling_baichuan.py)"),
     (["--set", "base.path=chatglm-6b"], "--set base.path=chatglm-6b: base.path: ",
      "ChatGLM-6B (v1"),
 ])

@@ -10,17 +10,19 @@ import subprocess
 import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
 
 from flows.stack import free_port
 from flows.tracking import Tracker
 from tasks.common import REPO_DIR
 from tasks.merge import merge_adapter
-from tasks.register import log_chat_model, register_version
+from flows.registry import log_chat_model, register_version
 from tests._tiny_model import make_adapter, make_base
 
 pytestmark = pytest.mark.server
@@ -110,3 +112,21 @@ def test_a_model_is_logged_into_its_runs_experiment(tmp_path, monkeypatch):
     model = tracker.client.get_logged_model(uri.removeprefix("models:/"))
     assert model.experiment_id == tracker.experiment_id and model.source_run_id == run_id
     assert model.artifact_location.startswith((tmp_path / "mlruns").as_uri())
+    assert model.status == LoggedModelStatus.READY
+    card = Path(model.artifact_location.removeprefix("file://")) / "model_card_data.yaml"
+    assert "license: unknown" in card.read_text(), "no Hub lookup for a local model's card"
+
+
+def test_a_registered_model_is_not_a_second_copy_of_its_weights(versions):
+    """The logged model's weight files are the merge stage's published files (hard links):
+    registering a 12 GB model costs no second 12 GB (README "Disk")."""
+    client = MlflowClient(Tracker("serve-test").uri)
+    for version, folder in versions:
+        mv = client.get_model_version(MODEL, version)
+        logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+        root = Path(logged.artifact_location.removeprefix("file://"))
+        weights = sorted(Path(folder).glob("*.safetensors"))
+        assert weights
+        for w in weights:
+            stored = root / "model" / w.name
+            assert stored.stat().st_ino == w.stat().st_ino and w.stat().st_nlink >= 2

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import string
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def train_sentencepiece(out: Path, vocab_size: int = 1600, model_type: str = "bp
         model_type=model_type, vocab_size=vocab_size, byte_fallback=True, character_coverage=0.98,
         normalization_rule_name=normalization, add_dummy_prefix=True,
         remove_extra_whitespaces=normalization != "identity", split_digits=True,
-        allow_whitespace_only_pieces=True, required_chars=string.ascii_letters,
+        allow_whitespace_only_pieces=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, minloglevel=2)
     return out
 

@@ -44,7 +44,7 @@ from tasks.common import StageName, StageResult, project_dir, stage_root
 from tasks.config import PipelineConfig
 from tasks.methods import METHODS
 from tasks.model_spec import ModelSpec
-from flows.registry import RegisteredVersion
+from flows.registry import RegisteredVersion, champion_version
 from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
 
 
@@ -62,16 +62,6 @@ def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file
 # ------------------------------------------------------------------------------------------------
 # Registry edge
 # ------------------------------------------------------------------------------------------------
-def champion_version(client, name: str, alias: str):
-    """The model version under `alias`, or None (no registered model or no alias yet)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
 def local_model(version, tracking_uri: str) -> Path:
     """A local folder of a registered merged model: the content-addressed output of the merge
     stage if this machine built it, else downloaded once from the artifact store."""

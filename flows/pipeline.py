@@ -36,7 +36,7 @@ from tasks.config import BaseModelConfig, PipelineConfig
 from tasks.methods import METHODS
 from tasks.model_folder import classify
 from tasks.model_spec import ModelSpec
-from flows.registry import RegisteredVersion, log_chat_model, register_version
+from flows.registry import RegisteredVersion, crown_first, log_chat_model, register_version
 from tasks.scoring import read_dev_prompts
 
 
@@ -47,7 +47,8 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
     with parent_run(config.experiment, "pipeline", config.model_dump(mode="json")) as run:
         built = build(run, config)
         versions = register(run, config, built)
-        return finish(run, built, versions)
+        crowned = crown_first(run.tracker.client, versions)
+        return finish(run, built, versions, crowned)
 
 
 @dataclass(frozen=True)
@@ -147,14 +148,16 @@ def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regist
     return versions
 
 
-def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion]) -> dict[str, Any]:
+def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion],
+           crowned: list[RegisteredVersion] = ()) -> dict[str, Any]:
     """Print the run's summary; the flow's return value."""
-    text = _summary(run, built.report, built.benchmark, versions)
+    text = _summary(run, built.report, built.benchmark, versions, crowned)
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
             "benchmark": read_json(built.benchmark.file("benchmark.json")),
-            "registered": [v.__dict__ for v in versions], "summary": text}
+            "registered": [v.__dict__ for v in versions],
+            "crowned": [v.__dict__ for v in crowned], "summary": text}
 
 
 def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
@@ -203,7 +206,7 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
 
 
 def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
-             versions: list[RegisteredVersion]) -> str:
+             versions: list[RegisteredVersion], crowned: list[RegisteredVersion]) -> str:
     hits = sum(r["cached"] for r in run.rows)
     lines = [f"Pipeline finished: {hits}/{len(run.rows)} stages were cache hits.", "",
              "| stage | status | seconds | device | peak RSS MiB | peak CUDA MiB |",
@@ -220,7 +223,8 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
               f"             {run.tracker.url(run.parent_id)}  (in the MLflow UI)"]
     lines += [f"Registered:  {v.name} version {v.version}"
               + ("" if v.created else " (same model as before: existing version kept)")
-              for v in versions]
+              + (" -- its first version: @champion, served by `make serve`"
+                 if v in crowned else "") for v in versions]
     lines += ["", "Benchmark:", bench.summary]
     return "\n".join(lines)
 

@@ -65,6 +65,33 @@ def register_version(client, name: str, *, source: str | Callable[[], str], run_
     return RegisteredVersion(name, mv.version, mv.source, created=True)
 
 
+CHAMPION = "champion"
+
+
+def champion_version(client, name: str, alias: str = CHAMPION):
+    """The model version under `alias`, or None (no registered model or no alias yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def crown_first(client, versions: list[RegisteredVersion]) -> list[RegisteredVersion]:
+    """A model's first registered version becomes its @champion (as the nightly gate crowns
+    the first model it sees), so `make run` then `make serve` serves something; a model that
+    has a champion keeps it. Returns the versions crowned now."""
+    crowned = []
+    for v in versions:
+        if champion_version(client, v.name) is None:
+            client.set_registered_model_alias(v.name, CHAMPION, v.version)
+            client.set_model_version_tag(v.name, v.version, "champion.reason",
+                                         "the model's first version")
+            crowned.append(v)
+    return crowned
+
+
 def requirements(quantized: bool) -> list[str]:
     """The logged model's pip requirements, pinned to what made it (explicit: MLflow's own
     inference adds torchvision when torch is present)."""

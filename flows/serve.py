@@ -1,12 +1,15 @@
 """Serve the registry's champion with MLflow's own model server, and follow promotions.
 
     make serve                                    # plant-care-chat@champion on 127.0.0.1:5001
+    make serve ARGS="--version 3"                 # a named version, whatever the alias says
     .venv/bin/python -m flows.serve --model my-chat --port 5002
 
 Runs `mlflow models serve -m models:/<model>/<version> --env-manager local` for the version the
 alias (default `champion`) points at, and checks the alias every `--poll` seconds: when the
-nightly gate promotes another version, the server is restarted on it. The served version is
-printed (`serving <model> v<version>`) and each answer's `model` field names the model's folder.
+nightly gate promotes another version, the server is restarted on it. A model's first version
+is its champion (`make run` crowns it), so `make run` then `make serve` serves at once; while
+there is none, one line says what to run, once. The served version is printed
+(`serving <model> v<version>`) and each answer's `model` field names the model's folder.
 Requests are OpenAI-style chat (README "Where to look"):
 
     curl -s 127.0.0.1:5001/invocations -H 'Content-Type: application/json' \\
@@ -24,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from flows.registry import champion_version
 from flows.tracking import tracking_uri
 
 
@@ -35,12 +39,25 @@ class Served:
 
 def champion(client, model: str, alias: str) -> str | None:
     """The version `alias` points at, or None."""
+    version = champion_version(client, model, alias)
+    return None if version is None else str(version.version)
+
+
+def waiting_line(client, model: str, alias: str) -> str:
+    """What to do while `model` has no version under `alias` (one line)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return str(client.get_model_version_by_alias(model, alias).version)
+        versions = sorted(int(v.version) for v in client.search_model_versions(
+            f"name = '{model}'"))
     except MlflowException:
-        return None
+        versions = []
+    if not versions:
+        return (f"no version of {model} is registered yet: run `make run` (its first version "
+                f"becomes @{alias}); waiting")
+    return (f"{model} has versions {', '.join(map(str, versions))} but none is @{alias}: "
+            f"`make serve ARGS=\"--version {versions[-1]}\"` serves one now, or the nightly "
+            f"flow crowns one; waiting")
 
 
 def start(model: str, version: str, host: str, port: int) -> Served:
@@ -70,24 +87,29 @@ def stop(served: Served | None) -> None:
         os.killpg(group, signal.SIGKILL)
 
 
-def serve(model: str, alias: str, host: str, port: int, poll_s: float) -> int:
-    """Keep the alias's version served until interrupted; 1 if the server dies."""
+def serve(model: str, alias: str, host: str, port: int, poll_s: float,
+          version: str | None = None) -> int:
+    """Keep the alias's version (or `version`) served until interrupted; 1 if the server
+    dies."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri())
     served: Served | None = None
+    said = ""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while True:
-            version = champion(client, model, alias)
-            if version is None and served is None:
-                print(f"no version of {model} has the alias @{alias} yet; waiting", flush=True)
-            elif version is not None and (served is None or version != served.version):
+            wanted = version or champion(client, model, alias)
+            if wanted is None and served is None:
+                if (line := waiting_line(client, model, alias)) != said:
+                    print(line, flush=True)           # once, not every poll
+                    said = line
+            elif wanted is not None and (served is None or wanted != served.version):
                 if served is not None:
-                    print(f"@{alias} moved: {model} v{served.version} -> v{version}; "
+                    print(f"@{alias} moved: {model} v{served.version} -> v{wanted}; "
                           "restarting the server", flush=True)
                 stop(served)
-                served = start(model, version, host, port)
+                served = start(model, wanted, host, port)
             if served is not None and served.process.poll() is not None:
                 print(f"the model server exited with code {served.process.returncode}",
                       file=sys.stderr)
@@ -103,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="plant-care-chat", help="registered model name")
     ap.add_argument("--alias", default="champion")
+    ap.add_argument("--version", help="serve this version instead of following the alias")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=5001)
     ap.add_argument("--poll", type=float, default=30.0, help="seconds between alias checks")
     args = ap.parse_args(argv)
-    return serve(args.model, args.alias, args.host, args.port, args.poll)
+    return serve(args.model, args.alias, args.host, args.port, args.poll, args.version)
 
 
 if __name__ == "__main__":

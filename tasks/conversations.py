@@ -166,18 +166,13 @@ def _source_file(source: Path | None, name: str) -> str:
     return str(Path(source) / name) if Path(source).is_dir() else str(source)
 
 
-def _too_few_hint(source: Path | None, records: int, dropped: int, skipped: int) -> str:
+def _too_few_hint(dropped: int, skipped: int) -> str:
     if dropped:
         return (f"{dropped} exact duplicate record(s) were dropped; set data.duplicates=keep "
                 "to keep them, or add records")
     if skipped:
         return (f"{skipped} malformed record(s) were skipped (data.on_error=skip): fix them "
                 "(see the warning above for the first one), or add records")
-    if records == 1 and source is not None and Path(source).is_file():
-        with open(source, "rb") as f:
-            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"{":
-                return ("the file holds one JSON object: a data set is a JSON array of records "
-                        "([{...}, {...}]) or JSON Lines (one record per line)")
     return "a train/dev split needs at least 2 records (more, to learn anything)"
 
 
@@ -210,7 +205,7 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
     try:
         train_at, dev_at = split_indices(len(convs), train_ratio, shuffle_seed, groups)
     except ValueError as e:
-        hint = _too_few_hint(source, len(convs), dropped, skipped) if len(convs) < 2 else \
+        hint = _too_few_hint(dropped, skipped) if len(convs) < 2 else \
             "set data.split_by=record"
         raise DataError(source or records_arrow, str(e), hint=hint) from None
     parts = {"train": pa.Table.from_arrays([convs.take(train_at)], schema=CONVERSATIONS),

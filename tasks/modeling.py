@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, \
     PreTrainedTokenizerBase
 
-from tasks.model_folder import tokenizer_of
+from tasks.common import DataError
+from tasks.model_folder import classify, tokenizer_of
 from tasks.progress import step
 
 Message = dict[str, str]
@@ -106,6 +107,9 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     as `resolve_dtype`), or 4-bit
     when `quantization` is given (or the folder is saved quantized), optionally with a peft
     adapter. No full copy of the weights passes through host memory (`_from_pretrained`)."""
+    if Path(path).is_dir() and (kind := classify(path)).kind != "native":
+        raise DataError(path, kind.reason or f"a {kind.family} folder in its original format: "
+                        "the base stage converts it (tasks/chatglm.py); load the converted one")
     kwargs: dict = {"dtype": DTYPES[resolve_dtype(dtype, device)], "device_map": {"": device}}
     if quantization is not None:
         kwargs["quantization_config"] = quantization

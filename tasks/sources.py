@@ -167,7 +167,19 @@ class Issues:
 
 def json_records(path: Path, raw: bytes, issues: Issues
                   ) -> Iterator[tuple[int, int | None, Any]]:
-    """(record index, line or None, value) of a JSON array or a JSON Lines file."""
+    """(record index, line or None, value) of a JSON array or a JSON Lines file. A .json file
+    whose top level is one object is refused: it is a record where a list of them was meant
+    (as JSON Lines it would be a data set of one)."""
+    if path.suffix.lower() == ".json" and first_char(raw) == b"{":
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            value = None                            # JSON Lines in a .json file: read below
+        if isinstance(value, dict):
+            raise DataError(path, "the top level is one JSON object, not a list of records",
+                            line=1, hint="a .json data set is a JSON array of records "
+                                         "([{...}, {...}]); JSON Lines (.jsonl) has one record "
+                                         "per line")
     if first_char(raw) == b"[":
         try:
             records = orjson.loads(raw)

@@ -143,3 +143,41 @@ def test_a_conversion_that_would_not_fit_on_the_disk_fails_at_once(converted, tm
         convert_folder(huge)
     assert "\n" not in str(e.value) and e.value.hint
     assert not list((tmp_path / "home").glob("outputs/base/*")), "nothing was written"
+
+
+def test_no_loader_can_block_on_transformers_remote_code_prompt(converted, tmp_path):
+    """transformers asks `Do you wish to run the custom code? [y/N]` on stdin when a folder's
+    config names code of its own and no choice was passed. Every loader of the pipeline passes
+    `trust_remote_code=False` or refuses the folder first: in a process whose stdin stays open
+    and silent (a worker's), each one fails at once instead of waiting for an answer."""
+    import subprocess
+    import sys
+
+    from tasks.common import REPO_DIR
+
+    foreign = tmp_path / "internlm"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "internlm2", "auto_map": {
+        "AutoConfig": "configuration_internlm2.InternLM2Config",
+        "AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None],
+        "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}}))
+    chatglm = converted["chatglm3"][0]
+    script = "\n".join([
+        "import sys", "from tasks.modeling import load_model, load_tokenizer",
+        "for call in (lambda f: load_tokenizer(f), lambda f: load_model(f)):",
+        "    for folder in sys.argv[1:]:",
+        "        try:", "            call(folder)",
+        "        except Exception as e:",
+        "            print(type(e).__name__, str(e).splitlines()[0][:160])",
+        "        else:", "            print('LOADED', folder)"])
+    proc = subprocess.run([sys.executable, "-c", script, str(foreign), str(chatglm)],
+                          stdin=subprocess.PIPE, capture_output=True, text=True, timeout=120,
+                          cwd=REPO_DIR, env={"PYTHONPATH": str(REPO_DIR), "HF_HUB_OFFLINE": "1",
+                                             "PATH": "/usr/bin:/bin"})
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and "[y/N]" not in proc.stdout + proc.stderr, proc.stderr
+    assert lines[0].startswith("DataError") and "internlm2" in lines[0], lines
+    assert lines[1] == f"LOADED {chatglm}", "its tokenizer is converted in memory"
+    assert lines[2].startswith("DataError") and "internlm2" in lines[2], lines
+    assert lines[3].startswith("DataError") and "the base stage converts it" in lines[3], lines
+    assert not list(chatglm.glob("*.ran"))

@@ -62,15 +62,15 @@ def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, prefec
     assert lines[-1].startswith("hint: ") or len(lines) == 1
 
 
-def test_inputs_that_leave_too_few_records_name_the_users_file(work, prefect_api_url):
-    """The file alone, then the hint on the next line. (What the other too-few cases say is
+def test_a_json_file_of_one_object_says_the_top_level_must_be_a_list(work, prefect_api_url):
+    """The file and line, then the hint on the next line. (What the too-few cases say is
     tests/test_data_bad.py's: the same cores.)"""
     (work / "one.json").write_text('{"q": "问题？", "a": "答案。"}\n', encoding="utf-8")
     result = _cli.run("data", "--set", "source=one.json", home=work.parent / "home", cwd=work,
                       api_url=prefect_api_url)
-    lines = check_one_line_error(result, code=2, where=f"{work}/one.json: ",
-                                 words="need at least 2 records")
-    assert "(stage conversations)" in lines[0] and "one JSON object" in lines[1]
+    lines = check_one_line_error(result, code=2, where=f"{work}/one.json:1: ",
+                                 words="the top level is one JSON object, not a list of records")
+    assert "(stage ingest)" in lines[0] and "JSON array of records" in lines[1]
 
 
 def test_the_failure_is_recorded_in_mlflow_and_prefect(work, prefect_api_url):

@@ -39,7 +39,8 @@ CASES: dict[str, tuple[str, int | None, int | None, str | None, str | None, dict
     "not_json.json": ("is not JSON (it starts with neither '[' nor '{')", None, None, None,
                       None, {}),
     "empty_array.json": ("the JSON array is empty", None, None, None, None, {}),
-    "pretty_object.json": ("is pretty-printed JSON", 1, None, None, None, {}),
+    "pretty_object.json": ("the top level is one JSON object, not a list of records", 1, None,
+                           None, None, {}),
     "wrong_type.json": ("is a number (42), expected a string", 3, 1, "$[1].a",
                         "wrong-type", {}),
     "null_answer.json": ("is null, expected a string", 1, 2, "$[2].a", "wrong-type", {}),
@@ -162,7 +163,10 @@ def test_a_10_mb_single_line_is_refused_quickly_by_line(tmp_path):
 # (flows/data.py); tests/test_cli_errors.py prints the first case through the command line.
 TOO_FEW = {
     "one.json": ('{"q": "问题？", "a": "答案。"}\n', "fail",
-                 ("one.json: ", "need at least 2 records", "the file holds one JSON object")),
+                 ("one.json:1: ", "the top level is one JSON object, not a list of records",
+                  "a .json data set is a JSON array of records")),
+    "one.jsonl": ('{"q": "问题？", "a": "答案。"}\n', "fail",
+                  ("one.jsonl: ", "need at least 2 records", "at least 2 records")),
     "mostly_bad.jsonl": ('{"q": "问题？", "a": "答案。"}\n{"q": 1, "a": 2}\n'
                          '{"q": "", "a": "答案三"}\n', "skip",
                          ("mostly_bad.jsonl: ", "got 1",

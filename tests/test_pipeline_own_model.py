@@ -29,6 +29,7 @@ def children(client: MlflowClient, parent_id: str) -> dict:
 def test_pipeline_runs_on_a_local_model_folder(tmp_path):
     model = make_base(tmp_path / "my-chat-model")
     cfg = PipelineConfig.model_validate(tiny(base={"path": str(model)},
+                                             registry={"model_name": "own-model-chat"},
                                              experiment="own-model"))
     out = pipeline(cfg)
     assert [r["stage"] for r in out["stages"]] == stage_names(own_base=True)
@@ -49,7 +50,14 @@ def test_pipeline_runs_on_a_local_model_folder(tmp_path):
     assert adapter["base_model_name_or_path"] == str(model.resolve())
     merged = Path(kids["merge"].data.tags["pipeline.output_path"])
     assert load_tokenizer(merged).get_vocab() == load_tokenizer(model).get_vocab()
-    assert [v["name"] for v in out["registered"]] == ["plant-care-chat", "plant-care-chat-int4"]
+    assert [v["name"] for v in out["registered"]] == ["own-model-chat", "own-model-chat-int4"]
+    # a model's first version is its champion: `make run` then `make serve` serves it
+    assert out["crowned"] == out["registered"]
+    for v in out["registered"]:
+        assert client.get_model_version_by_alias(v["name"], "champion").version == v["version"]
+    assert "its first version: @champion" in out["summary"]
+    again = pipeline(cfg)                          # the same model: nothing new, nothing moved
+    assert again["crowned"] == [] and [v["created"] for v in again["registered"]] == [False] * 2
 
 
 def test_a_wrong_base_path_fails_the_base_stage_and_says_why(tmp_path):

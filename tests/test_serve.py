@@ -95,6 +95,42 @@ def test_the_served_champion_answers_and_follows_a_promotion(versions):
     assert not alive, f"model server processes outlived make serve: {alive}"
 
 
+def test_a_named_version_is_served_whatever_the_alias_says(versions):
+    client = MlflowClient(Tracker("serve-test").uri)
+    (v1, folder1), (v2, _) = versions
+    client.set_registered_model_alias(MODEL, "champion", v2)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--model", MODEL, "--version",
+                             str(v1), "--port", str(port), "--poll", "1"], cwd=REPO_DIR,
+                            env={**os.environ}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _answer(port, folder1, proc)["choices"][0]["message"]["role"] == "assistant"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    assert f"serving {MODEL} v{v1}" in log and "moved" not in log
+
+
+def test_without_a_champion_make_serve_says_once_what_to_run(versions):
+    """No alias on the model: one line naming its versions and the command, printed once
+    however many polls pass; an unknown model: run `make run` first."""
+    outputs = []
+    for model in (MODEL, "never-registered"):
+        proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--model", model,
+                                 "--alias", "no-such-alias", "--poll", "0.2"], cwd=REPO_DIR,
+                                env={**os.environ}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        time.sleep(8)                                 # many polls
+        proc.send_signal(signal.SIGTERM)
+        outputs.append(proc.communicate(timeout=60)[0])
+    mine = [line for line in outputs[0].splitlines() if "none is @no-such-alias" in line]
+    assert len(mine) == 1 and "versions 1, 2" in mine[0], outputs[0][-2000:]
+    assert 'make serve ARGS="--version 2"' in mine[0]
+    assert outputs[1].count("no version of never-registered is registered yet: run "
+                            "`make run`") == 1, outputs[1][-2000:]
+
+
 def test_a_model_is_logged_into_its_runs_experiment(tmp_path, monkeypatch):
     """A DB the stack's MLflow server made has a "Default" experiment under `mlflow-artifacts:`
     that only an http client can write to; a model logged from a sqlite client (the stack's

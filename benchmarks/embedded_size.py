@@ -134,7 +134,7 @@ def cpu() -> dict:
     bitsandbytes takes its AVX512-BF16 4-bit path where the CPU has the instructions."""
     import torch
 
-    import tasks.modeling  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
+    import tasks.compat  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
     from bitsandbytes.functional import has_avx512bf16
 
     info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() \

@@ -160,7 +160,7 @@ def build_base(original: str | None, size: str, out: Path, device: str) -> int:
 
     if not original:
         return build_random_model(size, out, device)[1]
-    from tests._chatglm import make_original, original_config, original_tensors
+    from tests._chatglm import make_original, original_tensors
 
     shape = CHATGLM3_6B if size == "6b" else None
     make_original(out, original, shape=shape, device=device,
@@ -201,8 +201,6 @@ def main() -> int:
     os.environ.pop("PREFECT_API_URL", None)
 
     import torch
-
-    from benchmarks.models import build_random_model
 
     gpu = torch.cuda.is_available()
     start = time.perf_counter()

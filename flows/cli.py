@@ -12,6 +12,9 @@
 * The run's progress (Prefect's and MLflow's logs, warnings, anything a library or a child
   process prints to stderr) goes to stdout, so stderr holds nothing but the error; without
   `--debug`, log records carry no tracebacks.
+* The console shows a line per stage, progress where work takes more than a few seconds and
+  the summary; `--verbose` (PIPELINE_VERBOSE=1) shows every line (`_Quiet`), library progress
+  bars included. Prefect's task-run log and MLflow hold everything either way.
 
 The Prefect flow run and the MLflow run record the failure either way (README "Failure modes").
 """
@@ -50,6 +53,10 @@ def add_common_arguments(ap: argparse.ArgumentParser, *, config_file: bool = Tru
                                               "true/false, null, lists)")
     ap.add_argument("--debug", action="store_true",
                     help="show full tracebacks (also: PIPELINE_DEBUG=1)")
+    ap.add_argument("--verbose", action="store_true",
+                    help="show every log line on the console (training steps, each task's "
+                         "end, library progress bars); also: PIPELINE_VERBOSE=1. The Prefect "
+                         "task log and MLflow keep all of it either way")
 
 
 def _gate_arguments(ap: argparse.ArgumentParser) -> None:
@@ -126,8 +133,30 @@ def check_config(module: str, argv: list[str]) -> None:
 
 
 def debug_wanted(args: argparse.Namespace) -> bool:
-    return bool(args.debug) or os.environ.get("PIPELINE_DEBUG", "").lower() in (
-        "1", "true", "yes", "on")
+    return bool(args.debug) or _env_flag("PIPELINE_DEBUG")
+
+
+def verbose_wanted(argv: list[str]) -> bool:
+    """`--verbose` or PIPELINE_VERBOSE=1: every log line on the console (module docstring)."""
+    return "--verbose" in argv or _env_flag("PIPELINE_VERBOSE")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+
+
+class _Quiet(logging.Filter):
+    """The console, not the logs: a run prints one line per stage, progress where work takes
+    more than a few seconds, and the summary. What it leaves out of the console (still in
+    Prefect's task-run log and MLflow): each training step's line (the train stage prints its
+    progress instead) and Prefect's "Task run ... Finished in state Completed()" beside our own
+    line per stage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "tasks.train" and str(record.msg).startswith("step "):
+            return False
+        return not (record.name == "prefect.task_runs" and record.levelno == logging.INFO
+                    and str(record.msg).startswith("Finished in state Completed"))
 
 
 def describe(error: DataError) -> str:
@@ -150,9 +179,10 @@ class _NoTracebacks(logging.Formatter):
         return self.inner.format(bare)
 
 
-def route_logs(debug: bool) -> None:
+def route_logs(debug: bool, verbose: bool = True) -> None:
     """Send the console logs of Prefect and MLflow (and Python warnings) to stdout, without
-    tracebacks unless `debug`: stderr is left to the error that ends the run."""
+    tracebacks unless `debug`, and without the lines `_Quiet` leaves out unless `verbose`:
+    stderr is left to the error that ends the run."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     logging.captureWarnings(True)
@@ -163,6 +193,8 @@ def route_logs(debug: bool) -> None:
             if isinstance(handler, PrefectConsoleHandler):
                 handler.setStream(sys.stdout)
                 handler.console.file = sys.stdout
+                if not verbose and not any(isinstance(f, _Quiet) for f in handler.filters):
+                    handler.addFilter(_Quiet())
             elif isinstance(handler, logging.StreamHandler) and \
                     logger.name.split(".")[0] == "mlflow":
                 handler.setStream(sys.stdout)
@@ -225,7 +257,7 @@ def run(load: Callable[[], Any], flow: Callable[[Any], Any], args: argparse.Name
     """`flow(load())` from the command line (the config is loaded and checked before any
     server starts); return the exit code (see the module docstring)."""
     debug = debug_wanted(args)
-    route_logs(debug)
+    route_logs(debug, verbose=bool(args.verbose) or _env_flag("PIPELINE_VERBOSE"))
     try:
         config = load()
         with _stderr_to_stdout():

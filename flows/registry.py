@@ -15,16 +15,15 @@ published files (flows/mlflow_files.py), so a 12 GB model costs 12 GB once, not 
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import importlib.metadata
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from tasks.common import file_lock
+from tasks.compat import mlflow_pipeline_class
 
 #: the chat format a logged model speaks (MLflow's OpenAI-style chat schema)
 CHAT_TASK = "llm/v1/chat"
@@ -106,24 +105,6 @@ def requirements(quantized: bool) -> list[str]:
     return out
 
 
-@contextlib.contextmanager
-def _pipeline_class_resolved(task: str) -> Iterator[None]:
-    """transformers 5 names each pipeline class as a dotted string (`SUPPORTED_TASKS[task]
-    ["impl"]`); MLflow 3.17 logging from a local folder reads the class's `__name__` from it
-    and fails. Give it the class for the duration of the call."""
-    from transformers.pipelines import SUPPORTED_TASKS
-
-    entry = SUPPORTED_TASKS[task]
-    impl = entry["impl"]
-    if isinstance(impl, str):
-        module, _, cls = impl.rpartition(".")
-        entry["impl"] = getattr(importlib.import_module(module), cls)
-    try:
-        yield
-    finally:
-        entry["impl"] = impl
-
-
 #: files of a model folder that are its weights (linked into the logged model, never copied)
 WEIGHTS = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.pt")
 
@@ -170,7 +151,7 @@ def log_chat_model(folder: str, run_id: str, *, quantized: bool) -> str:
             description = Model(artifact_path=logged.artifact_location,
                                 model_uuid=logged.model_id, run_id=run_id,
                                 model_id=logged.model_id)
-            with _pipeline_class_resolved("text-generation"):
+            with mlflow_pipeline_class("text-generation"):
                 mlflow.transformers.save_model(
                     transformers_model=str(light), path=str(local), task=CHAT_TASK,
                     input_example=CHAT_EXAMPLE, pip_requirements=requirements(quantized),

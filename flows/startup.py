@@ -102,9 +102,11 @@ def prepare_cli() -> None:
     prepare(seed=False)                  # seeded where the server is launched, if it is
     if (module := cli_flow()) is None:
         return
-    from flows.cli import check_config
+    from flows.cli import check_config, verbose_wanted
 
     check_config(module, sys.argv[1:])
+    if not verbose_wanted(sys.argv[1:]):       # transformers' bars for loads of milliseconds
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     begin_cli_run()
     if "PREFECT_API_URL" in os.environ:
         return

@@ -17,13 +17,14 @@ gives the same greedy tokens (tests/test_decode.py).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, StaticCache
+
+from tasks.compat import cache_argument
 
 log = logging.getLogger(__name__)
 #: with stop ids, `decode` checks every this many steps whether every row has ended (on a GPU a
@@ -36,13 +37,6 @@ class Decoded:
     tokens: torch.Tensor        # (batch, new_tokens) greedy ids, on the CPU
     first_token_s: float        # prefill + the first new token (time to first token)
     decode_s: float             # the remaining new_tokens - 1 steps
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """transformers >= 5.24 names the forward's cache argument `cache`, before `past_key_values`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters \
-        else "past_key_values"
 
 
 class StaticDecoder:
@@ -59,7 +53,7 @@ class StaticDecoder:
         self.use_graph = self.device.type == "cuda" if graph is None else graph
         config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
         self.cache = StaticCache(config=config, max_cache_len=max_len)
-        self.cache_arg = _cache_argument(model)
+        self.cache_arg = cache_argument(model)
         # sdpa and flash kernels take a boolean mask (True: attend); eager attention adds a float one
         self.additive = getattr(config, "_attn_implementation", "sdpa") == "eager"
         new = dict(device=self.device, dtype=torch.long)

@@ -7,7 +7,6 @@ Pure transformers/peft/bitsandbytes: no Prefect, no MLflow (this runs on the GPU
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import sys
 from contextlib import ExitStack, contextmanager
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
     PreTrainedTokenizerBase
 
 from tasks.common import DataError
+from tasks.compat import bnb_generic_cpu_path, generate_with_prefix
 from tasks.model_folder import classify, tokenizer_of
 from tasks.progress import step
 
@@ -28,20 +28,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 #: shard size of saved models: what saving from a GPU holds in host memory at a time
 SHARD_SIZE = "1GB"
 log = logging.getLogger(__name__)
-#: what bitsandbytes logs on AVX512-BF16 CPUs when the optional `kernels` package is absent
-NO_HUB_KERNEL = "Failed to load CPU gemm_4bit_forward from kernels-community: No module named " \
-    "'kernels'"
-
-
-def _not_the_hub_kernel_notice(record: logging.LogRecord) -> bool:
-    """bitsandbytes (backends/cpu/ops.py) tries to fetch a CPU 4-bit matmul from the Hugging Face
-    Hub through the `kernels` package and warns at every import when the package is missing. We
-    never load code from the Hub at run time, so that absence is by design (README
-    "Dependencies"); any other failure of that loader is still shown."""
-    return not record.getMessage().startswith(NO_HUB_KERNEL)
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_notice)
 
 #: For models that ship no chat template (base, not chat, models) and for the embedded default:
 #: ChatGLM3-like `<|role|>\n content`, an assistant turn closed by the model's eos (so the
@@ -117,28 +103,11 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     with step(f"loaded {path}{how} onto {device}"):
         model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
         if device == "cpu" and "bitsandbytes" in sys.modules:      # else no 4-bit layers
-            _keep_unpackable_layers_unpacked(model)
+            bnb_generic_cpu_path(model, unpackable_only=True)
         if adapter is not None:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, str(adapter))
     return model.eval()
-
-
-def _keep_unpackable_layers_unpacked(model: PreTrainedModel) -> None:
-    """On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for its fast kernel
-    at the layer's first inference call, and fails for an input width that is not a multiple of
-    the quantization block (64) or an output width that is not a multiple of 32
-    (`bitsandbytes/nn/modules.py` `Linear4bit.forward`,
-    `bitsandbytes/functional.py` `_convert_weight_packed_for_cpu`). Such layers keep
-    bitsandbytes' generic CPU path, which every other CPU takes; the others still get the fast
-    one. (MLflow's own loaders of a registered int4 model do not pass here:
-    the embedded default's widths are multiples of 64, README "Two commands".)"""
-    from bitsandbytes.nn import Linear4bit
-
-    for module in model.modules():
-        if isinstance(module, Linear4bit) and (
-                module.in_features % module.weight.blocksize or module.out_features % 32):
-            module.support_avx512bf16_for_cpu = False
 
 
 def _from_pretrained(path: Path, *, stream: bool, **kwargs) -> PreTrainedModel:
@@ -251,24 +220,12 @@ def generate_ids(model: PreTrainedModel, input_ids: torch.Tensor,
     so prompt positions start at `n` as in training. peft's own `generate` injects the prefix as
     `past_key_values`, which transformers 5.24 (where the argument became `cache`) drops in favour
     of the empty cache `generate` creates: the prefix never reached generation
-    (https://github.com/huggingface/peft/blob/main/src/peft/peft_model.py,
-    `PeftModelForCausalLM.prepare_inputs_for_generation`). This path works before and after."""
+    (tasks/compat.py `generate_with_prefix`). This path works before and after."""
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     n = prefix_length(model)
     if not n:
         return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-    base = model.get_base_model()
-    prefix = model.get_prompt(batch_size=input_ids.shape[0])          # a Cache of n positions
-    cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters \
-        else "past_key_values"
-    placeholders = torch.zeros_like(input_ids[:, :1]).expand(-1, n)
-    out = base.generate(input_ids=torch.cat([placeholders, input_ids], dim=1),
-                        attention_mask=torch.cat([torch.ones_like(placeholders), mask], dim=1),
-                        **{cache_arg: prefix}, **kwargs)
-    if isinstance(out, torch.Tensor):
-        return out[:, n:]
-    out.sequences = out.sequences[:, n:]                  # return_dict_in_generate=True
-    return out
+    return generate_with_prefix(model, n, input_ids, mask, **kwargs)
 
 
 @dataclass(frozen=True)

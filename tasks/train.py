@@ -47,11 +47,12 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Pri
 from tasks.code_version import code_digest
 from tasks.common import REPO_DIR, StageName, StageResult, atomic_write_json, digest_bytes, \
     digest_path, project_dir, publish_dir, read_json, stage_root, staging_dir
+from tasks.compat import bnb_generic_cpu_path
 from tasks.config import TrainConfig
 from tasks.methods import METHODS
 from tasks.modeling import bnb_config, load_model, load_tokenizer, pick_device
 from tasks.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
-    ProgressLog, StepTimes, last_checkpoint, list_checkpoints, log_history
+    ProgressLog, StepTimes, TrainProgress, last_checkpoint, list_checkpoints, log_history
 from tasks.train_data import IGNORE, encode_conversation, encode_file, plot_loss_curve, \
     write_sanity
 
@@ -160,12 +161,8 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
     if method.loads_4bit:
         model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
                            quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
-        # bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights for inference at the
-        # first eval-mode forward (the dev eval) and never back: later training forwards then
-        # take a kernel without autograd and silently drop gradients through the base layers.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        if not cuda:             # the dev eval's repack would drop training's gradients
+            bnb_generic_cpu_path(model, unpackable_only=False)
     else:
         dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
         model = load_model(base_dir, device=device, dtype=dtype)
@@ -266,8 +263,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     sigterm, step_times = DeferredSigterm(), StepTimes()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                       data_collator=collator,
-                      callbacks=[ProgressLog(), CheckpointOnSigterm(sigterm), step_times,
-                                 PauseAfterSave()])
+                      callbacks=[ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm),
+                                 step_times, PauseAfterSave()])
     trainer.remove_callback(PrinterCallback)      # the log history is returned instead
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

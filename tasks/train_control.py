@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from tasks.common import read_json
 from tasks.pause import pause_point
+from tasks.progress import Progress
 
 log = logging.getLogger("tasks.train")      # the train stage's log (also under torchrun)
 
@@ -43,6 +44,31 @@ class ProgressLog(TrainerCallback):
                  if k in ("loss", "eval_loss", "learning_rate")}
         if shown and state.is_world_process_zero:
             log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
+
+
+class TrainProgress(TrainerCallback):
+    """The training as one progress line every few seconds (tasks/progress.py: the console
+    shows it; a short training prints none), with the latest train loss."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.progress = Progress("training", state.max_steps)
+            self.progress.update(state.global_step)          # resumed: steps already done
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.loss = (logs or {}).get("loss", self.loss)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(note=None if self.loss is None else f"loss {self.loss:.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
 
 
 class PauseAfterSave(TrainerCallback):

@@ -13,7 +13,7 @@ import pytest
 from packaging.version import Version
 
 from tasks.common import REPO_DIR
-from tasks.modeling import NO_HUB_KERNEL
+from tasks.compat import NO_HUB_KERNEL
 
 LOCK = REPO_DIR / "requirements.lock"
 PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;]+)$")

@@ -36,7 +36,6 @@ def test_the_pipeline_runs_on_a_chatglm_folder(originals, family, method):
     cfg = PipelineConfig.model_validate(tiny(base={"path": str(folder)}, train={
         "method": method}, experiment=f"chatglm-{family}"))
     out = pipeline(cfg)
-    rows = {r["stage"]: r for r in out["stages"]}
     expected = stage_names(converted=True)
     if method == "ptuning":
         expected = [s for s in expected if s not in ("merge", "quantize")]

@@ -18,6 +18,24 @@ def test_progress_logs_steps_and_an_eta(caplog):
             for m in lines] == ["1", "2", "3"]            # the last step is "done", not logged
 
 
+def test_the_eta_follows_the_recent_rate_not_a_slow_start(monkeypatch):
+    """A loop whose first steps were slow (here: three steps in 30 s, then a step every 0.1 s)
+    is given the time its current pace needs, not thirty times that."""
+    from tasks import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    p = Progress("pretraining", total=400, every_s=3600)
+    for _ in range(3):
+        clock[0] += 10.0
+        p.update()
+    for _ in range(100):
+        clock[0] += 0.1
+        p.update()
+    assert abs(p.eta() - 297 * 0.1) < 1.0          # 297 steps left at 10 steps a second
+    p.close()
+
+
 def test_progress_is_quiet_between_intervals(caplog):
     with caplog.at_level(logging.INFO, logger="tasks.progress"):
         with Progress("answers", total=100, every_s=3600) as p:

@@ -1,0 +1,43 @@
+"""What a person sees in the terminal (README "Two commands"): a cold run of the pipeline
+prints a line per stage, progress where work takes more than a few seconds and the summary --
+no library progress bars, no warnings a user cannot act on; `--verbose` prints everything.
+The Prefect task log and MLflow keep every line either way."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests._ops_config import stage_names, tiny
+import _cli  # noqa: E402  (tests/_cli.py)
+
+pytestmark = pytest.mark.server
+NOISE = re.compile(r"Warning|warnings\.warn|it/s\]|Loading weights|Writing model shards|"
+                   r"Traceback|Task run .* Finished in state Completed")
+
+
+def test_a_cold_run_prints_a_line_per_stage_and_the_summary(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny(registry={"model_name": "console-chat"})))
+    home = tmp_path / "home"
+    cold = _cli.run("pipeline", "--config", str(config), home=home, cwd=tmp_path)
+    assert cold.returncode == 0, cold.stderr + cold.stdout[-3000:]
+    lines = cold.stdout.splitlines()
+    assert len(lines) <= 50, "\n".join(lines)
+    assert not [line for line in lines if NOISE.search(line)], cold.stdout
+    stage_lines = [re.search(r"\[stage\] (\w+):", line)[1] for line in lines
+                   if "[stage]" in line]
+    assert stage_lines == stage_names()                  # one line each, in order
+    assert not any(re.search(r"step \d+/\d+ \{", line) for line in lines)
+    assert "Pipeline finished: 0/11 stages were cache hits." in cold.stdout
+    assert cold.stderr == ""
+
+    # --verbose: every line (a retrained model: the training steps, Prefect's own task lines)
+    retrain = _cli.run("pipeline", "--config", str(config), "--set", "train.seed=7",
+                       "--verbose", home=home, cwd=tmp_path)
+    assert retrain.returncode == 0, retrain.stderr
+    assert re.search(r"tasks\.train - step \d+/\d+ \{'loss'", retrain.stdout)
+    assert re.search(r"Task run .* Finished in state Completed", retrain.stdout)

@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -33,6 +33,7 @@ from flows.stages import PipelineRun, base_model_task, benchmark_task, convert_b
     report_task, resolve_base_task, stage_of, train_task
 from tasks.common import ConfigError, StageResult, is_local_model_path, read_json
 from tasks.config import BaseModelConfig, PipelineConfig
+from tasks.run_form import to_config
 from tasks.methods import METHODS
 from tasks.model_folder import classify
 from tasks.model_spec import ModelSpec
@@ -49,6 +50,35 @@ def pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
         versions = register(run, config, built)
         crowned = crown_first(run.tracker.client, versions)
         return finish(run, built, versions, crowned)
+
+
+@flow(name="finetune-pipeline", log_prints=True)
+def run_form(data_file: str = "", base_model: str = "", method: Literal[tuple(METHODS)] = "lora",
+             epochs: float = 6.0, learning_rate: float = 0.0,
+             model_name: str = "plant-care-chat", experiment: str = "finetune-pipeline",
+             options: dict[str, Any] = {}) -> dict[str, Any]:      # noqa: B006 (never mutated)
+    """Fine-tune a chat model on your data: the Run form of the deployment `full-pipeline`.
+    The first fields are what people change; `options` holds everything else, in sections
+    (tasks/run_form.py). An empty field (or a learning rate of 0) takes the default.
+
+    Args:
+        data_file: Your data: a .txt of question/answer blocks, or a JSON / JSON Lines file
+            (alpaca, sharegpt, conversations, ...). Empty: the bundled sample.
+        base_model: Folder of the model to fine-tune (a Hugging Face folder; ChatGLM2/3 and
+            GLM-4 folders are converted). Empty: a tiny model built offline.
+        method: lora: the full-precision model + LoRA. qlora: the model in 4 bits + LoRA (least
+            memory). ptuning: a P-Tuning v2 prefix.
+        epochs: Passes over your training data.
+        learning_rate: Peak learning rate. 0: the method's own default.
+        model_name: Name of the model in the MLflow Model Registry.
+        experiment: MLflow experiment the run is recorded in.
+        options: Everything else, by section: data_options, training_details,
+            merge_and_quantize, benchmark, report, embedded_default_model; each holds the
+            fields of that part of the config (schemas/run_options.schema.json), e.g.
+            {"training_details": {"batch_size": 8}}. {} keeps every default.
+    """
+    essentials = {k: v for k, v in locals().items() if k != "options"}
+    return pipeline.fn(to_config(essentials, options))
 
 
 @dataclass(frozen=True)

@@ -287,9 +287,9 @@ class Stack:
                             "log": str(self.log(service))}
         return out
 
-    def deploy(self) -> str:
-        """`prefect deploy --all` of prefect.yaml against this stack (create or update by name:
-        running it again changes nothing but what you edited)."""
+    def deploy(self, prefect_file: Path = REPO_DIR / "prefect.yaml") -> str:
+        """`prefect deploy --all` of `prefect_file` against this stack (create or update by
+        name: running it again changes nothing but what you edited)."""
         if _get(f"{self.api_url}/health") != "true":
             raise StackError(f"no Prefect server at {self.api_url}: run `make stack` first")
         env = {**self.env(), "PIPELINE_REPO_DIR": str(REPO_DIR),
@@ -298,7 +298,7 @@ class Stack:
             subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", self.pool,
                             "--type", "process"], env=env, capture_output=True, check=True)
         res = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                              "--prefect-file", str(REPO_DIR / "prefect.yaml")],
+                              "--prefect-file", str(prefect_file)],
                              cwd=REPO_DIR, env=env, capture_output=True, text=True)
         out = res.stdout + res.stderr
         if res.returncode:

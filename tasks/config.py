@@ -89,9 +89,8 @@ class BaseModelConfig(_Section):
                              "tiny model from the train split, offline.")
     vocab_size: int = Field(1600, ge=300, description="Embedded default: sentencepiece vocab.")
     hidden_size: int = Field(192, ge=64, multiple_of=64, description=(
-        "Embedded default: hidden size, a multiple of 64: on CPUs with AVX512-BF16, bitsandbytes' "
-        "4-bit kernel repacks each weight in blocks of 64 inputs and fails on any other width "
-        "(bitsandbytes/functional.py, `_convert_weight_packed_for_cpu`)."))
+        "Embedded default: hidden size, a multiple of 64 (the 4-bit CPU kernel of "
+        "bitsandbytes needs it on recent CPUs; tasks/compat.py)."))
     num_layers: int = Field(2, ge=1, description="Embedded default: decoder layers.")
     num_heads: int = Field(4, ge=1, description="Embedded default: attention heads.")
     max_seq_len: int = Field(160, ge=32, description="Embedded default: pretraining context.")
@@ -110,14 +109,12 @@ class TrainConfig(_Section):
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout on the adapter's "
-                                "input; 0 as in peft's LoraConfig and LLaMA-Factory (a mask "
-                                "per adapted layer and step took 17% of LoRA training time on "
-                                "the CPU).")
+                                "input; 0 (none) as peft and LLaMA-Factory default to.")
     target_modules: list[str] | None = Field(None, description="Module names to adapt; empty: "
                                              "every linear layer except the LM head.")
     epochs: float = Field(6.0, gt=0, description="Training epochs over train.json.")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (cosine "
-                                        "decay); empty: 2e-3 for lora/qlora, 2e-2 for ptuning.")
+                                        "decay); empty: the method's own default.")
     batch_size: int = Field(16, ge=1, description="Per-device batch size.")
     max_length: int = Field(160, ge=16, description="Max tokens per example (longer: truncated "
                                                     "and counted).")
@@ -209,9 +206,9 @@ class BenchmarkConfig(_Section):
         None, min_length=1, description="Batch sizes measured (prompts cycled to fill a batch); "
         "empty: [1] on a CPU, [1, 8] on a GPU.")
     engines: list[Literal["static", "generate"]] = Field(
-        ["static", "generate"], min_length=1, description="static: the fast loop (static KV "
-        "cache, a CUDA graph per decode step on a GPU; tasks/decode.py). generate: HF generate "
-        "with its dynamic cache, the reference.")
+        ["static", "generate"], min_length=1, description="static: the fast decode loop "
+        "(static KV cache, CUDA graphs on a GPU). generate: Hugging Face generate, the "
+        "reference.")
     compile: bool = Field(False, description="static engine on a GPU: torch.compile the decode "
                           "step before capturing it (fused kernels; minutes of compile time, "
                           "reported apart).")

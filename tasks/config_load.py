@@ -175,11 +175,25 @@ def _validate(model: type[M], data: dict, file: Path | None, lines: dict, set_by
         return model.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        what, hint = _explain(model, first)
-        more = e.error_count() - 1
         where, line = _where(tuple(str(p) for p in first["loc"]), file, lines, set_by)
-        raise ConfigError(where, what + (f" (and {more} more problem{'s' * (more > 1)})"
-                                         if more else ""), line=line, hint=hint) from None
+        raise _one_line(model, e, where, line) from None
+
+
+def validate_as(model: type[M], data: Any, where: str) -> M:
+    """`model` from `data`, or a one-line ConfigError that names `where` the data came from
+    (e.g. the Run form's options) and the first problem's dotted key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise _one_line(model, e, where, None) from None
+
+
+def _one_line(model: type[BaseModel], error: ValidationError, where: str,
+              line: int | None) -> ConfigError:
+    what, hint = _explain(model, error.errors()[0])
+    more = error.error_count() - 1
+    return ConfigError(where, what + (f" (and {more} more problem{'s' * (more > 1)})"
+                                      if more else ""), line=line, hint=hint)
 
 
 def load_model(model: type[M], overrides: list[str], flag: str = "--set") -> M:

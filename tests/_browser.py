@@ -21,10 +21,11 @@ RUN_TIMEOUT_S = 20 * 60                           # a cold tiny pipeline: ~2-3 m
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def shot(page, name: str) -> None:
-    """A full-page screenshot, test-artifacts/<name>.png (kept by CI)."""
+def shot(page, name: str, full_page: bool = True) -> None:
+    """A screenshot, test-artifacts/<name>.png (kept by CI): the full page, or what the window
+    shows (`full_page=False`)."""
     SHOTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
 
 
 class Api:

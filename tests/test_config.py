@@ -68,3 +68,11 @@ def test_every_method_of_the_registry_is_a_valid_train_method():
         assert (method.serving_quantization(cfg) is not None) == method.loads_4bit
     with pytest.raises(ValueError, match="does not work with ptuning"):
         TrainConfig(method="ptuning", packing=True)
+
+
+def test_the_run_forms_options_schema_is_current():
+    from tasks.run_form import OPTIONS_SCHEMA_PATH, options_schema
+
+    committed = json.loads(OPTIONS_SCHEMA_PATH.read_text(encoding="utf-8"))
+    assert committed == json.loads(json.dumps(options_schema(), default=str)), \
+        "schemas/run_options.schema.json is stale: run `python -m tasks.run_form`"

@@ -6,7 +6,6 @@ The Prefect task log and MLflow keep every line either way."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml

@@ -1,7 +1,8 @@
 """The local stack for real, driven like a user in headless Chromium (Debian's, via Playwright):
 
-1. start the stack, deploy, open the Prefect UI, open the full-pipeline deployment, change one
-   parameter in the Run form, start the run by clicking, wait in the UI until it completes; then
+1. start the stack, deploy, open the Prefect UI, open the full-pipeline deployment: the Run form's
+   first screen holds the fields people change, the rest is folded; change one of them, start
+   the run by clicking, wait in the UI until it completes; then
    check through MLflow's API: a parent run with every stage as a child run, their artifacts, and
    the changed parameter;
 2. open the MLflow UI, navigate to that run, open the artifacts tree and the HTML report;
@@ -28,11 +29,18 @@ from mlflow import MlflowClient
 from flows.stack import Stack, free_port, local_timezone
 from tasks.common import REPO_DIR
 from tests._browser import CHROMIUM, CHROMIUM_ARGS, SHOTS, Api, shot
+from tasks.config import PipelineConfig
+from tasks.run_form import deployment_parameters
 from tests._ops_config import PIPELINE_STAGES, TINY_GATE, tiny
 
 pytestmark = pytest.mark.browser
 
-CHANGED_SEED = 7                                  # the parameter changed in the Run form
+CHANGED_EPOCHS = 2.0                              # the parameter changed in the Run form
+#: the first screen of the Run form (tasks/run_form.py): each field's description
+FIRST_SCREEN = {"data_file": "Your data:", "base_model": "Folder of the model to fine-tune",
+                "method": "lora: the full-precision model", "epochs": "Passes over your",
+                "learning_rate": "Peak learning rate.", "model_name": "Name of the model in",
+                "experiment": "MLflow experiment the run"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,11 +92,13 @@ def deployments(stack, api) -> dict[str, dict]:
     assert len(api("POST", "/deployments/filter", json={})) == 3
     assert len(after["nightly-retrain"]["schedules"]) == 1
 
+    # the Run form opens with the tiny config (the first screen's values; in options, the rest)
     api("PATCH", f"/deployments/{after['full-pipeline']['id']}",
-        json={"parameters": {"config": tiny()}})
+        json={"parameters": deployment_parameters(PipelineConfig.model_validate(tiny()))})
     # the nightly run will retrain exactly what the UI run builds: all cache hits, then the gate
     api("PATCH", f"/deployments/{after['nightly-retrain']['id']}",
-        json={"parameters": {"config": tiny(train={"seed": CHANGED_SEED}), "gate": TINY_GATE}})
+        json={"parameters": {"config": tiny(train={"epochs": CHANGED_EPOCHS}),
+                            "gate": TINY_GATE}})
     return after
 
 
@@ -139,7 +149,7 @@ def artifact_files(mlflow: MlflowClient, run_id: str, path: str | None = None) -
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ui_run(stack, api, deployments, browser) -> dict:
-    """Deployments -> full-pipeline -> Run -> Custom run -> change the training seed -> Submit ->
+    """Deployments -> full-pipeline -> Run -> Custom run -> change the epochs -> Submit ->
     View run -> Runs: wait in the list until the run says Completed -> the run's page."""
     context = browser.new_context(viewport={"width": 1440, "height": 1000})
     page = context.new_page()
@@ -150,15 +160,24 @@ def ui_run(stack, api, deployments, browser) -> dict:
     page.wait_for_url(re.compile(r"/deployments/deployment/"))
     shot(page, "prefect-1-deployment")
 
-    page.get_by_role("button", name="Run").first.click()
-    page.get_by_role("menuitem", name="Custom run").click()
-    # the Run form is PipelineConfig: find the field by its description, "Training seed."
-    field = page.locator("div.group").filter(
-        has=page.get_by_text("Training seed.", exact=True)).last
-    seed = field.locator("input").first
-    assert seed.input_value() == "42"
-    seed.fill(str(CHANGED_SEED))
-    assert seed.input_value() == str(CHANGED_SEED)
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run", exact=True).click()
+    # the first screen: the fields people change, each visible without scrolling
+    fields = {name: page.locator("div.group").filter(has=page.get_by_text(text)).last
+              for name, text in FIRST_SCREEN.items()}
+    viewport = page.viewport_size["height"]
+    for name, field in fields.items():
+        box = field.bounding_box()
+        assert box is not None and box["y"] + box["height"] <= viewport, (name, box)
+    shot(page, "prefect-2-run-form-first-screen", full_page=False)
+    # everything else in the Options section, folded: the page is about two screens
+    height = page.evaluate("Math.max(...[...document.querySelectorAll('*')].map("
+                           "e => e.scrollHeight))")
+    assert height <= 2 * viewport, f"the Run form is {height} px tall"
+    epochs = fields["epochs"].locator("input").first
+    assert float(epochs.input_value()) == 1.0              # the deployment's default (tiny)
+    epochs.fill(str(CHANGED_EPOCHS))
+    assert float(epochs.input_value()) == CHANGED_EPOCHS
     shot(page, "prefect-2-run-form")
     submit = page.get_by_role("button", name="Submit")
     submit.click()
@@ -240,7 +259,7 @@ def test_stack_start_is_idempotent_and_healthy(stack):
 
 def test_1_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
     assert ui_run["state_type"] == "COMPLETED"
-    assert ui_run["parameters"]["config"]["train"]["seed"] == CHANGED_SEED
+    assert ui_run["parameters"]["epochs"] == CHANGED_EPOCHS
     mlflow = MlflowClient(stack.mlflow_url)               # MLflow's API, through the server
     exp = mlflow.get_experiment_by_name("finetune-pipeline")
     parents = mlflow.search_runs([exp.experiment_id],
@@ -248,7 +267,7 @@ def test_1_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["train.seed"] == str(CHANGED_SEED)
+    assert parent.data.params["train.epochs"] == str(CHANGED_EPOCHS)
     assert parent.data.tags["prefect.flow_run_url"].startswith(stack.prefect_url)
     kids = {r.info.run_name: r for r in mlflow.search_runs(
         [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
@@ -286,8 +305,8 @@ def test_2_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
     run_link.first.click()
     page.wait_for_url(re.compile(r"/runs/[0-9a-f]{32}"))
     close_assistant(page)
-    seed = page.get_by_text("train.seed", exact=True).first
-    seed.scroll_into_view_if_needed()          # the changed parameter, in the params table
+    epochs = page.get_by_text("train.epochs", exact=True).first
+    epochs.scroll_into_view_if_needed()        # the changed parameter, in the params table
     shot(page, "mlflow-2-run")
 
     page.get_by_role("link", name="report", exact=True).first.click()    # its child run
@@ -345,7 +364,7 @@ def test_3_nightly_deployment_shows_its_schedule(stack, deployments, page):
         "CANCEL_NEW"
 
 
-def test_nightly_collision_cancels_the_new_run_and_the_gate_crowns_a_champion(
+def test_nightly_collision_cancels_the_new_run_and_the_gate_keeps_the_champion(
         stack, api, deployments, ui_run, page):
     dep = deployments["nightly-retrain"]["id"]
     runs = [api("POST", f"/deployments/{dep}/create_flow_run", json={}) for _ in range(2)]
@@ -358,11 +377,13 @@ def test_nightly_collision_cancels_the_new_run_and_the_gate_crowns_a_champion(
 
     mlflow = MlflowClient(stack.mlflow_url)
     champion = mlflow.get_model_version_by_alias("plant-care-chat", "champion")
-    assert str(champion.version) == "1"              # the UI run's model, first champion ever
+    # the UI run's model: its first version, crowned by that run; the nightly rebuilt the same
+    # model (every stage a cache hit), so the gate has nothing to decide and keeps it
+    assert str(champion.version) == "1"
     assert len(mlflow.search_model_versions("name = 'plant-care-chat'")) == 1
     arts = api("POST", "/artifacts/filter", json={"artifacts": {
         "key": {"any_": ["champion-gate"]}, "flow_run_id": {"any_": [completed["id"]]}}})
-    assert len(arts) == 1 and "PROMOTE" in arts[0]["data"]
+    assert len(arts) == 1 and "KEEP" in arts[0]["data"] and "Unchanged model" in arts[0]["data"]
 
     page.goto(stack.prefect_url + "/")
     page.get_by_role("link", name="Runs").first.click()
@@ -370,6 +391,6 @@ def test_nightly_collision_cancels_the_new_run_and_the_gate_crowns_a_champion(
     page.get_by_role("tab", name="Artifacts").first.click()
     page.get_by_text("champion-gate").first.click()              # the key's history ...
     page.get_by_role("link", name=re.compile(r"^[0-9a-f]{8}$")).first.click()  # ... this one
-    page.get_by_text(re.compile(r"Champion gate: PROMOTE")).first.wait_for()
+    page.get_by_text(re.compile(r"Champion gate: KEEP")).first.wait_for()
     assert "out-of-domain retention" in page.inner_text("body")
     shot(page, "prefect-6-nightly-gate-artifact")

@@ -263,15 +263,18 @@ class PipelineConfig(_Section):
 SCHEMA_PATH = SCHEMA_DIR / "pipeline_config.schema.json"
 
 
+def json_schema(model: type[BaseModel]) -> dict:
+    """The JSON Schema (draft 2020-12) of a config model, as committed under schemas/."""
+    return {**model.model_json_schema(), "$schema": "https://json-schema.org/draft/2020-12/schema"}
+
+
 def config_schema() -> dict:
-    schema = PipelineConfig.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
+    return json_schema(PipelineConfig)
 
 
-def write_schema(path: Path = SCHEMA_PATH) -> Path:
-    """Regenerate the committed JSON Schema of the config (a test checks it is current)."""
-    return atomic_write_text(path, json.dumps(config_schema(), ensure_ascii=False, indent=2,
+def write_schema(path: Path = SCHEMA_PATH, model: type[BaseModel] = PipelineConfig) -> Path:
+    """Regenerate a committed JSON Schema (a test checks that each is current)."""
+    return atomic_write_text(path, json.dumps(json_schema(model), ensure_ascii=False, indent=2,
                                               default=str) + "\n")
 
 

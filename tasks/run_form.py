@@ -19,16 +19,15 @@ its config class minus the fields the first screen already asks for.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from tasks.common import SCHEMA_DIR, atomic_write_text
+from tasks.common import SCHEMA_DIR
 from tasks.config_load import validate_as
 from tasks.config import BaseModelConfig, BenchmarkConfig, DataConfig, MergeConfig, \
-    PipelineConfig, QuantizeConfig, ReportConfig, TrainConfig
+    PipelineConfig, QuantizeConfig, ReportConfig, TrainConfig, json_schema, write_schema
 
 #: the first screen: form parameter -> the config field it sets (their one-line descriptions,
 #: in the user's words, are the Args of the flow's docstring: flows/pipeline.py `run_form`)
@@ -143,16 +142,8 @@ OPTIONS_SCHEMA_PATH = SCHEMA_DIR / "run_options.schema.json"
 
 
 def options_schema() -> dict:
-    schema = Options.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    return schema
-
-
-def write_schema(path: Path = OPTIONS_SCHEMA_PATH) -> Path:
-    """Regenerate the committed JSON Schema of the Run form's options (a test checks it)."""
-    return atomic_write_text(path, json.dumps(options_schema(), ensure_ascii=False, indent=2,
-                                              default=str) + "\n")
+    return json_schema(Options)
 
 
 if __name__ == "__main__":
-    print(write_schema())
+    print(write_schema(OPTIONS_SCHEMA_PATH, Options))

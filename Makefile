@@ -92,16 +92,16 @@ clean-state:           ## forget all runs, caches and outputs of this project (k
 .PHONY: stack stack-down stack-status deploy
 
 stack: setup           ## start Prefect (UI :4200) + worker + MLflow (UI :5000); returns when both answer
-	$(BIN)/python -m flows.stack start
+	$(BIN)/python -m flows.ops.stack start
 
 stack-down:            ## stop everything `make stack` started (by PID, whole process trees)
-	$(BIN)/python -m flows.stack stop
+	$(BIN)/python -m flows.ops.stack stop
 
 stack-status:          ## what runs, where the logs are
-	$(BIN)/python -m flows.stack status
+	$(BIN)/python -m flows.ops.stack status
 
 deploy: setup          ## create/update the three deployments of prefect.yaml (idempotent)
-	$(BIN)/python -m flows.stack deploy
+	$(BIN)/python -m flows.ops.stack deploy
 
 # Headless Chromium for the real-browser tests: Debian's package (Playwright's own browser download
 # does not work offline); Playwright itself comes from pip ([test] extra). Needs root or sudo.

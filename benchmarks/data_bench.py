@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     home = Path(tempfile.mkdtemp(prefix="data-bench-"))
     os.environ["PIPELINE_HOME"] = str(home)
-    from tasks.conversations import build_conversations
-    from tasks.data_report import build_data_report
-    from tasks.ingest import ingest
-    from tasks.validate import validate
+    from tasks.data.conversations import build_conversations
+    from tasks.data.data_report import build_data_report
+    from tasks.data.ingest import ingest
+    from tasks.data.validate import validate
 
     try:
         corpus = home / "corpus.txt"

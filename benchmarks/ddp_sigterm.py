@@ -18,16 +18,17 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.base_model import build_base_model
-from tasks.common import DATA_DIR, REPO_DIR, atomic_write_json, read_json
+from tasks.model.base_model import build_base_model
+from tasks.runtime.paths import DATA_DIR, REPO_DIR
+from tasks.runtime.files import atomic_write_json, read_json
 from tasks.config import BaseModelConfig, TrainConfig
-from tasks.conversations import qa_to_conversation, split_train_dev
-from tasks.qa_text import read_qa_text
-from tasks.train import checkpoint_dir, train_adapter
+from tasks.data.conversations import qa_to_conversation, split_train_dev
+from tasks.data.qa_text import read_qa_text
+from tasks.train.train import checkpoint_dir, train_adapter
 
 CHILD = ("import logging, sys; from pathlib import Path; "
          "logging.basicConfig(level=logging.INFO, format='%(message)s'); "
-         "from tasks.config import TrainConfig; from tasks.train import train_adapter; "
+         "from tasks.config import TrainConfig; from tasks.train.train import train_adapter; "
          "train_adapter(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), "
          "TrainConfig.model_validate_json(sys.argv[4]))")
 
@@ -67,7 +68,7 @@ def main() -> None:
     proc.wait(timeout=120)
     stop_seconds = time.monotonic() - t0
     time.sleep(2)
-    left = subprocess.run(["pgrep", "-f", "tasks.train --worker"], capture_output=True,
+    left = subprocess.run(["pgrep", "-f", "tasks.train.train --worker"], capture_output=True,
                           text=True).stdout.split()
     saved = sorted(ckpt.glob("checkpoint-*"))
     stopped_at = int(saved[-1].name.split("-")[1]) if saved else None

@@ -47,9 +47,9 @@ METHOD_NAMES = ("lora", "qlora", "ptuning")
 
 def prepare_data(folder: Path) -> tuple[Path, Path]:
     """train.json and dev.json of the sample corpus, as the conversations stage makes them."""
-    from tasks.common import DATA_DIR
-    from tasks.conversations import qa_to_conversation, split_train_dev
-    from tasks.qa_text import read_qa_text
+    from tasks.runtime.paths import DATA_DIR
+    from tasks.data.conversations import qa_to_conversation, split_train_dev
+    from tasks.data.qa_text import read_qa_text
 
     convs = [qa_to_conversation(r["q"], r["a"])
              for r in read_qa_text(DATA_DIR / "sample" / "plant_care_qa.txt")]
@@ -63,8 +63,8 @@ def prepare_data(folder: Path) -> tuple[Path, Path]:
 def rouge(spec, dev_json: Path) -> dict[str, float]:
     """The generations stage's dev scores of one model (its core, the report's settings)."""
     from tasks.config import PipelineConfig
-    from tasks.generations import answer_prompts
-    from tasks.scoring import average, read_dev_prompts, score_answer
+    from tasks.evaluate.generations import answer_prompts
+    from tasks.evaluate.scoring import average, read_dev_prompts, score_answer
 
     report = PipelineConfig().report
     dev = read_dev_prompts(dev_json)[:report.eval_examples]
@@ -77,11 +77,11 @@ def one(fields: dict, train_json: Path, dev_json: Path) -> dict:
     """Build one candidate base, train every method on it, score: the child process's work."""
     import torch
 
-    from tasks.base_model import build_base_model
+    from tasks.model.base_model import build_base_model
     from tasks.config import PipelineConfig
-    from tasks.methods import METHODS
-    from tasks.model_spec import ModelSpec
-    from tasks.train import train_adapter
+    from tasks.config.methods import METHODS
+    from tasks.model.model_spec import ModelSpec
+    from tasks.train.train import train_adapter
 
     torch.set_num_threads(1)
     default = PipelineConfig()
@@ -134,7 +134,7 @@ def cpu() -> dict:
     bitsandbytes takes its AVX512-BF16 4-bit path where the CPU has the instructions."""
     import torch
 
-    import tasks.compat  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
+    import tasks.model.compat  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
     from bitsandbytes.functional import has_avx512bf16
 
     info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() \

@@ -12,7 +12,7 @@ One process tree, one temporary project home per part (removed after):
    mean of the two sums: a shared machine's load drifts while the flows run);
 3. the temporary Prefect server a command-line run starts when no stack is up, booted alone:
    on a new project (its database created) and again (`server_start_s`);
-4. `python -m flows.data --set source=<corpus>` with the local stack up (`python -m flows.stack
+4. `python -m flows.data --set source=<corpus>` with the local stack up (`python -m flows.ops.stack
    start`: the run uses the stack's Prefect server, so no server start is in it): a first run
    and a cached re-run. `flow_first_s` / `flow_cached_s` are the wall times of those commands,
    from the process's start to its exit; `stages` are each stage's seconds including its
@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from data_bench import generate, timed  # noqa: E402
 
-from flows.stack import free_port  # noqa: E402
+from flows.ops.stack import free_port  # noqa: E402
 
 STAGES = ("ingest", "conversations", "validate", "data_report")
 
@@ -60,10 +60,10 @@ def _env(home: Path) -> dict[str, str]:
 def run_cores(corpus: Path, home: Path) -> dict[str, float]:
     """The four stage cores in this process; seconds per stage."""
     os.environ["PIPELINE_HOME"] = str(home)
-    from tasks.conversations import build_conversations
-    from tasks.data_report import build_data_report
-    from tasks.ingest import ingest
-    from tasks.validate import validate
+    from tasks.data.conversations import build_conversations
+    from tasks.data.data_report import build_data_report
+    from tasks.data.ingest import ingest
+    from tasks.data.validate import validate
 
     home.mkdir()
     rows: list = []
@@ -79,7 +79,7 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
 
 def boot_server(home: Path) -> float:
     """Seconds a command-line run's temporary Prefect server takes to answer, booted alone."""
-    code = ("import flows.startup as s; s.prepare(); s.launch_temporary_server(); "
+    code = ("import flows.ops.startup as s; s.prepare(); s.launch_temporary_server(); "
             "s.wait_for_server(); "
             "print(s.temporary_server().ready_seconds)")
     out = subprocess.run([sys.executable, "-c", code], env=_env(home), cwd=REPO, check=True,
@@ -121,8 +121,8 @@ def first_and_cached(home: Path, corpus: Path, log: Path) -> tuple[dict, dict]:
 
 
 def stack(home: Path, *args: str) -> None:
-    """`python -m flows.stack ...` for this home (its ports are remembered by `stop`)."""
-    subprocess.run([sys.executable, "-m", "flows.stack", *args], env=_env(home), cwd=REPO,
+    """`python -m flows.ops.stack ...` for this home (its ports are remembered by `stop`)."""
+    subprocess.run([sys.executable, "-m", "flows.ops.stack", *args], env=_env(home), cwd=REPO,
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -3,7 +3,7 @@
 `--runs` times, each on a corpus of its own (so every stage computes). For each run: its wall
 time, and the time the collector took (`gc.callbacks`: all collections, and the full ones).
 
-    python benchmarks/gc_cost.py                  # as the flows run (tasks/resources.py)
+    python benchmarks/gc_cost.py                  # as the flows run (tasks/runtime/resources.py)
     python benchmarks/gc_cost.py --collect-all    # as before: no survivor is set aside, so
                                                   # every full collection walks every object
 
@@ -62,7 +62,7 @@ def main() -> None:
     os.environ.update(PIPELINE_HOME=str(home), PREFECT_HOME=str(home / ".prefect"),
                       HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     sys.path.insert(0, str(REPO))
-    from flows.startup import prepare
+    from flows.ops.startup import prepare
 
     prepare()
     from flows.pipeline import pipeline
@@ -70,9 +70,9 @@ def main() -> None:
     from tests._ops_config import TINY, first_answer_marked
 
     if args.collect_all:
-        import tasks.resources
+        import tasks.runtime.resources
 
-        tasks.resources.gc = type("NoFreeze", (), {"collect": staticmethod(gc.collect),
+        tasks.runtime.resources.gc = type("NoFreeze", (), {"collect": staticmethod(gc.collect),
                                                    "freeze": staticmethod(lambda: None),
                                                    "unfreeze": staticmethod(gc.unfreeze)})
     clock, runs = CollectorClock(), []

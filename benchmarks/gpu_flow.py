@@ -194,7 +194,7 @@ def main() -> int:
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
     os.environ["PIPELINE_HOME"] = str(home)
-    from flows.startup import prepare
+    from flows.ops.startup import prepare
 
     prepare()                                         # before Prefect is imported
     os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -9,11 +9,11 @@ whose compiled engine takes longest):
 * roofline: device-to-device copy bandwidth, and from it the batch-1 decode roofline of the bf16
   and int4 weights (every weight byte read once per token);
 * decode: greedy decode tok/s at batch 1 and 8 of HF `generate` (eager, the anchor) and of the
-  static loop of tasks/decode.py (CUDA graph; `+compile`: torch.compile'd, then captured) on the
-  bf16 model, torchao int4 (tinygemm) and bitsandbytes nf4; capture/compile time apart; token
+  static loop of tasks/model/decode.py (CUDA graph; `+compile`: torch.compile'd, then captured) on
+  the bf16 model, torchao int4 (tinygemm) and bitsandbytes nf4; capture/compile time apart; token
   agreement with eager `generate` and the first step's max logit difference;
-* qlora: the train stage (tasks/train.py) against a bare HF + peft QLoRA loop on the same model,
-  data, batches (file order), LoRA and optimizer settings; useful (non-pad) tokens/s, peak CUDA
+* qlora: the train stage (tasks/train/train.py) against a bare HF + peft QLoRA loop on the same
+  model, data, batches (file order), LoRA and optimizer settings; useful (non-pad) tokens/s, peak CUDA
   memory and the first 20 steps' losses of both.
 The model is a random-weight one of benchmarks/models.py: speed and memory, not quality.
 """
@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import build_random_model
-from tasks.common import DATA_DIR, atomic_write_json
-from tasks.conversations import qa_to_conversation, split_train_dev
-from tasks.decode import StaticDecoder, left_pad
-from tasks.modeling import generate_ids, load_model, load_tokenizer, prompt_ids, release
-from tasks.qa_text import read_qa_text
+from tasks.runtime.paths import DATA_DIR
+from tasks.runtime.files import atomic_write_json
+from tasks.data.conversations import qa_to_conversation, split_train_dev
+from tasks.model.decode import StaticDecoder, left_pad
+from tasks.model.modeling import generate_ids, load_model, load_tokenizer, prompt_ids, release
+from tasks.data.qa_text import read_qa_text
 
 QUESTIONS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
              "冬天室内的植物要注意什么？", "君子兰怎么施肥？", "薄荷怎么扦插？",
@@ -132,7 +133,7 @@ def first_logit_diff(model, reference: torch.Tensor, tok) -> float:
 
 
 def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
-    from tasks.quantize import quantization_config
+    from tasks.export.quantize import quantization_config
     from tasks.config import QuantizeConfig
 
     tok = load_tokenizer(base_dir)
@@ -191,7 +192,7 @@ def anchor_loop(base_dir: Path, train_json: Path, cfg, steps: int) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, \
         DataCollatorForSeq2Seq, get_cosine_schedule_with_warmup
 
-    from tasks.train_data import IGNORE, encode_file
+    from tasks.train.train_data import IGNORE, encode_file
 
     tok = load_tokenizer(base_dir)
     tok.padding_side = "right"
@@ -263,7 +264,7 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     """The train stage, then the anchor, on a process warmed up first. Figures: useful tok/s
     over each whole loop, and in steady state (median step time after two steps, the same
     tokens per step)."""
-    from tasks.train import train_adapter
+    from tasks.train.train import train_adapter
 
     train_json, dev_json = sample_split(work)
     cfg = qlora_config(train_json, steps)

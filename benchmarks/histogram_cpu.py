@@ -1,4 +1,4 @@
-"""CPU time of one data-report length histogram (tasks/data_report.py `_histograms`: three role
+"""CPU time of one data-report length histogram (tasks/data/data_report.py `_histograms`: three role
 panels, train and dev overlaid, up to 60 bins) drawn as bars and as filled outlines
 (`histtype="stepfilled"`, what the data report draws since 2026-12-01).
 
@@ -21,7 +21,7 @@ from unittest import mock
 
 import numpy as np
 
-from tasks import data_report
+from tasks.data import data_report
 
 REPO = Path(__file__).resolve().parents[1]
 ROLES = ("system", "user", "assistant")

@@ -3,8 +3,8 @@ with the embedded default's tokenizer and chat template.
 
     SHAPES["6b"]: the ChatGLM2-6B shape as a Llama (6.24 B parameters, untied head)
 
-A model is built directly on its device in its dtype (`with torch.device(...)`: no fp32 copy on
-the host, which at 6 B would need ~25 GB and minutes) and saved with `tasks.modeling.save_model`.
+A model is built directly on its device in its dtype (`with torch.device(...)`: no fp32 copy on the
+host, which at 6 B would need ~25 GB and minutes) and saved with `tasks.model.modeling.save_model`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast
 
-from tasks.base_model import make_tokenizer, train_sentencepiece
-from tasks.common import DATA_DIR
-from tasks.modeling import save_model
-from tasks.qa_text import read_qa_text
+from tasks.model.base_model import make_tokenizer, train_sentencepiece
+from tasks.runtime.paths import DATA_DIR
+from tasks.model.modeling import save_model
+from tasks.data.qa_text import read_qa_text
 
 SHAPES: dict[str, dict] = {
     # ChatGLM2-6B: vocab 65024, hidden 4096, ffn 13696, 28 layers, 32 heads, 2 kv heads

@@ -11,9 +11,9 @@ bf16 autocast; `benchmarks/gpu_speed.py` has the anchor and the train stage side
 * no-ckpt+flat: and padding-free batches (transformers' DataCollatorWithFlattening);
 * no-upcast: no-ckpt, without `prepare_model_for_kbit_training`'s float32 copies of the
   non-quantized weights (norms, embeddings, head): input grads only;
-* no-upcast+no-cudnn: and SDPA without cuDNN attention (tasks/train.py `attention_kernels`);
+* no-upcast+no-cudnn: and SDPA without cuDNN attention (tasks/train/train.py `attention_kernels`);
 * no-upcast+compile: and the model under `torch.compile` (compile time in the first steps);
-* project, project-ckpt, project-no-ckpt: the train stage itself (tasks/train.py) with its
+* project, project-ckpt, project-no-ckpt: the train stage itself (tasks/train/train.py) with its
   default (auto) gradient checkpointing, forced on, forced off: its steady-state step.
 Writes qlora_profile_<size>.json.
 """
@@ -34,8 +34,8 @@ import torch
 
 from benchmarks.gpu_speed import qlora_config, sample_split
 from benchmarks.models import build_random_model
-from tasks.modeling import bnb_config, load_model, load_tokenizer, release
-from tasks.train import attention_kernels
+from tasks.model.modeling import bnb_config, load_model, load_tokenizer, release
+from tasks.train.train import attention_kernels
 
 VARIANTS = {
     "anchor": {"checkpointing": True, "flat": False, "upcast": True},
@@ -77,7 +77,7 @@ def run_variant(base_dir: Path, train_json: Path, name: str, steps: int) -> dict
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from tasks.train_data import IGNORE, encode_file
+    from tasks.train.train_data import IGNORE, encode_file
 
     v = VARIANTS[name]
     tok = load_tokenizer(base_dir)
@@ -148,9 +148,9 @@ def run_variant(base_dir: Path, train_json: Path, name: str, steps: int) -> dict
 
 def run_project(base_dir: Path, train_json: Path, dev_json: Path, steps: int,
                 checkpointing: bool | None) -> dict:
-    """The train stage itself (tasks/train.py: HF Trainer, padding-free packing) on the same
+    """The train stage itself (tasks/train/train.py: HF Trainer, padding-free packing) on the same
     batches in file order; its steady-state step time is `step_seconds_median`."""
-    from tasks.train import train_adapter
+    from tasks.train.train import train_adapter
 
     cfg = qlora_config(train_json, steps, checkpointing)
     t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def main() -> None:
 
 def mean_tokens_per_step(base_dir: Path, train_json: Path) -> float:
     """Useful tokens in a batch of 8, averaged over the file-order batches."""
-    from tasks.train_data import encode_file
+    from tasks.train.train_data import encode_file
 
     examples, _, _ = encode_file(load_tokenizer(base_dir), train_json, 160)
     batches = len(examples) // 8

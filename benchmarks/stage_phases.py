@@ -1,15 +1,15 @@
 """Where a model stage's time and host memory go at a real size, phase by phase: a process's
-start (imports, CUDA context), a bf16 load, a save, hashing the saved folder for its manifest,
-and the torchao int4 quantize stage's steps. Each scenario runs in a fresh process, as the
-stages do on a GPU (tasks/child_process.py); each phase's peak host RSS is its own (VmHWM, reset
-through /proc/self/clear_refs as tasks/resources.py does). Writes
+start (imports, CUDA context), a bf16 load, a save, hashing the saved folder for its manifest, and
+the torchao int4 quantize stage's steps. Each scenario runs in a fresh process, as the stages do on
+a GPU (tasks/runtime/child_process.py); each phase's peak host RSS is its own (VmHWM, reset through
+/proc/self/clear_refs as tasks/runtime/resources.py does). Writes
 benchmarks/results/stage_phases_<size>.json.
 
     bash benchmarks/on_device.sh python3 benchmarks/stage_phases.py --size 6b --out $OUT
 
 On 2026-11-30 it showed a 6 B bf16 load taking 18.4 s through safetensors' `pread` backend and
 1.6 s through transformers' memory map (benchmarks/results/stage_phases_6b_pread.json), hence
-tasks/mapped_weights.py.
+tasks/model/mapped_weights.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def phase(name: str) -> Iterator[None]:
     """Time a phase; its peak RSS is the high-water mark since the phase began."""
     import torch
 
-    from tasks.resources import own_peak_rss_mib, rss_mib
+    from tasks.runtime.resources import own_peak_rss_mib, rss_mib
 
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
@@ -56,17 +56,17 @@ def scenario(name: str, base: Path, work: Path) -> list[dict]:
     from tasks.config import QuantizeConfig
     from transformers import AutoModelForCausalLM
 
-    from tasks.manifest import build_manifest, hash_file
-    from tasks.merge import PROBE, probe_ids
-    from tasks.modeling import load_model, load_tokenizer, release, save_model
-    from tasks.quantize import quantization_config
+    from tasks.runtime.manifest import build_manifest, hash_file
+    from tasks.export.merge import PROBE, probe_ids
+    from tasks.model.modeling import load_model, load_tokenizer, release, save_model
+    from tasks.export.quantize import quantization_config
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"          # cpu: a smoke run only
     with phase("start-up: imports + CUDA context"):
         torch.zeros(1, device=dev)
     ROWS[-1]["seconds"] = round(time.perf_counter() - T0, 2)       # from the process's start
     if name == "bf16":
-        with phase("load bf16 (tasks.modeling.load_model)"):
+        with phase("load bf16 (tasks.model.modeling.load_model)"):
             model = load_model(base, dtype="bfloat16", device=dev)
         with phase("save bf16 (1 GB shards)"):
             save_model(model, None, work / "bf16")
@@ -97,7 +97,7 @@ def scenario(name: str, base: Path, work: Path) -> list[dict]:
             save_model(model, tok, work / f"int4-{os.getpid()}")
             del model
             release("cuda")
-        with phase("reload int4 (tasks.modeling.load_model)"):
+        with phase("reload int4 (tasks.model.modeling.load_model)"):
             model = load_model(work / f"int4-{os.getpid()}", dtype="bfloat16", device="cuda")
     return ROWS
 

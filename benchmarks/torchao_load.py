@@ -1,7 +1,7 @@
 """Host memory of loading a saved torchao int4 folder onto the GPU: transformers' own path
-(memory-mapped safetensors) against `tasks.modeling.load_model`'s (one tensor at a time, the
-torchao metadata handed to the quantizer; the 2026-11-30 result was taken when load_model read
-with safetensors' `pread`, before tasks/mapped_weights.py). Each load runs in a fresh process; the
+(memory-mapped safetensors) against `tasks.model.modeling.load_model`'s (one tensor at a time, the
+torchao metadata handed to the quantizer; the 2026-11-30 result was taken when load_model read with
+safetensors' `pread`, before tasks/model/mapped_weights.py). Each load runs in a fresh process; the
 logits of both must be identical. Writes benchmarks/results/torchao_load_<size>.json.
 
     bash benchmarks/on_device.sh python3 benchmarks/torchao_load.py --size 6b --out $OUT
@@ -24,7 +24,7 @@ import torch
 def child(folder: Path, how: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from tasks.resources import own_peak_rss_mib
+    from tasks.runtime.resources import own_peak_rss_mib
 
     rss0 = own_peak_rss_mib()
     start = time.perf_counter()
@@ -32,7 +32,7 @@ def child(folder: Path, how: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.bfloat16,
                                                      device_map={"": "cuda"})
     else:
-        from tasks.modeling import load_model
+        from tasks.model.modeling import load_model
 
         model = load_model(folder, dtype="bfloat16", device="cuda")
     torch.cuda.synchronize()
@@ -59,8 +59,8 @@ def main() -> None:
         return child(Path(args.child[0]), args.child[1])
     from benchmarks.models import build_random_model
     from tasks.config import QuantizeConfig
-    from tasks.modeling import load_model, save_model, load_tokenizer
-    from tasks.quantize import quantization_config
+    from tasks.model.modeling import load_model, save_model, load_tokenizer
+    from tasks.export.quantize import quantization_config
 
     work = Path(tempfile.mkdtemp(prefix="ao-probe-"))
     base, _ = build_random_model(args.size, work / "model", "cuda")

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from benchmarks.models import build_random_model
-from tasks.common import DATA_DIR, atomic_write_json
+from tasks.runtime.paths import DATA_DIR
+from tasks.runtime.files import atomic_write_json
 from tasks.config import TrainConfig
-from tasks.conversations import qa_to_conversation, split_train_dev
-from tasks.qa_text import read_qa_text
-from tasks.train import train_adapter
+from tasks.data.conversations import qa_to_conversation, split_train_dev
+from tasks.data.qa_text import read_qa_text
+from tasks.train.train import train_adapter
 
 
 def main() -> None:

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from tasks.base_model import build_base_model
-from tasks.common import DATA_DIR, atomic_write_json
+from tasks.model.base_model import build_base_model
+from tasks.runtime.paths import DATA_DIR
+from tasks.runtime.files import atomic_write_json
 from tasks.config import BaseModelConfig, TrainConfig
-from tasks.conversations import qa_to_conversation, split_train_dev
-from tasks.modeling import load_model, load_tokenizer, pick_device
-from tasks.qa_text import read_qa_text
-from tasks.train import IGNORE, train_adapter
-from tasks.train_data import encode_file
+from tasks.data.conversations import qa_to_conversation, split_train_dev
+from tasks.model.modeling import load_model, load_tokenizer, pick_device
+from tasks.data.qa_text import read_qa_text
+from tasks.train.train import IGNORE, train_adapter
+from tasks.train.train_data import encode_file
 
 from benchmarks.models import build_random_model
 

@@ -1,5 +1,5 @@
 """What headless Chromium costs while it shows a running flow in the Prefect UI: a local stack
-(flows/stack.py, own home and ports), a flow of 60 three-second tasks reporting to it, and for
+(flows/ops/stack.py, own home and ports), a flow of 60 three-second tasks reporting to it, and for
 each page 40 s of Chromium's CPU time (all its processes) per second of wall time:
 
 * the flow-run page (its live run graph is WebGL, which headless Chromium draws in software);
@@ -30,7 +30,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from flows.stack import Stack, free_port  # noqa: E402
+from flows.ops.stack import Stack, free_port  # noqa: E402
 from tests._browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402  (the browser test's flags)
 
 FLOW = textwrap.dedent("""

@@ -31,9 +31,10 @@ from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
 from flows.results import StageResultSerializer, cache_key_storage
-from tasks.code_version import code_digest, code_text
-from tasks.common import StageName, StageResult, file_lock
-from tasks.digest_memo import memo_digest_path
+from tasks.runtime.code_version import code_digest, code_text
+from tasks.runtime.results import StageName, StageResult
+from tasks.runtime.files import file_lock
+from tasks.runtime.digest_memo import memo_digest_path
 
 MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
 
@@ -114,7 +115,7 @@ def wrapper_digest(fn: Callable) -> str:
 
 def stage_cache_policy(module: str, *, model_libs: bool = False,
                        ignore: tuple[str, ...] = (), wrapper: str = "") -> CachePolicy:
-    """Cache policy for a task wrapping the core of `module` (e.g. "tasks.ingest"), its
+    """Cache policy for a task wrapping the core of `module` (e.g. "tasks.data.ingest"), its
     records kept where only plain-JSON stage results are read back (flows/results.py).
     `ignore`: parameters that do not shape the output (e.g. a name shown in errors)."""
     return CacheKeyFnPolicy(

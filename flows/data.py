@@ -8,7 +8,7 @@ with a data report (counts, skipped and duplicate records, length histograms) in
 from __future__ import annotations
 
 if __name__ == "__main__":        # the command line: set up before Prefect is imported
-    from flows.startup import prepare_cli
+    from flows.ops.startup import prepare_cli
 
     prepare_cli()
 
@@ -21,9 +21,10 @@ from prefect import flow, get_run_logger
 from flows.mlflow_files import DatasetFile
 from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
     parent_run, validate_task
-from tasks.common import SCHEMA_DIR, StageResult
+from tasks.runtime.paths import SCHEMA_DIR
+from tasks.runtime.results import StageResult
 from tasks.config import DataConfig
-from tasks.dataset_io import QA
+from tasks.data.dataset_io import QA
 
 #: inputs bigger than this are not copied into MLflow (their digest is logged instead)
 RAW_ARTIFACT_BYTES = 64 << 20
@@ -76,9 +77,9 @@ def data_pipeline(config: DataConfig = DataConfig(),
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows import cli
+    from flows.ops import cli, commands
 
-    args, load = cli.COMMANDS["flows.data"].parse(argv, __doc__)
+    args, load = commands.COMMANDS["flows.data"].parse(argv, __doc__)
     return cli.run(load, data_pipeline, args)
 
 

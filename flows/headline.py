@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.benchmark_rows import read_rows
-from tasks.common import StageResult, read_json
-from tasks.scoring import SCORES
+from tasks.evaluate.benchmark_rows import read_rows
+from tasks.runtime.results import StageResult
+from tasks.runtime.files import read_json
+from tasks.evaluate.scoring import SCORES
 
 #: the artifact the generations table is logged as (the MLflow UI's "Evaluation" tab and the
 #: artifact view read it)

@@ -31,8 +31,9 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.types.schema import Array, ColSpec, DataType, Object, Property, Schema
 
-from tasks.common import digest_bytes, project_dir
-from tasks.digest_memo import memo_digest_file
+from tasks.runtime.files import digest_bytes
+from tasks.runtime.paths import project_dir
+from tasks.runtime.digest_memo import memo_digest_file
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@
    registration finds the existing version: no new model version. New or changed input files
    change the digests and recompute what depends on them.
 2. `evaluate_candidates`, before anything is registered: the new merged model (challenger) and
-   the model under the registry alias `champion` are evaluated on the same, current dev set,
-   plus the out-of-domain probes (tasks/gate.py). A failure here fails the run like any other
+   the model under the registry alias `champion` are evaluated on the same, current dev set, plus
+   the out-of-domain probes (tasks/evaluate/gate.py). A failure here fails the run like any other
    stage: nothing registered.
 3. `register` (the pipeline's) registers the challenger as a version (idempotent by digest); it
    takes the alias only if the gate says so. The first model ever becomes champion.
@@ -21,7 +21,7 @@
 from __future__ import annotations
 
 if __name__ == "__main__":        # the command line: set up before Prefect is imported
-    from flows.startup import prepare_cli
+    from flows.ops.startup import prepare_cli
 
     prepare_cli()
 
@@ -35,24 +35,32 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows import cli
+from flows.ops import cli, commands
 from flows.caching import cached_stage
 from flows.pipeline import Built, build, finish, register
 from flows.stages import PipelineRun, parent_run
 from flows.tracking import Tracker
-from tasks.common import StageName, StageResult, project_dir, stage_root
+from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.paths import project_dir
 from tasks.config import PipelineConfig
-from tasks.methods import METHODS
-from tasks.model_spec import ModelSpec
+from tasks.config.methods import METHODS
+from tasks.model.model_spec import ModelSpec
 from flows.registry import RegisteredVersion, champion_version
-from tasks.gate import Candidate, GateConfig, GateDecision, decide, ood_retention, probe_answers
+from tasks.evaluate.gate import (
+    Candidate,
+    GateConfig,
+    GateDecision,
+    decide,
+    ood_retention,
+    probe_answers,
+)
 
 
-@cached_stage(StageName.EVALUATE, "tasks.gate", model_libs=True)
+@cached_stage(StageName.EVALUATE, "tasks.evaluate.gate", model_libs=True)
 def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
                   eval_examples: int, max_new_tokens: int, batch_size: int) -> StageResult:
     """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
-    from tasks.gate import evaluate_model
+    from tasks.evaluate.gate import evaluate_model
 
     result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens,
                             batch_size)
@@ -205,7 +213,7 @@ def nightly(config: PipelineConfig = PipelineConfig(),
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, load = cli.COMMANDS["flows.nightly"].parse(argv, __doc__)
+    args, load = commands.COMMANDS["flows.nightly"].parse(argv, __doc__)
 
     def run(configs: tuple[PipelineConfig, GateConfig]) -> None:
         result = nightly(*configs)

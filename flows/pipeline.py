@@ -11,7 +11,7 @@ between them.
 from __future__ import annotations
 
 if __name__ == "__main__":        # the command line: set up before Prefect is imported
-    from flows.startup import prepare_cli
+    from flows.ops.startup import prepare_cli
 
     prepare_cli()
 
@@ -25,20 +25,23 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows import cli
+from flows.ops import cli, commands
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
 from flows.stages import PipelineRun, base_model_task, benchmark_task, convert_base_task, \
     generations_task, merge_task, parent_run, quantize_task, quantize_torchao_task, \
     report_task, resolve_base_task, stage_of, train_task
-from tasks.common import ConfigError, StageResult, is_local_model_path, read_json
+from tasks.runtime.errors import ConfigError
+from tasks.runtime.results import StageResult
+from tasks.runtime.paths import is_local_model_path
+from tasks.runtime.files import read_json
 from tasks.config import BaseModelConfig, PipelineConfig
-from tasks.run_form import to_config
-from tasks.methods import METHODS
-from tasks.model_folder import classify
-from tasks.model_spec import ModelSpec
+from tasks.config.run_form import to_config
+from tasks.config.methods import METHODS
+from tasks.config.model_folder import classify
+from tasks.model.model_spec import ModelSpec
 from flows.registry import RegisteredVersion, crown_first, log_chat_model, register_version
-from tasks.scoring import read_dev_prompts
+from tasks.evaluate.scoring import read_dev_prompts
 
 
 @flow(name="finetune-pipeline", log_prints=True)
@@ -59,7 +62,7 @@ def run_form(data_file: str = "", base_model: str = "", method: Literal[tuple(ME
              options: dict[str, Any] = {}) -> dict[str, Any]:      # noqa: B006 (never mutated)
     """Fine-tune a chat model on your data: the Run form of the deployment `full-pipeline`.
     The first fields are what people change; `options` holds everything else, in sections
-    (tasks/run_form.py). An empty field (or a learning rate of 0) takes the default.
+    (tasks/config/run_form.py). An empty field (or a learning rate of 0) takes the default.
 
     Args:
         data_file: Your data: a .txt of question/answer blocks, or a JSON / JSON Lines file
@@ -101,7 +104,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     """Every stage up to the report, inside an open parent run; the parent run gets the
     headline metrics and the generations table. Nothing is registered."""
     # torch loads here, not at import: a mistake on the command line is reported in seconds
-    from tasks.modeling import pick_device, resolve_dtype
+    from tasks.model.modeling import pick_device, resolve_dtype
     refuse_foreign_code(cfg.base)
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
@@ -154,7 +157,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
 
 def refuse_foreign_code(cfg: BaseModelConfig) -> None:
     """Before any stage: a base.path folder that needs its own Python code is refused in one
-    line (tasks/model_folder.py; the command line checks this when it loads the config)."""
+    line (tasks/config/model_folder.py; the command line checks this when it loads the config)."""
     if cfg.path and is_local_model_path(cfg.path) and Path(cfg.path).is_dir():
         if (kind := classify(cfg.path)).kind == "refused":
             raise ConfigError(f"base.path={cfg.path}", kind.reason or "needs code of its own")
@@ -260,7 +263,7 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, load = cli.COMMANDS["flows.pipeline"].parse(argv, __doc__)
+    args, load = commands.COMMANDS["flows.pipeline"].parse(argv, __doc__)
     return cli.run(load, pipeline, args)
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from tasks.common import file_lock
-from tasks.compat import mlflow_pipeline_class
+from tasks.runtime.files import file_lock
+from tasks.model.compat import mlflow_pipeline_class
 
 #: the chat format a logged model speaks (MLflow's OpenAI-style chat schema)
 CHAT_TASK = "llm/v1/chat"

@@ -26,7 +26,8 @@ from prefect.filesystems import LocalFileSystem
 from prefect.serializers import Serializer
 from pydantic import Field
 
-from tasks.common import StageResult, atomic_write_bytes
+from tasks.runtime.results import StageResult
+from tasks.runtime.files import atomic_write_bytes
 
 SERIALIZER = "stage-result-json"
 _FIELDS = [f.name for f in dataclasses.fields(StageResult)]
@@ -138,7 +139,7 @@ class CacheKeyStorage(LocalFileSystem):
 
 def results_folder() -> Path:
     """Prefect's local result storage (`PREFECT_LOCAL_STORAGE_PATH`: <project>/.prefect/storage,
-    set by flows.startup.prepare)."""
+    set by flows.ops.startup.prepare)."""
     from prefect.settings import get_current_settings
 
     return Path(get_current_settings().results.local_storage_path)

@@ -22,109 +22,115 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from flows import hygiene, startup
+from flows.ops import hygiene, startup
 from flows.caching import cached_stage, inputs_lock
 from flows.mlflow_files import DatasetFile
-from flows.signals import as_raised_by_signal
+from flows.ops.signals import as_raised_by_signal
 from flows.tracking import Tracker
-from tasks.common import DataError, StageName, StageResult
+from tasks.runtime.errors import DataError
+from tasks.runtime.results import StageName, StageResult
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, QuantizeConfig, \
     ReportConfig, TrainConfig
-from tasks.model_spec import ModelSpec
-from tasks.resources import peak_memory, thaw
+from tasks.model.model_spec import ModelSpec
+from tasks.runtime.resources import peak_memory, thaw
 
 
 def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
-    """`core(*args, **kwargs)`; where there is a GPU, in a fresh process (tasks/child_process.py),
-    so that the flow process never holds a model and each stage's host memory peak is its own
+    """`core(*args, **kwargs)`; where there is a GPU, in a fresh process
+    (tasks/runtime/child_process.py), so that the flow process never holds a model and each stage's
+    host memory peak is its own
     (README "At 6 B on one GPU"). On a CPU (the tiny default) here: no start-up cost."""
-    from tasks import child_process
-    from tasks.modeling import pick_device
+    from tasks.runtime import child_process
+    from tasks.model.modeling import pick_device
 
     if pick_device("auto").startswith("cuda"):
         return child_process.call(core, *args, **kwargs)
     return core(*args, **kwargs)
 
 
-@cached_stage(StageName.INGEST, "tasks.ingest")
+@cached_stage(StageName.INGEST, "tasks.data.ingest")
 def ingest_task(source: Path, fmt: str = "auto", on_error: str = "fail",
                 max_chars: int = 100_000) -> StageResult:
-    from tasks import ingest
+    from tasks.data import ingest
 
     return ingest.ingest(source, fmt, on_error, max_chars)
 
 
-@cached_stage(StageName.CONVERSATIONS, "tasks.conversations", ignore=("source",))
+@cached_stage(StageName.CONVERSATIONS, "tasks.data.conversations", ignore=("source",))
 def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: float,
                        shuffle_seed: int | None, split_by: str = "record",
                        duplicates: str = "drop", source: str | None = None) -> StageResult:
     """`source`: the user's input, named in errors (not part of the cache key)."""
-    from tasks import conversations
+    from tasks.data import conversations
 
     return conversations.build_conversations(
         qa.file("records_arrow"), system_prompt, train_ratio, shuffle_seed, split_by,
         duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
 
 
-@cached_stage(StageName.VALIDATE, "tasks.validate")
+@cached_stage(StageName.VALIDATE, "tasks.data.validate")
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
-    from tasks import validate
+    from tasks.data import validate
 
     files = {"qa": (qa.file("qa_json"), "qa")} if "qa_json" in qa.files else {}
     return validate.validate({**files, "train": (data.file("train_json"), "conversation"),
                               "dev": (data.file("dev_json"), "conversation")})
 
 
-@cached_stage(StageName.DATA_REPORT, "tasks.data_report")
+@cached_stage(StageName.DATA_REPORT, "tasks.data.data_report")
 def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None = None
                      ) -> StageResult:
-    from tasks import data_report
+    """`tokenizer`: a model folder whose tokens the lengths are counted in (loaded here, so the
+    data stages never depend on the model's code)."""
+    from tasks.data import data_report
+    from tasks.model.tokenizer import data_tokenizer
 
-    return data_report.build_data_report(qa, data, tokenizer)
+    tok = data_tokenizer(tokenizer) if tokenizer else None
+    return data_report.build_data_report(qa, data, tok, str(tokenizer) if tokenizer else None)
 
 
 @task(name=StageName.BASE.value, cache_policy=NO_CACHE)
 def resolve_base_task(cfg: BaseModelConfig) -> StageResult:
     """base.path set: the user's model, used where it is (nothing computed, nothing cached)."""
-    from tasks import base_model
+    from tasks.model import base_model
 
     return base_model.resolve_base_model(cfg)
 
 
-@cached_stage(StageName.BASE, "tasks.chatglm", model_libs=True)
+@cached_stage(StageName.BASE, "tasks.model.chatglm", model_libs=True)
 def convert_base_task(source: Path) -> StageResult:
     """base.path is a ChatGLM2/3 or original GLM-4 folder: converted once to a native one."""
-    from tasks import chatglm
+    from tasks.model import chatglm
 
     return _model_core(chatglm.convert_folder, source)
 
 
-@cached_stage(StageName.BASE, "tasks.base_model", model_libs=True)
+@cached_stage(StageName.BASE, "tasks.model.base_model", model_libs=True)
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
-    from tasks import base_model
+    from tasks.model import base_model
 
     return base_model.build_base_model(data.file("train_json"), cfg)
 
 
-@cached_stage(StageName.TRAIN, "tasks.train", model_libs=True)
+@cached_stage(StageName.TRAIN, "tasks.train.train", model_libs=True)
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
-    from tasks import train
+    from tasks.train import train
 
     return _model_core(train.train_adapter, base.path, data.file("train_json"),
                        data.file("dev_json"), cfg)
 
 
-@cached_stage(StageName.MERGE, "tasks.merge", model_libs=True)
+@cached_stage(StageName.MERGE, "tasks.export.merge", model_libs=True)
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
-    from tasks import merge
+    from tasks.export import merge
 
     return _model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
-@cached_stage(StageName.QUANTIZE, "tasks.quantize", model_libs=True)
+@cached_stage(StageName.QUANTIZE, "tasks.export.quantize", model_libs=True)
 def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
-    from tasks import quantize
+    from tasks.export import quantize
 
     return _model_core(quantize.quantize_int4, merged.path, cfg, device, fmt)
 
@@ -133,26 +139,26 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
 quantize_torchao_task = quantize_task.with_options(name=StageName.QUANTIZE_TORCHAO.value)
 
 
-@cached_stage(StageName.BENCHMARK, "tasks.benchmark", model_libs=True)
+@cached_stage(StageName.BENCHMARK, "tasks.evaluate.benchmark", model_libs=True)
 def benchmark_task(variants: dict[str, ModelSpec], prompts: list, cfg: BenchmarkConfig,
                    device: str) -> StageResult:
-    from tasks import benchmark
+    from tasks.evaluate import benchmark
 
     return benchmark.run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
-@cached_stage(StageName.GENERATIONS, "tasks.generations", model_libs=True)
+@cached_stage(StageName.GENERATIONS, "tasks.evaluate.generations", model_libs=True)
 def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probes_file: Path,
                      cfg: ReportConfig) -> StageResult:
-    from tasks import generations
+    from tasks.evaluate import generations
 
     return _model_core(generations.generate_answers, base, tuned, data.file("dev_json"),
                        probes_file, cfg)
 
 
-@cached_stage(StageName.REPORT, "tasks.report")
+@cached_stage(StageName.REPORT, "tasks.evaluate.report")
 def report_task(generations: StageResult, extra_sections: dict[str, str]) -> StageResult:
-    from tasks import report
+    from tasks.evaluate import report
 
     return report.render_report(generations.file("generations_json"), extra_sections)
 
@@ -343,7 +349,7 @@ class PipelineRun:
         MLflow logging (`stage_total_seconds.<stage>`) and, for a command-line run, the time
         from the process's start to its first stage (`startup_seconds`), of which the
         temporary Prefect server took `server_start_seconds` to boot and kept the run waiting
-        `server_wait_seconds` (see flows/startup.py)."""
+        `server_wait_seconds` (see flows/ops/startup.py)."""
         out = {f"stage_total_seconds.{r['stage']}": r["total_seconds"] for r in self.rows}
         if startup.cli_flow() and self.first_stage_at:
             out["startup_seconds"] = startup.process_seconds() - (time.perf_counter()
@@ -367,7 +373,7 @@ class PipelineRun:
 
 def _best_effort(record: Callable[..., None], *args: Any) -> None:
     """Record a failure in MLflow without hiding it: if recording fails too, say so and let
-    the original error through (a later run ends a run left RUNNING, flows/hygiene.py)."""
+    the original error through (a later run ends a run left RUNNING, flows/ops/hygiene.py)."""
     try:
         record(*args)
     except Exception as e:
@@ -400,7 +406,7 @@ def parent_run(experiment: str, kind: str, params: dict[str, Any]) -> Iterator[P
             raise ended from error          # a signal that surfaced as another error
         raise
     finally:
-        thaw()                               # what the stages set aside (tasks/resources.py)
+        thaw()                               # what the stages set aside (tasks/runtime/resources.py)
     _log_timings(run)
     tracker.finish(parent_id, ok=True)
 

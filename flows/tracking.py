@@ -21,20 +21,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from flows.hygiene import ending, owner_tags
-from flows.databases import seed_mlflow
+from flows.ops.home import tracking_uri
+from flows.ops.hygiene import ending, owner_tags
+from flows.ops.databases import seed_mlflow
 from flows.mlflow_files import DatasetFile, content_digest, dataset_input, log_artifacts
-from tasks.common import StageResult, file_lock, project_dir
+from tasks.runtime.results import StageResult
+from tasks.runtime.files import file_lock
+from tasks.runtime.paths import project_dir
 
 CACHE_TAG, RESULT_TAG, REUSED_TAG = "pipeline.cache", "pipeline.result_id", \
     "pipeline.reused_from_run_id"
 ERROR_TAG, INVALIDATED_TAG = "pipeline.error", "pipeline.cache_invalidated"
-
-
-def tracking_uri() -> str:
-    """`MLFLOW_TRACKING_URI`, else the project's sqlite DB (artifacts under mlruns/)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{project_dir() / 'mlflow.db'}"
 
 
 def _set_fluent_tracking_uri(uri: str) -> None:
@@ -80,7 +77,7 @@ class Tracker:
     def __init__(self, experiment: str):
         self.uri = tracking_uri()
         # the first run on a new PIPELINE_HOME creates the DB (a copy of its template,
-        # flows/databases.py, made before MlflowClient opens, i.e. creates, it) and the
+        # flows/ops/databases.py, made before MlflowClient opens, i.e. creates, it) and the
         # experiment: two runs started together must not both
         with file_lock("mlflow-db"):
             seed_mlflow(self.uri)

@@ -9,8 +9,8 @@ from typing import Any
 
 import httpx
 
-from flows.stack import Stack
-from tasks.common import REPO_DIR
+from flows.ops.stack import Stack
+from tasks.runtime.paths import REPO_DIR
 
 CHROMIUM = Path("/usr/bin/chromium")            # `make browsers`
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

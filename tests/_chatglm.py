@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.chatglm_tokenizer import CHATGLM3_SPECIALS, GLM4_PATTERN, GLM4_SPECIALS
-from tasks.common import DATA_DIR
+from tasks.model.chatglm_tokenizer import CHATGLM3_SPECIALS, GLM4_PATTERN, GLM4_SPECIALS
+from tasks.runtime.paths import DATA_DIR
 
 CORPUS = (DATA_DIR / "sample" / "plant_care_qa.txt").read_text(encoding="utf-8")
 EXTRA = ("How often should I water a pothos? Every 7-10 days; 2.5 cm of soil dry.\n"

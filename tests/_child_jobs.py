@@ -12,7 +12,7 @@ def hold_memory(mib: int) -> int:
     """Touch `mib` MiB of host memory, say so on the progress logger, return its length."""
     block = bytearray(mib << 20)
     block[::4096] = b"\x01" * len(block[::4096])
-    logging.getLogger("tasks.progress").info("held %d MiB in pid %d", mib, os.getpid())
+    logging.getLogger("tasks.runtime.progress").info("held %d MiB in pid %d", mib, os.getpid())
     return len(block)
 
 

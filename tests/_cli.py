@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.common import REPO_DIR
+from tasks.runtime.paths import REPO_DIR
 
 
 def cli_env(home: Path, api_url: str | None = None) -> dict[str, str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tasks.common import REPO_DIR
+from tasks.runtime.paths import REPO_DIR
 
 SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 

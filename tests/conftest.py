@@ -23,7 +23,7 @@ if _workers > 1:
     _cores = len(os.sched_getaffinity(0))          # the cores this process may run on
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // _workers)))
 
-from flows.startup import prepare  # noqa: E402  (the rest of the project's settings)
+from flows.ops.startup import prepare  # noqa: E402  (the rest of the project's settings)
 
 prepare()
 
@@ -71,11 +71,11 @@ def tiny_base(tmp_path_factory):
 def _build_tiny_base(root: Path, train_json: Path, dev_json: Path) -> Path:
     import json
 
-    from tasks.base_model import build_base_model
-    from tasks.common import DATA_DIR
+    from tasks.model.base_model import build_base_model
+    from tasks.runtime.paths import DATA_DIR
     from tasks.config import BaseModelConfig
-    from tasks.conversations import qa_to_conversation, split_train_dev
-    from tasks.qa_text import read_qa_text
+    from tasks.data.conversations import qa_to_conversation, split_train_dev
+    from tasks.data.qa_text import read_qa_text
 
     root.mkdir(parents=True, exist_ok=True)
     convs = [qa_to_conversation(r["q"], r["a"])

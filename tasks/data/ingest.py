@@ -1,0 +1,86 @@
+"""Stage 1, ingest: any supported input (see `tasks.data.formats`) -> one table of conversations.
+
+Outputs under outputs/ingest/<digest>/:
+    records.arrow    every usable record as a conversation, with its file, line and record
+                     number (Arrow IPC: the next stage reads it without parsing anything)
+    qa.json          `[{"q", "a"}]`, when every record is one question and one answer (always
+                     for raw Q/A text, the first step of README "What each stage produces")
+    skipped.json     the malformed records skipped (on_error="skip"), counted by kind
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
+from tasks.data.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
+from tasks.data.formats import Format, Loaded, read_source
+from tasks.runtime.progress import Progress
+from tasks.data.sources import Issues, OnError
+
+log = logging.getLogger(__name__)
+
+
+def _relative_names(loaded: Loaded, source: Path) -> list[str]:
+    """File names as the data set knows them (relative to a source directory), so moving the
+    data elsewhere does not change the output's content address."""
+    if source.is_dir():
+        return [Path(f).relative_to(source).as_posix() for f in loaded.files]
+    return [Path(f).name for f in loaded.files]
+
+
+def ingest(source: Path, fmt: Format = "auto", on_error: OnError = "fail",
+           max_chars: int = 100_000) -> StageResult:
+    """Read `source` (a file, or a directory of one format) into records.arrow (+ qa.json)."""
+    source = Path(source)
+    issues = Issues(on_error)
+    with Progress(f"ingest {source.name}", total=3) as progress:
+        loaded = read_source(source, fmt, on_error=on_error, max_chars=max_chars, issues=issues)
+        progress.update(note=f"read {loaded.table.num_rows:,} records")
+        return _publish(source, loaded, issues, on_error, progress)
+
+
+def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
+             progress: Progress) -> StageResult:
+    """records.arrow (+ qa.json, skipped.json) of what was read, published; the stage result."""
+    names = _relative_names(loaded, source)
+    table = loaded.table.set_column(
+        loaded.table.schema.get_field_index("file"), "file",
+        pa.DictionaryArray.from_arrays(single(loaded.table.column("file")),
+                                       pa.array(names)))
+    qa = is_qa(table.column("conversations"))
+    if issues.skipped:
+        log.warning("%s: skipped %d malformed record(s) (%s); first: %s", source,
+                    issues.skipped, dict(issues.counts), issues.examples[0]["message"])
+    with staging_dir(stage_root(StageName.INGEST)) as tmp:
+        write_arrow(tmp / "records.arrow", table)
+        progress.update(note="wrote records.arrow")
+        if qa:
+            write_json_records(tmp / "qa.json", table.select(["conversations"]), qa_json)
+        if issues.skipped:
+            atomic_write_json(tmp / "skipped.json", {"counts": dict(issues.counts),
+                                                     "examples": issues.examples})
+        out, digest = publish_dir(tmp, stage_root(StageName.INGEST))
+    files = {"records_arrow": str(out / "records.arrow")}
+    if qa:
+        files["qa_json"] = str(out / "qa.json")
+    if issues.skipped:
+        files["skipped_json"] = str(out / "skipped.json")
+    turns = pc.list_value_length(table.column("conversations"))
+    metrics = {"records": float(table.num_rows), "turns": float(pc.sum(turns).as_py()),
+               "files": float(len(loaded.files)), "skipped_records": float(issues.skipped),
+               **{f"skipped.{kind}": float(n) for kind, n in issues.counts.items()}}
+    if qa:
+        metrics["qa_pairs"] = float(table.num_rows)
+    return StageResult(stage=StageName.INGEST, path=str(out), digest=digest, files=files,
+                       metrics=metrics,
+                       info={"source": str(source), "format": loaded.format, "files": names,
+                             "ignored_files": loaded.ignored_files,
+                             "ignored_fields": loaded.ignored_fields, "on_error": on_error,
+                             "skipped": dict(issues.counts),
+                             "skipped_examples": issues.examples[:20]})

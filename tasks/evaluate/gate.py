@@ -1,0 +1,184 @@
+"""Champion gate: does a retrained model (the challenger) replace the current champion?
+
+Both models answer the SAME dev prompts (the current dev split) under the same greedy settings,
+scored like the generations stage (ROUGE-1/2/L F1 on jieba words, BLEU-4 on characters,
+0-100). The out-of-domain probes have no reference answers, so forgetting is measured as
+*retention*: how close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100).
+
+The challenger is promoted only if it beats the champion on the configured metric by more than
+`min_improvement` AND its retention is at most `max_ood_drop` points below the champion's. The
+first model ever is promoted; an unchanged model (same content digest) is kept without being
+evaluated again. Pure: no Prefect, no MLflow (the flow moves the registry alias).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
+from tasks.model.model_spec import ModelSpec
+
+Metric = Literal["rouge_1", "rouge_2", "rouge_l", "bleu_4"]
+
+
+class GateConfig(BaseModel):
+    """When a nightly retrained model takes the registry alias from the current champion."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    metric: Metric = Field("rouge_l", description="Dev-set score the challenger must improve "
+                           "(ROUGE-1/2/L F1 or BLEU-4, 0-100), both models scored on the "
+                           "current dev split.")
+    min_improvement: float = Field(0.0, description="Promote only if challenger - champion > "
+                                   "this many points (0: strictly better; negative: tolerate "
+                                   "that much regression).")
+    max_ood_drop: float = Field(10.0, ge=0, description="Out-of-domain bound: the challenger's "
+                                "probe-answer retention (ROUGE-L vs the base model's answers) "
+                                "may be at most this many points below the champion's.")
+    eval_examples: int = Field(24, ge=1, description="Dev prompts scored per model (capped at "
+                               "the dev set size).")
+    max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
+    batch_size: int = Field(16, ge=1, description="Prompts answered together (as "
+                            "report.batch_size).")
+    alias: str = Field("champion", description="MLflow registry alias that marks the model in "
+                       "production.")
+
+
+def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
+                   eval_examples: int, max_new_tokens: int, batch_size: int = 1) -> StageResult:
+    """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
+    model, `batch_size` prompts at a time; score the dev answers ->
+    outputs/evaluate/<digest>/evaluation.json."""
+    from tasks.evaluate.generations import answer_prompts
+    from tasks.evaluate.scoring import average, read_dev_prompts, read_probes, score_answer
+
+    dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
+    probes = read_probes(Path(probes_file))
+    prompts = [p for p, _ in dev] + [[{"role": "user", "content": q}] for q in probes]
+    answers = answer_prompts(spec, prompts, max_new_tokens, batch_size)["answers"]
+    dev_answers, probe_answers = answers[:len(dev)], answers[len(dev):]
+    per_prompt = [score_answer(a, ref) for a, (_, ref) in zip(dev_answers, dev)]
+    metrics = average(per_prompt) if dev else {}
+    metrics["eval_examples"] = float(len(dev))
+    root = stage_root(StageName.EVALUATE)
+    with staging_dir(root) as tmp:
+        atomic_write_json(tmp / "evaluation.json", {
+            "model": spec.describe(), "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size,
+            "dev": [{"reference": ref, "answer": a, "scores": s}
+                    for (_, ref), a, s in zip(dev, dev_answers, per_prompt)],
+            "probes": [{"question": q, "answer": a} for q, a in zip(probes, probe_answers)],
+            "metrics": metrics})
+        out, digest = publish_dir(tmp, root)
+    return StageResult(stage=StageName.EVALUATE, path=str(out), digest=digest,
+                       files={"evaluation_json": str(out / "evaluation.json")}, metrics=metrics)
+
+
+def probe_answers(evaluation: StageResult) -> list[str]:
+    return [p["answer"] for p in read_json(evaluation.file("evaluation_json"))["probes"]]
+
+
+def ood_retention(answers: list[str], base_answers: list[str]) -> float:
+    """Mean ROUGE-L (0-100) of a model's probe answers against the base model's answers to the
+    same probes: 100 = answers out-of-domain questions exactly as the base did."""
+    from tasks.evaluate.scoring import score_answer
+
+    if len(answers) != len(base_answers) or not answers:
+        raise ValueError(f"probe answers do not line up ({len(answers)} vs "
+                         f"{len(base_answers)}): were both models given the same probes?")
+    return sum(score_answer(a, b)["rouge_l"] for a, b in zip(answers, base_answers)) / \
+        len(answers)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model as the gate sees it: its registry version, content digest and, once
+    evaluated, its dev score on the gate's metric and its out-of-domain retention."""
+
+    version: str | None
+    digest: str
+    score: float | None = None
+    ood: float | None = None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    reason: str
+    metric: str
+    challenger: Candidate
+    champion: Candidate | None
+    min_improvement: float
+    max_ood_drop: float
+
+    @property
+    def outcome(self) -> str:
+        return "promote" if self.promote else "keep"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["outcome"] = self.outcome
+        return d
+
+    def metrics(self) -> dict[str, float]:
+        """Both scores, flat, for MLflow (absent ones omitted)."""
+        out = {}
+        for who, c in (("challenger", self.challenger), ("champion", self.champion)):
+            if c is not None and c.score is not None:
+                out[f"{who}_{self.metric}"] = c.score
+            if c is not None and c.ood is not None:
+                out[f"{who}_ood_retention"] = c.ood
+        out["promoted"] = float(self.promote)
+        return out
+
+    def markdown(self) -> str:
+        def cell(c: Candidate | None, attr: str) -> str:
+            value = getattr(c, attr) if c else None
+            return "-" if value is None else f"{value:.2f}"
+
+        ch, cp = self.challenger, self.champion
+        return "\n".join([
+            f"## Champion gate: **{self.outcome.upper()}**", "", self.reason, "",
+            "| | challenger | champion |", "|---|---|---|",
+            f"| registry version | {ch.version or '-'} | {cp.version if cp else '-'} |",
+            f"| model digest | `{ch.digest[:12]}` | {f'`{cp.digest[:12]}`' if cp else '-'} |",
+            f"| dev {self.metric} (same dev set) | {cell(ch, 'score')} | {cell(cp, 'score')} |",
+            f"| out-of-domain retention | {cell(ch, 'ood')} | {cell(cp, 'ood')} |", "",
+            f"Rule: promote if challenger - champion > {self.min_improvement:g} on "
+            f"{self.metric} and the retention drop <= {self.max_ood_drop:g} points."])
+
+
+def decide(challenger: Candidate, champion: Candidate | None, cfg: GateConfig) -> GateDecision:
+    """The gate's rule (see the module docstring). Evaluated candidates need score and ood."""
+    def verdict(promote: bool, reason: str) -> GateDecision:
+        return GateDecision(promote, reason, cfg.metric, challenger, champion,
+                            cfg.min_improvement, cfg.max_ood_drop)
+
+    if champion is None:
+        return verdict(True, f"First model: there is no '{cfg.alias}' yet, so the challenger "
+                             "becomes it.")
+    if champion.digest == challenger.digest:
+        return verdict(False, f"Unchanged model: the challenger is the current '{cfg.alias}' "
+                              f"(version {champion.version}); nothing to do.")
+    if None in (challenger.score, challenger.ood, champion.score, champion.ood):
+        raise ValueError("both candidates must be evaluated (score and ood) before deciding")
+    gain = challenger.score - champion.score
+    drop = champion.ood - challenger.ood
+    if gain <= cfg.min_improvement:
+        return verdict(False, f"Kept the champion: challenger {cfg.metric} "
+                              f"{challenger.score:.2f} vs champion {champion.score:.2f} "
+                              f"({gain:+.2f}; needs > {cfg.min_improvement:+g}).")
+    if drop > cfg.max_ood_drop:
+        return verdict(False, f"Kept the champion: {cfg.metric} improved by {gain:+.2f}, but "
+                              f"out-of-domain retention fell {drop:.2f} points "
+                              f"({champion.ood:.2f} -> {challenger.ood:.2f}; bound "
+                              f"{cfg.max_ood_drop:g}).")
+    return verdict(True, f"Promoted: {cfg.metric} {challenger.score:.2f} vs champion "
+                         f"{champion.score:.2f} ({gain:+.2f}), out-of-domain retention "
+                         f"{challenger.ood:.2f} vs {champion.ood:.2f} (drop {drop:.2f} <= "
+                         f"{cfg.max_ood_drop:g}).")

@@ -1,0 +1,170 @@
+"""Call a stage core in a fresh Python process, so the caller's memory never holds a model.
+
+    result = child_process.call(merge.merge_adapter, base, adapter, "bfloat16", "cuda")
+
+At 6 B, a process that has loaded a model keeps gigabytes of host memory after releasing it
+(the CUDA context, allocator arenas, pinned staging buffers), and the next stage's peak
+starts from there; a child that exits returns all of it (README "At 6 B on one GPU").
+
+* Children are forked from a fork server (Python's `multiprocessing` "forkserver"): one clean
+  interpreter per caller, started at the first call, that has imported torch, transformers and,
+  on a machine without a GPU, this project's model code, peft and bitsandbytes (`PRELOAD`). A
+  child then starts in well under a second instead of the ~10 s those imports take on 2 cores.
+  The server never initialises CUDA, so each child does so afresh. A child runs in the
+  caller's current environment variables and working directory.
+* The job (function, arguments) and the answer (result or exception) travel as pickles in
+  files of a temporary folder: a function is pickled by its module and name, so it must be a
+  module-level function of an importable module.
+* The child's `tasks.*` log records (progress lines) come back over a pipe and are re-emitted
+  on the caller's loggers, in the calling thread, so Prefect's task-run log still gets them.
+  Its stdout and stderr are the fork server's, i.e. the caller's when the server started.
+* The child's peak RSS (VmHWM) and peak CUDA memory come back with the answer and are added to
+  the caller's `tasks.runtime.resources.peak_memory()` block.
+* A child killed by a signal (the OOM killer, a Ctrl-C) raises `ChildProcessError` naming the
+  function and the signal; its exception, if it can be pickled, is re-raised as it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import traceback
+import types
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+from tasks.runtime.resources import Peaks, add_child_peaks, own_peak_rss_mib
+
+#: what the fork server imports once, on every machine
+PRELOAD = ["torch", "transformers", "tasks.runtime.child_process", "tasks.model.model_spec",
+           "tasks.evaluate.benchmark"]
+#: and where there is no GPU: the model code. With a GPU these would initialise CUDA in the
+#: server, and no forked child could use it then: transformers' model code imports torchao, whose
+#: triton check reads the GPU's properties, and bitsandbytes (imported by peft) does at import.
+PRELOAD_WITHOUT_GPU = ["tasks.model.modeling", "tasks.model.decode", "peft", "bitsandbytes"]
+
+T = TypeVar("T")
+
+
+def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`, computed in a new process (see the module docstring)."""
+    what = f"{fn.__module__}.{fn.__qualname__}"
+    with tempfile.TemporaryDirectory(prefix="child-") as tmp:
+        job, answer = Path(tmp) / "job.pkl", Path(tmp) / "answer.pkl"
+        job.write_bytes(pickle.dumps((fn, args, kwargs)))
+        records, write_end = multiprocessing.Pipe(duplex=False)
+        proc = fork_server().Process(target=_child, name=what, args=(
+            str(job), str(answer), write_end, dict(os.environ), os.getcwd()))
+        try:
+            with _main_module_left_out():
+                proc.start()
+        finally:
+            write_end.close()                         # the child holds the only write end
+        try:
+            with records:
+                while True:                           # until the child closes its end
+                    try:
+                        _re_emit(records.recv())
+                    except EOFError:
+                        break
+            proc.join()
+        except BaseException:                         # Ctrl-C, a cancelled flow run: no orphan
+            proc.terminate()
+            proc.join()
+            raise
+        if not answer.is_file():
+            code = proc.exitcode or 0
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+                f"exited with status {code}"
+            raise ChildProcessError(f"{what} ran in a process of its own, which {how} before "
+                                    "it answered (a SIGKILL is often the out-of-memory killer)")
+        ok, value, peaks = pickle.loads(answer.read_bytes())
+    add_child_peaks(peaks)
+    if not ok:
+        raise value
+    return value
+
+
+@functools.cache
+def fork_server() -> ForkServerContext:
+    """This process's fork server context; the server itself starts with the first child."""
+    import torch
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(
+        PRELOAD + ([] if torch.cuda.is_available() else PRELOAD_WITHOUT_GPU))
+    return context
+
+
+@contextmanager
+def _main_module_left_out() -> Iterator[None]:
+    """Start a child without the caller's `__main__`. multiprocessing re-imports the main module
+    of the caller in each child (as `__mp_main__`): a script without a `__main__` guard would
+    run again there, and a `python -m flows.pipeline` child would import Prefect and MLflow for
+    nothing. A job is a function of an importable module, so the child never needs it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _re_emit(record: dict[str, Any]) -> None:
+    logging.getLogger(record["name"]).log(record["level"], "%s", record["message"])
+
+
+class _PipeHandler(logging.Handler):
+    """Sends each record's name, level and message to the caller."""
+
+    def __init__(self, connection: Connection):
+        super().__init__()
+        self.connection = connection
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.connection.send({"name": record.name, "level": record.levelno,
+                              "message": record.getMessage()})
+
+
+def _answer_of(error: BaseException) -> BaseException:
+    """The error itself if it survives a pickle round trip (custom exceptions with extra
+    constructor arguments may not), else a RuntimeError carrying its traceback."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        text = "".join(traceback.format_exception(error))
+        return RuntimeError(f"{type(error).__name__}: {error}\n(in a child process)\n{text}")
+
+
+def _child(job: str, answer: str, records: Connection, environ: dict[str, str], cwd: str
+           ) -> None:
+    os.environ.clear()                            # the caller's, as a fresh process would have
+    os.environ.update(environ)
+    os.chdir(cwd)
+    handler = _PipeHandler(records)
+    for name in ("tasks", "flows"):
+        logging.getLogger(name).addHandler(handler)
+        logging.getLogger(name).setLevel(logging.INFO)
+    fn, args, kwargs = pickle.loads(Path(job).read_bytes())
+    try:
+        ok, value = True, fn(*args, **kwargs)
+    except BaseException as error:                      # noqa: BLE001 -- handed to the caller
+        ok, value = False, _answer_of(error)
+    torch = sys.modules.get("torch")
+    cuda = torch.cuda.max_memory_allocated() / 2**20 \
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
+    tmp = Path(answer + ".tmp")
+    tmp.write_bytes(pickle.dumps((ok, value, Peaks(rss_mib=own_peak_rss_mib(),
+                                                    cuda_mib=cuda))))
+    os.replace(tmp, answer)                       # no answer file: the child did not finish

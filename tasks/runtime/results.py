@@ -1,0 +1,81 @@
+"""What a stage is called and what it returns (a `StageResult`: small, JSON-able, cached by
+Prefect; the files stay on disk). Part of the runtime: no stage's cache key covers it, so adding
+a stage re-keys no other stage."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from tasks.runtime.files import verify_outputs
+from tasks.runtime.paths import project_dir
+
+
+class StageName(StrEnum):
+    """Every stage's name: its Prefect task, its MLflow child run and `outputs/<name>/`. The
+    flows' table of stages (flows/stages.py `STAGES`) says which stage is given which."""
+
+    INGEST = "ingest"
+    CONVERSATIONS = "conversations"
+    VALIDATE = "validate"
+    DATA_REPORT = "data_report"
+    BASE = "base"
+    TRAIN = "train"
+    MERGE = "merge"
+    QUANTIZE = "quantize"
+    QUANTIZE_TORCHAO = "quantize_torchao"
+    BENCHMARK = "benchmark"
+    GENERATIONS = "generations"
+    REPORT = "report"
+    EVALUATE = "evaluate"                  # the nightly gate's scoring of one model,
+    EVALUATE_BASE = "evaluate_base"        # run as one stage per model it scores
+    EVALUATE_CHALLENGER = "evaluate_challenger"
+    EVALUATE_CHAMPION = "evaluate_champion"
+
+
+def stage_root(stage: StageName) -> Path:
+    """Where a stage keeps its content-addressed outputs: <project>/outputs/<stage>/."""
+    return project_dir() / "outputs" / stage
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """The small, picklable record a stage returns (Prefect caches this; files stay on disk).
+
+    `path` is the stage's main output (a file or a directory), `digest` its content digest, which
+    is what downstream cache keys see. `files` names the individual artifacts worth browsing,
+    `metrics` are numbers for MLflow, `summary` is markdown a person reads (the benchmark
+    table, the report), `history` the step metrics of a training (one dict per logged step:
+    its `step` and values, e.g. `loss`), `device` where a model stage computed, `dtype` the
+    dtype a model output loads in (merge: its weights'; int4: its compute dtype), and `info` any
+    other JSON-able detail a later stage reads. `result_id` is minted when the stage really
+    executes, so a cache hit can be traced back to the run that computed it."""
+
+    stage: StageName
+    path: str
+    digest: str
+    files: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    history: list[dict[str, float]] = field(default_factory=list)
+    device: str | None = None
+    dtype: str | None = None
+    result_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stage", StageName(self.stage))   # a typo fails here, loudly
+
+    def file(self, name: str) -> Path:
+        return Path(self.files[name])
+
+    def exists(self) -> bool:
+        return Path(self.path).exists() and all(Path(p).exists() for p in self.files.values())
+
+    def problem(self) -> str | None:
+        """None if the outputs this result points at are there as published (README "Failure
+        modes"), else what is wrong with them."""
+        return verify_outputs([self.path, *self.files.values()])

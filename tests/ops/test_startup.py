@@ -1,0 +1,87 @@
+"""Setting up a process that runs flows is an explicit call (flows/ops/startup.py): importing the
+flows sets none of the project's settings (torch and joblib set their own KMP_* and inductor
+variables), starts nothing and loads no torch (a command-line mistake is reported before the
+model libraries load, README "Paths and values as you meant them"); `prepare()` gives Prefect the
+project's settings when it runs before Prefect is imported, and refuses to pretend otherwise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tasks.runtime.paths import REPO_DIR
+
+pytestmark = pytest.mark.long        # fresh interpreters that import the flows
+
+
+def python(code: str, env: dict[str, str]) -> dict:
+    """Run `code` in a fresh interpreter of this venv; it prints one JSON line."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_DIR, check=True,
+                         capture_output=True, text=True, timeout=300)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bare_env(home) -> dict[str, str]:
+    """This environment without any Prefect, MLflow or Hugging Face setting."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_", "HF_", "DO_NOT_TRACK"))}
+    return {**env, "PIPELINE_HOME": str(home)}
+
+
+def test_importing_the_flows_changes_nothing_and_prepare_then_refuses(tmp_path):
+    got = python("""
+import json, os, psutil
+before = dict(os.environ)
+import flows, flows.pipeline, flows.nightly, flows.data, flows.ops.stack, flows.serve
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k)
+                 and k.startswith(("PREFECT_", "MLFLOW_", "HF_", "PIPELINE_", "DO_NOT_TRACK")))
+from flows.ops.startup import prepare
+try:
+    prepare()
+    refused = None
+except RuntimeError as e:
+    refused = str(e)
+import sys
+print(json.dumps({"changed": changed, "children": len(psutil.Process().children()),
+                  "refused": refused, "loaded": sorted({"torch", "transformers", "nltk",
+                                                        "jieba"} & set(sys.modules))}))
+""", bare_env(tmp_path))
+    assert got["changed"] == [] and got["children"] == 0, got
+    assert got["loaded"] == [], got
+    assert got["refused"] and "before Prefect is imported" in got["refused"], got
+    assert "PREFECT_HOME" in got["refused"]
+    assert not (tmp_path / ".prefect").exists(), "an import created the project's state"
+
+
+def test_prepare_points_prefect_at_the_project_and_keeps_what_is_set(tmp_path):
+    env = {**bare_env(tmp_path), "PREFECT_SERVER_ANALYTICS_ENABLED": "true"}
+    got = python("""
+import json, os
+from flows.ops.startup import prepare
+prepare()
+prepare()                                    # idempotent
+from prefect.settings import get_current_settings
+s = get_current_settings()
+print(json.dumps({"home": str(s.home), "storage": str(s.results.local_storage_path),
+                  "analytics": s.server.analytics_enabled,
+                  "extra_loggers": os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"],
+                  "hf_offline": os.environ["HF_HUB_OFFLINE"]}))
+""", env)
+    assert got == {"home": str(tmp_path / ".prefect"),
+                   "storage": str(tmp_path / ".prefect" / "storage"),
+                   "analytics": True,                 # set by the user: kept
+                   "extra_loggers": "tasks", "hf_offline": "1"}
+    assert (tmp_path / ".prefect").is_dir()
+
+
+def test_every_flow_command_line_has_the_command_prepare_cli_checks():
+    """`prepare_cli` checks the config of each `python -m <flow>` through its `Command` (the
+    checks themselves: tests/test_cli_errors.py, for the pipeline, data and nightly flows)."""
+    from flows.ops.commands import COMMANDS
+    from flows.ops.startup import CLI_FLOWS
+
+    assert set(COMMANDS) == CLI_FLOWS

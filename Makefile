@@ -27,7 +27,7 @@ $(STAMP): $(LOCK) pyproject.toml
 
 setup: $(STAMP)
 
-# ---- The lock (README "Dependencies") -----------------------------------------------------------
+# ---- The lock (docs/design.md "Dependencies") -----------------------------------------------------------
 # `make lock` re-resolves pyproject.toml's ranges to the newest releases, for Python 3.11 on
 # Linux x86-64, with uv (itself locked). torch stays at TORCH_PIN: its CPU wheel is looked up in
 # TORCH_WHEELS so that the lock holds torch's CPU dependencies, not a CUDA build's.

@@ -1,6 +1,6 @@
 """How small can the embedded default be? Build candidate embedded bases on the sample corpus's
 train split, train each method with its defaults on each, and score what the test suite asserts
-(tests/test_embedded_default.py): dev loss before -> after, and dev ROUGE-L of base and tuned
+(tests/pipeline/test_embedded_default.py): dev loss before -> after, and dev ROUGE-L of base and tuned
 answers to the report's dev prompts -- beside the CPU seconds each candidate costs.
 
     .venv/bin/python benchmarks/embedded_size.py --jobs 2                  # every candidate

@@ -103,7 +103,7 @@ def allocated_gb(folder: Path) -> float:
 def computed_figures(row: dict) -> dict:
     """A stage's seconds and peaks when it was computed: this run's, or for a cache hit those of
     the MLflow child run that computed it (an earlier flow run on the same PIPELINE_HOME, e.g.
-    one that a device call's time limit ended; README "Failure modes")."""
+    one that a device call's time limit ended; docs/design.md "Failure modes")."""
     if not row["cached"]:
         return {"seconds": row["seconds"], "peak_cuda_mib": row["peak_cuda_mib"] or 0.0,
                 "peak_rss_mib": row["peak_rss_mib"]}

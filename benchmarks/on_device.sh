@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run a command on the lent GPU machine with the project's Python stack (README "Measured on a
-# GPU"). The machine has torch, but not prefect, mlflow, bitsandbytes, torchao, pydantic, ...:
+# Run a command on the lent GPU machine with the project's Python stack (docs/gpu.md "At 6 B on
+# one GPU"). The machine has torch, but not prefect, mlflow, bitsandbytes, torchao, pydantic, ...:
 # those travel as one archive, .whl/site312.txz (made by benchmarks/carry_site.sh), unpacked to
 # /tmp/site and put first on PYTHONPATH (so the lock's transformers and peft win too).
 #   bash benchmarks/on_device.sh python3 benchmarks/gpu_flow.py --out "$OUT"

@@ -1,6 +1,6 @@
 """Where a QLoRA step's time goes at 6 B: bare HF + peft loops that differ in one setting each,
 per-step wall time after warm-up, and a torch.profiler look at two steps (GPU busy share, the
-ops that take the host's and the GPU's time). The figures behind README "Fast at real scale".
+ops that take the host's and the GPU's time). The figures behind docs/gpu.md "Fast at real scale".
 
     PYTHONPATH=. python benchmarks/qlora_profile.py --out benchmarks/results      # on a GPU
 

@@ -4,7 +4,7 @@ each page 40 s of Chromium's CPU time (all its processes) per second of wall tim
 
 * the flow-run page (its live run graph is WebGL, which headless Chromium draws in software);
 * the same page with Chromium's 3D APIs off (no graph);
-* the Runs list, where tests/test_stack_browser.py waits for its run.
+* the Runs list, where tests/ops/test_stack_browser.py waits for its run.
 
     .venv/bin/python benchmarks/ui_graph_cpu.py       # needs /usr/bin/chromium (`make browsers`)
 

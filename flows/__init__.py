@@ -4,7 +4,8 @@
     flows/nightly.py    nightly retraining with the champion gate
     flows/data.py       the data stages alone
     flows/stages.py     the stage tasks and the MLflow child run of each
-    flows/ops/stack.py      the local Prefect + MLflow stack; flows/serve.py serves a champion
+    flows/serve.py      serves the registry's champion
+    flows/ops/          the command line, startup, the local Prefect + MLflow stack
 
 Importing this package changes nothing. A process that runs flows calls
 `flows.ops.startup.prepare()` before it imports Prefect (the command-line flows do it themselves).

@@ -1,4 +1,4 @@
-"""Prefect's stage results as plain JSON, never pickles (README "Failure modes").
+"""Prefect's stage results as plain JSON, never pickles (docs/design.md "Failure modes").
 
 A cache hit needs nothing but the stage's `StageResult` record (paths, digests, metrics): the
 files themselves stay in outputs/. Prefect persists task results with cloudpickle by default, and

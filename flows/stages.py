@@ -39,7 +39,7 @@ def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) 
     """`core(*args, **kwargs)`; where there is a GPU, in a fresh process
     (tasks/runtime/child_process.py), so that the flow process never holds a model and each stage's
     host memory peak is its own
-    (README "At 6 B on one GPU"). On a CPU (the tiny default) here: no start-up cost."""
+    (docs/gpu.md "At 6 B on one GPU"). On a CPU (the tiny default) here: no start-up cost."""
     from tasks.runtime import child_process
     from tasks.model.modeling import pick_device
 

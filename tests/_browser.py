@@ -1,4 +1,4 @@
-"""What the real-browser tests (tests/test_stack_browser.py) and benchmarks/ui_graph_cpu.py
+"""What the real-browser tests (tests/ops/test_stack_browser.py) and benchmarks/ui_graph_cpu.py
 share: Debian's headless Chromium and its flags, screenshots, and the stack's Prefect REST API."""
 
 from __future__ import annotations

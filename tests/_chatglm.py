@@ -1,7 +1,7 @@
 """Random-weight ChatGLM2/3 and GLM-4 folders in their original layout, and an independent
 reference of each: the forward pass, the tokenizer and the prompt builders, written from the
 published design (the models' `modeling_chatglm.py` / `tokenization_chatglm.py`), for
-tests/test_chatglm.py.
+tests/model/test_chatglm.py.
 
 The folders hold what the published ones hold: config.json with `model_type: chatglm` and its
 `auto_map`, the original tensor names, a `tokenizer.model` (SentencePiece for ChatGLM2/3, a

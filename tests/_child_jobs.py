@@ -1,4 +1,4 @@
-"""Module-level functions for tests/test_child_process.py: a job a child process runs must be
+"""Module-level functions for tests/runtime/test_child_process.py: a job a child process runs must be
 importable by its module and name."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The layout shows the architecture (README "How the code is laid out"): small folders, and
+"""The layout shows the architecture (docs/design.md "How the code is laid out"): small folders, and
 imports that go one way between them -- flows over tasks, the stages over the model and the
 runtime -- with no circle, between folders or between modules."""
 

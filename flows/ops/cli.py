@@ -16,7 +16,7 @@
   the summary; `--verbose` (PIPELINE_VERBOSE=1) shows every line (`_Quiet`), library progress
   bars included. Prefect's task-run log and MLflow hold everything either way.
 
-The Prefect flow run and the MLflow run record the failure either way (README "Failure modes").
+The Prefect flow run and the MLflow run record the failure either way (docs/design.md "Failure modes").
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """A new project home starts with its Prefect and MLflow databases copied from templates.
 
 Prefect's server and MLflow's tracking store each keep their state in a SQLite file of the
-project home (README "The local stack, one command each"). On a new home, each creates its
+project home (docs/operations.md "The local stack, one command each"). On a new home, each creates its
 schema by running every one of its migrations (alembic): about 14 s for Prefect's and 5 s for
 MLflow's on a 2-core machine, to arrive at the same empty schema every time. So the empty schema
 is made once per machine and library version, as a template under `~/.cache/finetune-pipeline/`
 (or `$XDG_CACHE_HOME`), and a new home gets a copy in well under a second. Prefect and MLflow
-then find their schema at its head and run no migration (README "Orchestration overhead").
+then find their schema at its head and run no migration (docs/design.md "Orchestration overhead").
 
 A template is built in a folder of its own and renamed into place when complete, and a copy is
 published with a link that never replaces a file: a killed run leaves no half-made database that

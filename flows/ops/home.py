@@ -1,5 +1,5 @@
 """The settings of a project home: where a run's state lives, and what every process of the
-project runs with (README "Where state lives"). Light: no Prefect, MLflow or torch."""
+project runs with (docs/design.md "Where state lives"). Light: no Prefect, MLflow or torch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from tasks.runtime.paths import project_dir
 
 
 def project_environment(home: Path) -> dict[str, str]:
-    """The settings every process of the project at `home` runs with (README "Where state
-    lives"): Prefect's state inside the project, no telemetry, the stage cores' `tasks.*` log
+    """The settings every process of the project at `home` runs with (docs/design.md "Where
+    state lives"): Prefect's state inside the project, no telemetry, the stage cores' `tasks.*` log
     records in Prefect's task-run logs, and Hugging Face offline (nothing is downloaded at run
     time by accident). The stack's services get them too (flows/ops/stack.py)."""
     prefect_home = home / ".prefect"

@@ -1,4 +1,4 @@
-"""Crash hygiene at the start of every flow run (README "Failure modes"): nothing a killed run
+"""Crash hygiene at the start of every flow run (docs/design.md "Failure modes"): nothing a killed run
 left behind is trusted or left running.
 
 * staging directories under outputs/ whose owning process is gone are removed

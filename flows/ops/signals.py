@@ -1,4 +1,4 @@
-"""How a signal ends a run, wherever it lands (README "Failure modes"). Light to import: no
+"""How a signal ends a run, wherever it lands (docs/design.md "Failure modes"). Light to import: no
 Prefect, MLflow or torch (the command line uses it before they are imported).
 
 A signal handler's exception surfaces where the signal lands. Landing in Python code, it is

@@ -1,4 +1,4 @@
-"""Outlive a flow process by a moment, to stop what it started (README "Failure modes").
+"""Outlive a flow process by a moment, to stop what it started (docs/design.md "Failure modes").
 
     python flows/ops/watchdog.py <pid>        # started by flows.ops.hygiene.start_watchdog()
 

@@ -2,7 +2,7 @@
 probes, and the dev answers are scored. This is the costly half of the before/after comparison
 users of QLoRA tutorials expect ("微调前后推理对比"), with checks for catastrophic forgetting
 ("灾难性遗忘"). The report stage (tasks/evaluate/report.py) renders it, so a new benchmark table
-re-renders the report without generating again (README "Caching").
+re-renders the report without generating again (docs/design.md "Caching").
 
 Greedy decoding, one model in memory at a time; the dev answers are scored against the references by
 tasks/evaluate/scoring.py (ROUGE-1/2/L, BLEU-4). Output: generations.json (every prompt, reference,

@@ -1,7 +1,7 @@
 """Stage "report": the before/after report (report.md, report.html: jinja2, autoescaped),
 rendered from the generations stage's generations.json (tasks/evaluate/generations.py) plus extra
 sections such as the benchmark table. Cheap: no model is loaded, so a changed section
-re-renders the report without generating again (README "Caching").
+re-renders the report without generating again (docs/design.md "Caching").
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
 #: In float32 merging is exact to rounding. In 16 bits W + BA is rounded per weight, and a young
 #: adapter's BA is about one bf16 step of W, so much of it rounds away and the error adds up over
 #: the layers: a 6 B random-weight model after 15 QLoRA steps, merged in bf16 on an H200, gave a
-#: relative error of 0.084 and 93 % top-1 agreement (README "Measured on a GPU"). The 16-bit
+#: relative error of 0.084 and 93 % top-1 agreement (docs/gpu.md "At 6 B on one GPU"). The 16-bit
 #: bounds catch a wrong merge (scale, transposition, missing layers: errors of order 1), not
 #: rounding; the figures are reported either way.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.25}

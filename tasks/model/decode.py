@@ -2,7 +2,7 @@
 one decode step replayed as a CUDA graph (optionally compiled first).
 
 HF `generate` with a dynamic cache is host-bound at batch 1 on a fast GPU: issuing one step's
-hundreds of kernels takes as long as running them (README "Measured on a GPU"). Here the step's
+hundreds of kernels takes as long as running them (docs/gpu.md "At 6 B on one GPU"). Here the step's
 inputs live in fixed buffers (token, position, attention mask, transformers' `StaticCache`), so the
 whole step -- forward, argmax, advancing the position -- is captured once with
 `torch.cuda.CUDAGraph` and replayed per token (the recipe of PyTorch's "CUDA Graphs" notes and of
@@ -12,7 +12,7 @@ cudagraph trees of its own) and captures that. On a CPU the same loop runs eager
 This is a measuring and answering loop, not a serving engine: greedy only, left-padded batches, a
 fixed number of new tokens for the benchmark, or until every row has produced an EOS for answers
 (callers cut at the EOS). HF `generate` stays the reference: on the same model the static loop
-gives the same greedy tokens (tests/test_decode.py).
+gives the same greedy tokens (tests/model/test_decode.py).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 each tensor is read from a memory map when transformers asks for it, copied to the load's
 device, and its pages are then dropped from this process (`madvise(MADV_DONTNEED)`).
 
-Why (README "At 6 B on one GPU"): transformers maps the files and copies each tensor from the
+Why (docs/gpu.md "At 6 B on one GPU"): transformers maps the files and copies each tensor from the
 map to the GPU, which is fast (a 6 B bf16 model in 1.6 s on an H200), but every page it read
 stays resident in the process until loading ends: 12.5 GiB of host RSS. safetensors' `pread`
 backend keeps the RSS down but loaded the same model in 18 s. Reading through the map and

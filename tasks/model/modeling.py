@@ -251,7 +251,7 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Greedy answers, cut at the first EOS, in the order of `prompts`.
 
     Through the static-cache loop of tasks/model/decode.py (a CUDA graph per step on a GPU), which
-    gives `generate`'s greedy tokens (tests/test_decode.py) several times faster: up to
+    gives `generate`'s greedy tokens (tests/model/test_decode.py) several times faster: up to
     `batch_size` prompts at a time, left-padded (the longest first, so a batch pads little), each
     batch ending once every answer in it has ended. A batch's numbers differ from one prompt's by
     float rounding only, which can flip a near-tie between two tokens; `batch_size=1` answers one

@@ -4,7 +4,7 @@
 
 At 6 B, a process that has loaded a model keeps gigabytes of host memory after releasing it
 (the CUDA context, allocator arenas, pinned staging buffers), and the next stage's peak
-starts from there; a child that exits returns all of it (README "At 6 B on one GPU").
+starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on one GPU").
 
 * Children are forked from a fork server (Python's `multiprocessing` "forkserver"): one clean
   interpreter per caller, started at the first call, that has imported torch, transformers and,

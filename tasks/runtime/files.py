@@ -1,6 +1,6 @@
 """Files as the stages keep them: content digests, inter-process locks and owners, atomic
 writes, and content-addressed outputs (a staging folder, published under its digest with a
-manifest; README "Failure modes"). Part of the runtime: no stage's cache key covers it.
+manifest; docs/design.md "Failure modes"). Part of the runtime: no stage's cache key covers it.
 
 Nothing here imports Prefect or MLflow: stage cores run in pytest, in a notebook or on a GPU box
 that has neither installed.
@@ -138,7 +138,7 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
 def require_free_space(folder: Path, needed_bytes: float, what: str) -> None:
     """Fail at once, in one line, when the disk of `folder` has less than `needed_bytes` (plus
     1 GiB of margin) free: a stage about to write gigabytes checks first, instead of dying
-    mid-write with `No space left on device` (README "Disk")."""
+    mid-write with `No space left on device` (docs/design.md "Disk")."""
     folder = Path(folder)
     probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(probe).free

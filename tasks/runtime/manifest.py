@@ -1,5 +1,5 @@
 """What a published output directory held when it was published: each file's size, mtime and
-content hash, in `.manifest.json` inside the directory (README "Failure modes").
+content hash, in `.manifest.json` inside the directory (docs/design.md "Failure modes").
 
 A cache hit is only as good as the files it points at: `check_manifest` compares the directory
 with its manifest before anything trusts it. Size and mtime are the fast pre-check; a file whose

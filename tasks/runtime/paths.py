@@ -1,5 +1,5 @@
 """Where things are: the repository, its data and schemas, and the project home where a run's
-state lives (README "Where state lives"). Part of the runtime: no stage's cache key covers it."""
+state lives (docs/design.md "Where state lives"). Part of the runtime: no stage's cache key covers it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Named points where a process waits to be signalled, for fault-injection tests (README "Failure
-modes"): a test that kills a run must not guess when the signal lands.
+"""Named points where a process waits to be signalled, for fault-injection tests (docs/design.md
+"Failure modes"): a test that kills a run must not guess when the signal lands.
 
 With `PIPELINE_PAUSE_AT=<point>=<marker file>` in its environment, the process that reaches
 `pause_point("<point>")` writes its pid to the marker file and waits there (at most

@@ -76,6 +76,6 @@ class StageResult:
         return Path(self.path).exists() and all(Path(p).exists() for p in self.files.values())
 
     def problem(self) -> str | None:
-        """None if the outputs this result points at are there as published (README "Failure
-        modes"), else what is wrong with them."""
+        """None if the outputs this result points at are there as published (docs/design.md
+        "Failure modes"), else what is wrong with them."""
         return verify_outputs([self.path, *self.files.values()])

@@ -121,7 +121,7 @@ def _init_prefix(model, ids: list[int]) -> None:
 #: activations kept per token without gradient checkpointing, per layer, in bytes per unit of
 #: hidden size, plus per vocabulary entry for the logits and their loss: measured at 6 B on an
 #: H200 (QLoRA, bf16 autocast: 9.3 GiB peak for batches of 8 x <=160 tokens,
-#: benchmarks/qlora_profile.py, README "Fast at real scale") and rounded up
+#: benchmarks/qlora_profile.py, docs/gpu.md "Fast at real scale") and rounded up
 ACTIVATION_BYTES = {"per_hidden_and_layer": 96, "per_vocab": 12}
 
 
@@ -157,8 +157,8 @@ def checkpointing_needed(model_config: Any, tokens: int, free_bytes: int) -> boo
 def attention_kernels(device: str):
     """The SDPA kernels training may use: on CUDA, all but cuDNN attention, whose host-side
     cost per call (a plan per sequence length) is paid on every packed batch; PyTorch picks
-    flash or memory-efficient attention instead (benchmarks/qlora_profile.py, README "Fast at
-    real scale")."""
+    flash or memory-efficient attention instead (benchmarks/qlora_profile.py, docs/gpu.md "Fast
+    at real scale")."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not device.startswith("cuda"):
@@ -175,7 +175,7 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
 
     The 4-bit base is not passed through peft's `prepare_model_for_kbit_training`: its float32
     copies of the norms, embeddings and head cost 2.9 GiB and 7 % of a step at 6 B, and peft
-    freezes the base itself (README "Fast at real scale")."""
+    freezes the base itself (docs/gpu.md "Fast at real scale")."""
     from peft import get_peft_model
 
     method = METHODS[cfg.method]

@@ -161,7 +161,7 @@ def test_a_10_mb_single_line_is_refused_quickly_by_line(tmp_path):
 
 # file content, on_error -> (where, words of the reason, words of the hint). The conversations
 # stage is given the user's file and the skipped count as the data flow gives them
-# (flows/data.py); tests/test_cli_errors.py prints the first case through the command line.
+# (flows/data.py); tests/ops/test_cli_errors.py prints the first case through the command line.
 TOO_FEW = {
     "one.json": ('{"q": "问题？", "a": "答案。"}\n', "fail",
                  ("one.json:1: ", "the top level is one JSON object, not a list of records",

@@ -1,4 +1,4 @@
-"""Memory rules of the model stages that a CPU can check (README "At 6 B on one GPU"): where the
+"""Memory rules of the model stages that a CPU can check (docs/gpu.md "At 6 B on one GPU"): where the
 merge runs, and loading for an accelerator streams weights tensor by tensor (the same model,
 without a second full copy in host memory)."""
 

@@ -37,7 +37,7 @@ def trained(tiny_base, tmp_path_factory) -> dict:
                             TrainConfig(method="ptuning", epochs=2, batch_size=8,
                                         num_virtual_tokens=8, max_length=96, eval_steps=50))
     # a prefix trained for real; that it lowers dev loss and beats the base is asserted on the
-    # embedded default (tests/test_embedded_default.py): this 300-token base is too small for it
+    # embedded default (tests/pipeline/test_embedded_default.py): this 300-token base is too small for it
     assert res.metrics["global_step"] == 24
     return {"base": tiny_base["base"], "adapter": Path(res.path)}
 

@@ -41,7 +41,7 @@ def check_one_line_error(result, *, code: int, where: str, words: str = "") -> l
 # message. One case per shape of location the command line prints: a record and
 # its JSON path, a file inside the user's folder, a record of the conversations stage; a line
 # alone and no location at all are the tests' below. What each file of the bad-input corpus
-# says is tests/test_data_bad.py's (the same DataError, raised by the same cores).
+# says is tests/data/test_data_bad.py's (the same DataError, raised by the same cores).
 DATA_CASES = {
     "wrong_type.json": ("wrong_type.json:3 record #1 at $[1].a: ", "expected a string"),
     "mixed_formats_dir": ("mixed_formats_dir/b.json:1 record #0", "the data set's format"),
@@ -64,7 +64,7 @@ def test_bad_data_files_fail_in_one_line_naming_file_and_line(name, work, prefec
 
 def test_a_json_file_of_one_object_says_the_top_level_must_be_a_list(work, prefect_api_url):
     """The file and line, then the hint on the next line. (What the too-few cases say is
-    tests/test_data_bad.py's: the same cores.)"""
+    tests/data/test_data_bad.py's: the same cores.)"""
     (work / "one.json").write_text('{"q": "问题？", "a": "答案。"}\n', encoding="utf-8")
     result = _cli.run("data", "--set", "source=one.json", home=work.parent / "home", cwd=work,
                       api_url=prefect_api_url)
@@ -159,8 +159,8 @@ def test_internal_errors_exit_1_in_one_line_and_debug_shows_the_traceback(work, 
     (False, None, False), (True, None, True), (False, "1", True), (False, "true", True),
     (False, "0", False), (False, "", False)])
 def test_debug_is_asked_for_by_the_flag_or_by_PIPELINE_DEBUG(flag, env, wanted, monkeypatch):
-    """What decides the run above's `--debug` also reads PIPELINE_DEBUG (README "Failure
-    modes"), so one command-line run covers both."""
+    """What decides the run above's `--debug` also reads PIPELINE_DEBUG (docs/design.md
+    "Failure modes"), so one command-line run covers both."""
     import argparse
 
     from flows.ops.commands import add_common_arguments, debug_wanted

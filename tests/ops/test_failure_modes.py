@@ -1,4 +1,4 @@
-"""Faults injected for real (README "Failure modes"): a flow process killed mid-stage with
+"""Faults injected for real (docs/design.md "Failure modes"): a flow process killed mid-stage with
 SIGKILL, SIGTERM or Ctrl-C, then run again; published outputs tampered with or truncated; a
 pickle planted in the result cache; two first runs started together on a new project home."""
 

@@ -1,4 +1,4 @@
-"""The install is what the lock says (README "Dependencies"), and the one known-harmless warning
+"""The install is what the lock says (docs/design.md "Dependencies"), and the one known-harmless warning
 of the stack stays out of the user's terminal while real ones still show."""
 
 from __future__ import annotations

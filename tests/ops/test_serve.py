@@ -155,7 +155,7 @@ def test_a_model_is_logged_into_its_runs_experiment(tmp_path, monkeypatch):
 
 def test_a_registered_model_is_not_a_second_copy_of_its_weights(versions):
     """The logged model's weight files are the merge stage's published files (hard links):
-    registering a 12 GB model costs no second 12 GB (README "Disk")."""
+    registering a 12 GB model costs no second 12 GB (docs/design.md "Disk")."""
     client = MlflowClient(Tracker("serve-test").uri)
     for version, folder in versions:
         mv = client.get_model_version(MODEL, version)

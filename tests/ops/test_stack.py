@@ -1,5 +1,5 @@
 """The stack's start/stop bookkeeping and error paths, with real processes (fast; the full stack
-with Prefect, MLflow and a browser is tests/test_stack_browser.py)."""
+with Prefect, MLflow and a browser is tests/ops/test_stack_browser.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Setting up a process that runs flows is an explicit call (flows/ops/startup.py): importing the
 flows sets none of the project's settings (torch and joblib set their own KMP_* and inductor
 variables), starts nothing and loads no torch (a command-line mistake is reported before the
-model libraries load, README "Paths and values as you meant them"); `prepare()` gives Prefect the
+model libraries load, docs/design.md "Paths and values as you meant them"); `prepare()` gives Prefect the
 project's settings when it runs before Prefect is imported, and refuses to pretend otherwise."""
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ print(json.dumps({"home": str(s.home), "storage": str(s.results.local_storage_pa
 
 def test_every_flow_command_line_has_the_command_prepare_cli_checks():
     """`prepare_cli` checks the config of each `python -m <flow>` through its `Command` (the
-    checks themselves: tests/test_cli_errors.py, for the pipeline, data and nightly flows)."""
+    checks themselves: tests/ops/test_cli_errors.py, for the pipeline, data and nightly flows)."""
     from flows.ops.commands import COMMANDS
     from flows.ops.startup import CLI_FLOWS
 

@@ -4,7 +4,7 @@ train method on its data and base.
 
 One first run is shared by every test here. A second run must be all cache hits, and a new
 benchmark setting recomputes only the benchmark and the report. (Changed data recomputing every
-stage is tests/test_nightly_gate.py's, on the tiny config.) Each of lora, qlora and ptuning,
+stage is tests/evaluate/test_nightly_gate.py's, on the tiny config.) Each of lora, qlora and ptuning,
 with its default settings, must lower the dev loss to its pinned value and beat the base on dev
 ROUGE-L: its answers to the report's dev prompts, scored as the generations stage scores them,
 against the first run's base scores; its sanity dump and loss curve must show what was learned. The lora case is the first run's own
@@ -65,7 +65,7 @@ LOSS_TOLERANCE = 0.02
 
 def config(corpus: Path) -> PipelineConfig:
     """The embedded default on `corpus`, the benchmark measuring one prompt once, with no
-    warm-up (its prompts, warm-ups and the median over repeats are tests/test_benchmark.py's)."""
+    warm-up (its prompts, warm-ups and the median over repeats are tests/evaluate/test_benchmark.py's)."""
     return PipelineConfig(data={"source": corpus},
                           benchmark={"repeats": 1, "prompts": 1, "warmup": 0})
 

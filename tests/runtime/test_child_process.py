@@ -1,5 +1,5 @@
 """tasks/runtime/child_process.py: a stage core computed in a process of its own (what the flow does
-on a GPU, README "At 6 B on one GPU") gives the same result as here, hands back its progress
+on a GPU, docs/gpu.md "At 6 B on one GPU") gives the same result as here, hands back its progress
 lines, its errors and its peak memory, and a killed child is a clear error."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a cache hit trusts, without a flow: published outputs match their manifest, staging
 directories of dead processes are swept, stage results are read back as JSON only, and the
-config reads paths and `--set` values as the user meant them (README "Failure modes")."""
+config reads paths and `--set` values as the user meant them (docs/design.md "Failure modes")."""
 
 from __future__ import annotations
 

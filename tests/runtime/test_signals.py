@@ -1,5 +1,5 @@
 """How a signal ends a run wherever it lands (flows/ops/signals.py); the real processes are killed
-in tests/test_failure_modes.py."""
+in tests/ops/test_failure_modes.py."""
 
 from __future__ import annotations
 

@@ -18,7 +18,9 @@ import _cli  # noqa: E402  (tests/_cli.py)
 pytestmark = pytest.mark.server
 NOISE = re.compile(r"Warning|warnings\.warn|it/s\]|Loading weights|Writing model shards|"
                    r"Traceback|Task run .* Finished in state Completed")
-PROGRESS = re.compile(r"\d+/\d+( \(.*\))?, \d+ s elapsed, about \d+ s left")
+#: lines of slow work, one per EVERY_S seconds: a step's progress, the wait for the server
+PROGRESS = re.compile(r"\d+/\d+( \(.*\))?, \d+ s elapsed, about \d+ s left|"
+                      r"^waiting for the temporary Prefect server .* s since it was started")
 
 
 def test_a_cold_run_prints_a_line_per_stage_and_the_summary(tmp_path):
@@ -31,7 +33,7 @@ def test_a_cold_run_prints_a_line_per_stage_and_the_summary(tmp_path):
     assert cold.returncode == 0, cold.stderr + cold.stdout[-3000:]
     lines = cold.stdout.splitlines()
     # Progress lines come one per EVERY_S seconds of slow work, so how many a run prints
-    # depends on the machine's speed; everything else is a fixed budget of 50.
+    # depends on the machine's speed (and its load); everything else is a fixed budget of 50.
     progress = [line for line in lines if PROGRESS.search(line)]
     assert len(lines) - len(progress) <= 50, "\n".join(lines)
     assert len(progress) <= elapsed / EVERY_S, "\n".join(progress)

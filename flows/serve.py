@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from dataclasses import dataclass
 
 from flows.registry import champion_version
@@ -96,9 +96,13 @@ def serve(model: str, alias: str, host: str, port: int, poll_s: float,
     client = MlflowClient(tracking_uri())
     served: Served | None = None
     said = ""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM asks the loop to stop rather than raising into whatever runs when it lands: a
+    # SystemExit raised inside a library's cleanup callback is printed and swallowed, and the
+    # process served on (a CI run saw it ignore SIGTERM for 60 s)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
-        while True:
+        while not stopping.is_set():
             wanted = version or champion(client, model, alias)
             if wanted is None and served is None:
                 if (line := waiting_line(client, model, alias)) != said:
@@ -114,7 +118,8 @@ def serve(model: str, alias: str, host: str, port: int, poll_s: float,
                 print(f"the model server exited with code {served.process.returncode}",
                       file=sys.stderr)
                 return 1
-            time.sleep(poll_s)
+            stopping.wait(poll_s)
+        return 0
     except KeyboardInterrupt:
         return 0
     finally:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -121,9 +122,14 @@ def test_without_a_champion_make_serve_says_once_what_to_run(versions):
                                  "--alias", "no-such-alias", "--poll", "0.2"], cwd=REPO_DIR,
                                 env={**os.environ}, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-        time.sleep(8)                                 # many polls
+        watchdog = threading.Timer(120, proc.kill)     # a hung process fails this test only
+        watchdog.start()
+        first = proc.stdout.readline()                 # imported, connected, first poll done
+        time.sleep(3)                                  # 15 more polls
         proc.send_signal(signal.SIGTERM)
-        outputs.append(proc.communicate(timeout=60)[0])
+        outputs.append(first + proc.communicate(timeout=60)[0])
+        watchdog.cancel()
+        assert proc.returncode == 0, outputs[-1][-2000:]      # SIGTERM: a clean stop
     mine = [line for line in outputs[0].splitlines() if "none is @no-such-alias" in line]
     assert len(mine) == 1 and "versions 1, 2" in mine[0], outputs[0][-2000:]
     assert 'make serve ARGS="--version 2"' in mine[0]

@@ -36,7 +36,8 @@ from tasks.runtime.results import StageName, StageResult
 from tasks.runtime.files import file_lock
 from tasks.runtime.digest_memo import memo_digest_path
 
-MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
+MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece",
+              "trl")
 
 
 @lru_cache(maxsize=None)
@@ -126,12 +127,14 @@ def stage_cache_policy(module: str, *, model_libs: bool = False,
 
 
 def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
-                 ignore: tuple[str, ...] = ()) -> Callable[[Callable], Task]:
+                 ignore: tuple[str, ...] = (), log_prints: bool | None = None
+                 ) -> Callable[[Callable], Task]:
     """Decorator: a cached Prefect task named `stage` over the stage core in `module`, keyed as
-    this module's docstring says, its result persisted as JSON."""
+    this module's docstring says, its result persisted as JSON. `log_prints=False`: the core's
+    libraries print where no one should read it (the flows' `log_prints` otherwise)."""
     def make(fn: Callable) -> Task:
         policy = stage_cache_policy(module, model_libs=model_libs, ignore=ignore,
                                     wrapper=wrapper_digest(fn))
-        return task(fn, name=stage.value, persist_result=True,
+        return task(fn, name=stage.value, persist_result=True, log_prints=log_prints,
                     result_serializer=StageResultSerializer(), cache_policy=policy)
     return make

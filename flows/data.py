@@ -19,8 +19,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.mlflow_files import DatasetFile
-from flows.stages import PipelineRun, conversations_task, data_report_task, ingest_task, \
-    parent_run, validate_task
+from flows.running import PipelineRun, parent_run
+from flows.stages import conversations_task, data_report_task, ingest_task, validate_task
 from tasks.runtime.paths import SCHEMA_DIR
 from tasks.runtime.results import StageResult
 from tasks.config import DataConfig

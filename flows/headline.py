@@ -20,16 +20,18 @@ GENERATIONS_TABLE = "generations_table.json"
 
 
 def headline_metrics(data: StageResult, adapter: StageResult, generations: StageResult,
-                     bench: StageResult, int4: StageResult | None) -> dict[str, float]:
+                     bench: StageResult, int4: StageResult | None,
+                     preference: StageResult | None = None) -> dict[str, float]:
     """Record counts, dev loss and scores before/after, decode speed and memory per variant
-    (the benchmark's first engine and smallest batch), and the int4 size ratio."""
+    (the benchmark's first engine and smallest batch), the int4 size ratio and, with preference
+    tuning, each model's preference accuracy and margin on the dev pairs."""
     m: dict[str, float] = {k: data.metrics[k] for k in ("train_records", "dev_records")
                            if k in data.metrics}
     for when in ("before", "after"):
         if f"eval_loss_{when}" in adapter.metrics:
             m[f"dev_loss_{when}"] = adapter.metrics[f"eval_loss_{when}"]
     for key in SCORES:
-        for who, when in (("base", "before"), ("tuned", "after")):
+        for who, when in (("base", "before"), ("supervised", "supervised"), ("tuned", "after")):
             if f"{who}_{key}" in generations.metrics:
                 m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
     rows = read_rows(bench.file("benchmark.json"))
@@ -42,22 +44,29 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
                 m[f"peak_memory_mib.{name}"] = r.peak_cuda_mib or r.peak_rss_mib
     if int4 is not None and "size_ratio_vs_merged" in int4.metrics:
         m["int4_size_ratio"] = int4.metrics["size_ratio_vs_merged"]
+    if preference is not None:
+        m |= {f"dev_{k}": v for k, v in preference.metrics.items()}
     return m
 
 
 def generations_table(generations: StageResult) -> dict[str, list[Any]]:
-    """The generations stage's dev prompts with their reference, the answers before and after,
-    and each answer's scores: one row per prompt, columns as lists."""
+    """The generations stage's dev prompts with their reference, the answers before, of the
+    supervised model (after preference tuning) and after, and each answer's scores: one row per
+    prompt, columns as lists."""
     dev = read_json(generations.files["generations_json"])["dev"]
     table: dict[str, list[Any]] = {
         "prompt": [e["prompt"][-1]["content"] if isinstance(e["prompt"], list) else e["prompt"]
                    for e in dev],
         "reference": [e["reference"] for e in dev],
-        "before": [e["before"] for e in dev],
-        "after": [e["after"] for e in dev],
-        "scored": [e["scored"] for e in dev]}
+        "before": [e["before"] for e in dev]}
+    supervised = bool(dev) and "supervised" in dev[0]
+    if supervised:
+        table["supervised"] = [e["supervised"] for e in dev]
+    table |= {"after": [e["after"] for e in dev], "scored": [e["scored"] for e in dev]}
     for key in SCORES:
         table[f"{key}_before"] = [e["scores"]["base"][key] for e in dev]
+        if supervised:
+            table[f"{key}_supervised"] = [e["scores"]["supervised"][key] for e in dev]
         table[f"{key}_after"] = [e["scores"]["tuned"][key] for e in dev]
     return table
 

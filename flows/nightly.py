@@ -38,7 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 from flows.ops import cli, commands
 from flows.caching import cached_stage
 from flows.pipeline import Built, build, finish, register
-from flows.stages import PipelineRun, parent_run
+from flows.running import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.paths import project_dir
@@ -67,16 +67,28 @@ def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file
     return replace(result, stage=StageName(f"evaluate_{role}"))
 
 
+@cached_stage(StageName.EVALUATE_CHAMPION_PREFERENCE, "tasks.evaluate.preference_eval",
+              model_libs=True)
+def evaluate_preference_task(spec: ModelSpec, pairs: StageResult) -> StageResult:
+    """The champion's preference accuracy on the run's dev pairs (the challenger's is the
+    pipeline's preference_eval stage)."""
+    from tasks.evaluate.preference_eval import evaluate_preferences
+
+    result = evaluate_preferences({"champion": spec}, pairs.file("dev_pairs_json"))
+    return replace(result, stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry edge
 # ------------------------------------------------------------------------------------------------
 def local_model(version, tracking_uri: str) -> Path:
     """A local folder of a registered merged model: the content-addressed output of the merge
-    stage if this machine built it, else downloaded once from the artifact store."""
+    (or merge_preference) stage if this machine built it, else downloaded once from the artifact store."""
     digest = version.tags.get("model_digest", "")
-    built = stage_root(StageName.MERGE) / digest
-    if digest and (built / "config.json").is_file():
-        return built
+    for stage in (StageName.MERGE, StageName.MERGE_PREFERENCE):
+        built = stage_root(stage) / digest
+        if digest and (built / "config.json").is_file():
+            return built
     import mlflow.artifacts
 
     dst = project_dir() / "outputs" / "champion" / (digest or f"v{version.version}")
@@ -100,7 +112,7 @@ def _scores_from_tags(version, cfg: GateConfig, digest: str) -> Candidate:
     tags = version.tags
     num = lambda key: float(tags[key]) if key in tags else None  # noqa: E731
     return Candidate(str(version.version), digest, num(f"gate.{cfg.metric}"),
-                     num("gate.ood_retention"))
+                     num("gate.ood_retention"), num("gate.preference_accuracy"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -128,14 +140,22 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
 
     base_answers = probe_answers(evaluate("base", base.path, base.digest, None))
     ch = evaluate("challenger", merged.path, merged.digest, dev_json)
+    preference = built.preference if gate.max_preference_drop is not None else None
     challenger = Candidate(None, merged.digest, ch.metrics[gate.metric],
-                           ood_retention(probe_answers(ch), base_answers))
+                           ood_retention(probe_answers(ch), base_answers),
+                           None if preference is None else
+                           100 * preference.scores.metrics["tuned_preference_accuracy"])
     if champ is None:
         return challenger, None
-    digest = champ.tags.get("model_digest", "")
-    cp = evaluate("champion", local_model(champ, run.tracker.uri), digest, dev_json)
+    digest, folder = champ.tags.get("model_digest", ""), local_model(champ, run.tracker.uri)
+    cp = evaluate("champion", folder, digest, dev_json)
+    cp_preference = None
+    if preference is not None:
+        scored = run.stage(evaluate_preference_task, pairs=preference.pairs,
+                           spec=ModelSpec(folder, cfg.merge.dtype, digest=digest))
+        cp_preference = 100 * scored.metrics["champion_preference_accuracy"]
     return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
-                                 ood_retention(probe_answers(cp), base_answers))
+                                 ood_retention(probe_answers(cp), base_answers), cp_preference)
 
 
 def record_decision(tracker: Tracker, parent_id: str, decision: GateDecision,
@@ -170,6 +190,8 @@ def apply_decision(client, decision: GateDecision, registered: list[RegisteredVe
             tags[f"gate.{decision.metric}"] = f"{c.score:.4f}"
         if c.ood is not None:
             tags["gate.ood_retention"] = f"{c.ood:.4f}"
+        if c.preference is not None:
+            tags["gate.preference_accuracy"] = f"{c.preference:.4f}"
         if decision.champion is None or decision.champion.digest != c.digest:
             for k, val in tags.items():
                 client.set_model_version_tag(v.name, v.version, k, val)
@@ -193,6 +215,9 @@ def nightly(config: PipelineConfig = PipelineConfig(),
                          f"standalone); train.method={config.train.method} yields a prefix "
                          f"adapter that cannot be merged: use {' or '.join(mergeable)}, or run "
                          "the full-pipeline deployment")
+    if gate.max_preference_drop is not None and config.preference.method == "none":
+        raise ValueError("gate.max_preference_drop compares preference accuracy, which a run "
+                         "measures with preference tuning: set preference.method (dpo, orpo)")
     params = {**config.model_dump(mode="json"), "gate": gate.model_dump(mode="json")}
     with parent_run(config.experiment, "nightly", params) as run:
         built = build(run, config)

@@ -1,5 +1,5 @@
-"""The full pipeline flow: `build` (data -> base -> train -> merge -> quantize -> benchmark ->
-generations -> report), then `register`; every stage a cached Prefect task and an MLflow child
+"""The full pipeline flow: `build` (data -> base -> train -> merge [-> preference -> merge it]
+-> quantize -> benchmark -> generations [-> preference eval] -> report), then `register`; every stage a cached Prefect task and an MLflow child
 run of one parent run. flows/nightly.py composes the same two steps with its champion gate
 between them.
 
@@ -17,7 +17,7 @@ if __name__ == "__main__":        # the command line: set up before Prefect is i
 
 import importlib.util
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -28,14 +28,16 @@ from prefect.artifacts import create_markdown_artifact
 from flows.ops import cli, commands
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
-from flows.stages import PipelineRun, base_model_task, benchmark_task, convert_base_task, \
-    generations_task, merge_task, parent_run, quantize_task, quantize_torchao_task, \
-    report_task, resolve_base_task, stage_of, train_task
+from flows.running import PipelineRun, parent_run
+from flows.stages import base_model_task, benchmark_task, convert_base_task, \
+    generations_task, merge_preference_task, merge_task, preference_data_task, \
+    preference_eval_task, preference_task, quantize_task, quantize_torchao_task, report_task, \
+    resolve_base_task, stage_of, train_task
 from tasks.runtime.errors import ConfigError
 from tasks.runtime.results import StageResult
 from tasks.runtime.paths import is_local_model_path
 from tasks.runtime.files import read_json
-from tasks.config import BaseModelConfig, PipelineConfig
+from tasks.config import BaseModelConfig, PipelineConfig, PreferenceConfig
 from tasks.config.run_form import to_config
 from tasks.config.methods import METHODS
 from tasks.config.model_folder import classify
@@ -76,7 +78,8 @@ def run_form(data_file: str = "", base_model: str = "", method: Literal[tuple(ME
         model_name: Name of the model in the MLflow Model Registry.
         experiment: MLflow experiment the run is recorded in.
         options: Everything else, by section: data_options, training_details,
-            merge_and_quantize, benchmark, report, embedded_default_model; each holds the
+            preference (DPO / ORPO after fine-tuning), merge_and_quantize, benchmark, report,
+            embedded_default_model; each holds the
             fields of that part of the config (schemas/run_options.schema.json), e.g.
             {"training_details": {"batch_size": 8}}. {} keeps every default.
     """
@@ -85,9 +88,21 @@ def run_form(data_file: str = "", base_model: str = "", method: Literal[tuple(ME
 
 
 @dataclass(frozen=True)
+class Preference:
+    """The preference-tuning results of a run (`preference.method`)."""
+
+    pairs: StageResult                      # preference_data: train/dev pairs
+    adapter: StageResult                    # the preference adapter
+    supervised: StageResult                 # the merged supervised model it was tuned on
+    scores: StageResult | None = None       # preference_eval: base, supervised, tuned
+
+
+@dataclass(frozen=True)
 class Built:
     """Every stage result of `build` (README "What each stage produces"). A P-Tuning v2 prefix
-    is not mergeable: then `merged` and `int4` are None and the adapter is what is served."""
+    is not mergeable: then `merged` and `int4` are None and the adapter is what is served.
+    With preference tuning, `merged` is the preference-tuned model and `supervised` the
+    merged model it was tuned from."""
 
     data: StageResult                       # conversations: train/dev JSON
     base: StageResult
@@ -98,6 +113,7 @@ class Built:
     benchmark: StageResult
     generations: StageResult                # base and tuned answers, scored
     report: StageResult                     # rendered: generations + the benchmark table
+    preference: Preference | None = None
 
 
 def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
@@ -110,13 +126,14 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})
     _, data = data_stages(run, data_cfg)     # token lengths in the report: the model's tokens
+    pairs = preference_pairs(run, cfg.preference)  # a bad pairs file fails before training
     if cfg.base.path:
         base = user_base(run, cfg.base)
     else:
         base = run.stage(base_model_task, data=data, cfg=cfg.base)
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train)
     device = pick_device(cfg.benchmark.device)
-    merged = int4 = fast_int4 = None
+    merged = int4 = fast_int4 = preference = None
     method = METHODS[cfg.train.method]
     if not method.mergeable:                # a prefix is not a weight delta: nothing to merge
         print("train.method=ptuning: the P-Tuning v2 prefix cannot be merged into the weights; "
@@ -124,6 +141,11 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
               "registered (the adapter folder; load it with peft on the base).")
     else:
         merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge)
+        if pairs is not None:
+            preference = tune_preferences(run, cfg, merged, pairs)
+            merged = run.stage(
+                merge_preference_task, supervised=merged, adapter=preference.adapter,
+                cfg=cfg.merge)
         int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
                          fmt="bnb")
         if torchao_int4(cfg, device):
@@ -142,17 +164,51 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
+    supervised = None if preference is None else \
+        ModelSpec(preference.supervised.path, dtype, digest=preference.supervised.digest)
     generations = run.stage(generations_task, base=base_spec,
                             tuned=variants.get("merged", adapted), data=data,
-                            probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
-    report = run.stage(report_task, generations=generations,
-                       extra_sections={"Benchmark": bench.summary})
+                            probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
+                            supervised=supervised)
+    sections = {"Benchmark": bench.summary}
+    if preference is not None:
+        preference = score_preferences(run, preference, {
+            "base": base_spec, "supervised": supervised, "tuned": variants["merged"]})
+        sections["Preference"] = preference.scores.summary
+    report = run.stage(report_task, generations=generations, extra_sections=sections)
     create_markdown_artifact(key="finetune-report", markdown=report.summary,
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
-                 headline_metrics(data, adapter, generations, bench, int4),
+                 headline_metrics(data, adapter, generations, bench, int4,
+                                  preference and preference.scores),
                  generations_table(generations))
-    return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report)
+    return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report,
+                 preference)
+
+
+def preference_pairs(run: PipelineRun, cfg: PreferenceConfig) -> StageResult | None:
+    """The preference pairs, read, checked and split with the data (`preference.method`)."""
+    if cfg.method == "none":
+        return None
+    return run.stage(preference_data_task, source=Path(cfg.source), fmt=cfg.format,
+                     on_error=cfg.on_error, train_ratio=cfg.train_ratio,
+                     shuffle_seed=cfg.shuffle_seed)
+
+
+def tune_preferences(run: PipelineRun, cfg: PipelineConfig, supervised: StageResult,
+                     pairs: StageResult) -> Preference:
+    """A preference adapter (DPO / ORPO) trained on the merged supervised model."""
+    adapter = run.stage(preference_task, supervised=supervised, pairs=pairs,
+                        cfg=cfg.preference.for_base(embedded=not cfg.base.path))
+    return Preference(pairs, adapter, supervised)
+
+
+def score_preferences(run: PipelineRun, preference: Preference,
+                      models: dict[str, ModelSpec]) -> Preference:
+    """Preference accuracy of `models` (base, supervised, preference-tuned) on the dev
+    pairs."""
+    scores = run.stage(preference_eval_task, models=models, pairs=preference.pairs)
+    return replace(preference, scores=scores)
 
 
 def refuse_foreign_code(cfg: BaseModelConfig) -> None:
@@ -189,6 +245,8 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion],
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
             "benchmark": read_json(built.benchmark.file("benchmark.json")),
+            "benchmark_failed": read_json(built.benchmark.file("failed.json"))
+            if "failed.json" in built.benchmark.files else [],
             "registered": [v.__dict__ for v in versions],
             "crowned": [v.__dict__ for v in crowned], "summary": text}
 
@@ -208,17 +266,24 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
 
 
 #: the stages whose registered models are logged as MLflow models (flows/registry.py)
-MLFLOW_MODELS = (merge_task, quantize_task)
+MLFLOW_MODELS = (merge_task, merge_preference_task, quantize_task)
 
 
 def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
     data, adapter, merged, scored = built.data, built.adapter, built.merged, built.generations
     client = run.tracker.client
+    preference = built.preference
+    metrics = {**adapter.metrics, **scored.metrics,
+               **(preference.scores.metrics if preference and preference.scores else {})}
     tags = {"data_digest": data.digest, "method": cfg.train.method,
-            **{k: f"{v:.4f}" for k, v in {**adapter.metrics, **scored.metrics}.items()
-               if k.startswith(("eval_loss", "tuned_", "base_"))}}
+            **{k: f"{v:.4f}" for k, v in metrics.items()
+               if k.startswith(("eval_loss", "tuned_", "base_", "supervised_"))}}
+    if preference is not None:
+        tags |= {"preference_method": cfg.preference.method,
+                 "preference_data_digest": preference.pairs.digest}
     versions = []
-    entries = [(cfg.registry.model_name, merged, stage_of(merge_task)),
+    merge_stage = stage_of(merge_preference_task if preference else merge_task)
+    entries = [(cfg.registry.model_name, merged, merge_stage),
                (f"{cfg.registry.model_name}-int4", built.int4, stage_of(quantize_task))]
     if built.fast_int4 is not None:
         entries.append((f"{cfg.registry.model_name}-int4-torchao", built.fast_int4,

@@ -22,17 +22,22 @@ TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
 
 
 
-def stage_names(*, own_base: bool = False, converted: bool = False) -> list[str]:
+def stage_names(*, own_base: bool = False, converted: bool = False,
+                preference: bool = False) -> list[str]:
     """The stages a LoRA run on a CPU computes, in order, read from the stage table
     (flows/stages.py): the embedded default's base is built (`own_base`: a folder is resolved;
-    `converted`: a ChatGLM folder is converted); no torchao int4 model on a CPU."""
-    from flows.stages import STAGES, base_model_task, convert_base_task, \
-        quantize_torchao_task, resolve_base_task
+    `converted`: a ChatGLM folder is converted); no torchao int4 model on a CPU; the preference
+    stages only with `preference`."""
+    from flows import stages
 
-    base = convert_base_task if converted else resolve_base_task if own_base else \
-        base_model_task
-    skip = {base_model_task, resolve_base_task, convert_base_task, quantize_torchao_task} - {base}
-    return [s.name for s in STAGES if s.task not in skip]
+    base = stages.convert_base_task if converted else stages.resolve_base_task if own_base \
+        else stages.base_model_task
+    skip = {stages.base_model_task, stages.resolve_base_task, stages.convert_base_task,
+            stages.quantize_torchao_task} - {base}
+    if not preference:
+        skip |= {stages.preference_data_task, stages.preference_task,
+                 stages.merge_preference_task, stages.preference_eval_task}
+    return [s.name for s in stages.STAGES if s.task not in skip]
 
 
 PIPELINE_STAGES = set(stage_names())

@@ -4,7 +4,7 @@
   `file:line: what is wrong (stage ...)` -- plus a hint where one helps, and exits with 2.
 * Any other error is internal: one line, exit 1. `--debug` (or `PIPELINE_DEBUG=1`) prints the
   full traceback instead, and leaves Prefect's own traceback logging as it is.
-* Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/stages.py).
+* Ctrl-C exits with 130; the MLflow run is ended as KILLED (flows/running.py).
 * A config mistake is found before anything starts (`check_config`, called by
   `flows.ops.startup.prepare_cli`): the arguments are parsed and the config loaded before Prefect,
   MLflow or torch is imported, so the one line comes in about a second, not after they and a

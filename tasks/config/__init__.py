@@ -237,6 +237,60 @@ class ReportConfig(_Section):
                             "prompt's, which can flip a near-tie between two tokens.")
 
 
+class PreferenceConfig(_Section):
+    method: Literal["none", "dpo", "orpo"] = Field(
+        "none", description="Preference tuning after supervised fine-tuning: none; dpo (Direct "
+        "Preference Optimization, TRL's DPOTrainer: a new LoRA adapter on the merged supervised "
+        "model, which is also the reference); orpo (TRL's ORPO: no reference model).")
+    source: UserPath = Field(default_factory=lambda: DATA_DIR / "sample" /
+                             "plant_care_preferences.jsonl",
+                             description="Preference pairs: a JSON or JSON Lines file (or a "
+                             "folder of them) of prompt / chosen / rejected records. Default: "
+                             "the sample's pairs (data/sample/plant_care_preferences.jsonl).")
+    format: Literal["auto", "trl", "alpaca_ranking", "sharegpt_ranking"] = Field(
+        "auto", description="auto: detected. trl {prompt, chosen, rejected} (text or "
+        "messages); alpaca_ranking {instruction, input, chosen, rejected}; sharegpt_ranking "
+        "{conversations, chosen, rejected}.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="A malformed pair: fail "
+                                              "(naming file, line and record) or skip it.")
+    train_ratio: float = Field(0.7, gt=0, lt=1, description="Share of pairs to train on; the "
+                               "rest measure preference accuracy.")
+    shuffle_seed: int | None = Field(None, description="Shuffle pairs with this seed before "
+                                     "splitting; empty keeps file order.")
+    quantized: bool = Field(False, description="Train the preference adapter on the merged "
+                            "model loaded in 4 bits (QLoRA-DPO): least memory.")
+    beta: float = Field(0.1, gt=0, description="How far the tuned model may move from the "
+                        "reference (DPO's beta; ORPO's lambda).")
+    epochs: float = Field(2.0, gt=0, description="Passes over the training pairs.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (cosine "
+                                        "decay). Empty: 1e-3 on the embedded default (a tiny "
+                                        "model), 5e-6 on a model of your own.")
+    batch_size: int = Field(8, ge=1, description="Pairs per device and step.")
+    max_length: int = Field(256, ge=16, description="Max tokens of prompt + answer.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank of the preference adapter.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha of the preference adapter.")
+    gradient_checkpointing: bool | None = Field(None, description="Recompute activations in "
+                                                "the backward pass (less memory, slower). "
+                                                "Empty: on a GPU only.")
+    group_by_length: bool = Field(True, description="Batch pairs of similar length together: "
+                                  "less padding, the same pairs per epoch.")
+    liger: bool | None = Field(None, description="Liger kernels (RMSNorm, RoPE, SwiGLU) in the "
+                               "model. Empty: on a GPU where liger-kernel is installed.")
+    eval_steps: int = Field(20, ge=1, description="Evaluate on the dev pairs every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a re-run of the "
+                            "same inputs resumes from the last one.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    resume: bool = Field(True, description="Resume from the last checkpoint of the same "
+                         "inputs when one exists.")
+    seed: int = Field(42, description="Training seed.")
+
+    def for_base(self, embedded: bool) -> "PreferenceConfig":
+        """This config with the learning rate filled in for the base model."""
+        if self.learning_rate is not None:
+            return self
+        return self.model_copy(update={"learning_rate": 1e-3 if embedded else 5e-6})
+
+
 class RegistryConfig(_Section):
     model_name: str = Field("plant-care-chat", description="MLflow registered model name; the "
                             "int4 model is registered as '<name>-int4'.")
@@ -256,9 +310,20 @@ class PipelineConfig(_Section):
                                        description="Throughput benchmark.")
     report: ReportConfig = Field(default_factory=ReportConfig,
                                  description="Before/after generation report.")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         description="Preference tuning (DPO, ORPO) after "
+                                                     "supervised fine-tuning.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig,
                                      description="MLflow Model Registry.")
     experiment: str = Field("finetune-pipeline", description="MLflow experiment name.")
+
+    @model_validator(mode="after")
+    def _preference_needs_a_merged_model(self) -> "PipelineConfig":
+        if self.preference.method != "none" and not METHODS[self.train.method].mergeable:
+            raise ValueError(f"preference.method={self.preference.method} tunes the merged "
+                             f"supervised model, and train.method={self.train.method} makes "
+                             "none (a prefix is not merged): use lora or qlora")
+        return self
 
 
 SCHEMA_PATH = SCHEMA_DIR / "pipeline_config.schema.json"

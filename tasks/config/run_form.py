@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from tasks.runtime.paths import SCHEMA_DIR
 from tasks.config.load import validate_as
 from tasks.config import BaseModelConfig, BenchmarkConfig, DataConfig, MergeConfig, \
-    PipelineConfig, QuantizeConfig, ReportConfig, TrainConfig, json_schema
+    PipelineConfig, PreferenceConfig, QuantizeConfig, ReportConfig, TrainConfig, json_schema
 
 #: the first screen: form parameter -> the config field it sets (their one-line descriptions,
 #: in the user's words, are the Args of the flow's docstring: flows/pipeline.py `run_form`)
@@ -77,16 +77,18 @@ class Options(BaseModel):
                                               json_schema_extra={"position": 1})
     merge_and_quantize: MergeAndQuantize = Field(default_factory=MergeAndQuantize,
                                                  json_schema_extra={"position": 2})
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig,
+                                         json_schema_extra={"position": 3})
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig,
-                                       json_schema_extra={"position": 3})
-    report: ReportConfig = Field(default_factory=ReportConfig, json_schema_extra={"position": 4})
+                                       json_schema_extra={"position": 4})
+    report: ReportConfig = Field(default_factory=ReportConfig, json_schema_extra={"position": 5})
     embedded_default_model: EmbeddedDefault = Field(default_factory=EmbeddedDefault,
-                                                    json_schema_extra={"position": 5})
+                                                    json_schema_extra={"position": 6})
 
 
 #: form section -> the config section it holds (merge_and_quantize holds two)
-SECTIONS = {"data_options": "data", "training_details": "train", "benchmark": "benchmark",
-            "report": "report", "embedded_default_model": "base"}
+SECTIONS = {"data_options": "data", "training_details": "train", "preference": "preference",
+            "benchmark": "benchmark", "report": "report", "embedded_default_model": "base"}
 
 
 def to_config(essentials: dict[str, Any], options: Options | dict | None) -> PipelineConfig:

@@ -6,8 +6,10 @@ scored like the generations stage (ROUGE-1/2/L F1 on jieba words, BLEU-4 on char
 *retention*: how close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100).
 
 The challenger is promoted only if it beats the champion on the configured metric by more than
-`min_improvement` AND its retention is at most `max_ood_drop` points below the champion's. The
-first model ever is promoted; an unchanged model (same content digest) is kept without being
+`min_improvement` AND its retention is at most `max_ood_drop` points below the champion's AND,
+with `max_preference_drop` set (a run with preference tuning), its preference accuracy on the
+dev pairs (tasks/evaluate/preference_eval.py) is at most that many points below the
+champion's. The first model ever is promoted; an unchanged model (same content digest) is kept without being
 evaluated again. Pure: no Prefect, no MLflow (the flow moves the registry alias).
 """
 
@@ -40,6 +42,11 @@ class GateConfig(BaseModel):
     max_ood_drop: float = Field(10.0, ge=0, description="Out-of-domain bound: the challenger's "
                                 "probe-answer retention (ROUGE-L vs the base model's answers) "
                                 "may be at most this many points below the champion's.")
+    max_preference_drop: float | None = Field(None, ge=0, description="With preference "
+                                              "tuning: the challenger's preference accuracy on "
+                                              "the dev pairs may be at most this many points "
+                                              "(0-100) below the champion's (0: must not fall). "
+                                              "Empty: not checked.")
     eval_examples: int = Field(24, ge=1, description="Dev prompts scored per model (capped at "
                                "the dev set size).")
     max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
@@ -98,12 +105,14 @@ def ood_retention(answers: list[str], base_answers: list[str]) -> float:
 @dataclass(frozen=True)
 class Candidate:
     """One model as the gate sees it: its registry version, content digest and, once
-    evaluated, its dev score on the gate's metric and its out-of-domain retention."""
+    evaluated, its dev score on the gate's metric, its out-of-domain retention and (with
+    preference tuning) its preference accuracy on the dev pairs, 0-100."""
 
     version: str | None
     digest: str
     score: float | None = None
     ood: float | None = None
+    preference: float | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,7 @@ class GateDecision:
     champion: Candidate | None
     min_improvement: float
     max_ood_drop: float
+    max_preference_drop: float | None = None
 
     @property
     def outcome(self) -> str:
@@ -133,6 +143,8 @@ class GateDecision:
                 out[f"{who}_{self.metric}"] = c.score
             if c is not None and c.ood is not None:
                 out[f"{who}_ood_retention"] = c.ood
+            if c is not None and c.preference is not None:
+                out[f"{who}_preference_accuracy"] = c.preference
         out["promoted"] = float(self.promote)
         return out
 
@@ -148,16 +160,20 @@ class GateDecision:
             f"| registry version | {ch.version or '-'} | {cp.version if cp else '-'} |",
             f"| model digest | `{ch.digest[:12]}` | {f'`{cp.digest[:12]}`' if cp else '-'} |",
             f"| dev {self.metric} (same dev set) | {cell(ch, 'score')} | {cell(cp, 'score')} |",
-            f"| out-of-domain retention | {cell(ch, 'ood')} | {cell(cp, 'ood')} |", "",
-            f"Rule: promote if challenger - champion > {self.min_improvement:g} on "
-            f"{self.metric} and the retention drop <= {self.max_ood_drop:g} points."])
+            f"| out-of-domain retention | {cell(ch, 'ood')} | {cell(cp, 'ood')} |",
+            *([f"| dev preference accuracy (%) | {cell(ch, 'preference')} | "
+               f"{cell(cp, 'preference')} |"] if self.max_preference_drop is not None else []),
+            "", f"Rule: promote if challenger - champion > {self.min_improvement:g} on "
+            f"{self.metric} and the retention drop <= {self.max_ood_drop:g} points"
+            + (f" and the preference accuracy drop <= {self.max_preference_drop:g} points."
+               if self.max_preference_drop is not None else ".")])
 
 
 def decide(challenger: Candidate, champion: Candidate | None, cfg: GateConfig) -> GateDecision:
     """The gate's rule (see the module docstring). Evaluated candidates need score and ood."""
     def verdict(promote: bool, reason: str) -> GateDecision:
         return GateDecision(promote, reason, cfg.metric, challenger, champion,
-                            cfg.min_improvement, cfg.max_ood_drop)
+                            cfg.min_improvement, cfg.max_ood_drop, cfg.max_preference_drop)
 
     if champion is None:
         return verdict(True, f"First model: there is no '{cfg.alias}' yet, so the challenger "
@@ -167,6 +183,10 @@ def decide(challenger: Candidate, champion: Candidate | None, cfg: GateConfig) -
                               f"(version {champion.version}); nothing to do.")
     if None in (challenger.score, challenger.ood, champion.score, champion.ood):
         raise ValueError("both candidates must be evaluated (score and ood) before deciding")
+    checks_preference = cfg.max_preference_drop is not None
+    if checks_preference and None in (challenger.preference, champion.preference):
+        raise ValueError("gate.max_preference_drop needs both candidates' preference accuracy "
+                         "(a run with preference.method)")
     gain = challenger.score - champion.score
     drop = champion.ood - challenger.ood
     if gain <= cfg.min_improvement:
@@ -178,7 +198,15 @@ def decide(challenger: Candidate, champion: Candidate | None, cfg: GateConfig) -
                               f"out-of-domain retention fell {drop:.2f} points "
                               f"({champion.ood:.2f} -> {challenger.ood:.2f}; bound "
                               f"{cfg.max_ood_drop:g}).")
+    fall = champion.preference - challenger.preference if checks_preference else 0.0
+    if checks_preference and fall > cfg.max_preference_drop:
+        return verdict(False, f"Kept the champion: {cfg.metric} improved by {gain:+.2f}, but "
+                              f"preference accuracy on the dev pairs fell {fall:.2f} points "
+                              f"({champion.preference:.2f} -> {challenger.preference:.2f}; "
+                              f"bound {cfg.max_preference_drop:g}).")
     return verdict(True, f"Promoted: {cfg.metric} {challenger.score:.2f} vs champion "
                          f"{champion.score:.2f} ({gain:+.2f}), out-of-domain retention "
                          f"{challenger.ood:.2f} vs {champion.ood:.2f} (drop {drop:.2f} <= "
-                         f"{cfg.max_ood_drop:g}).")
+                         f"{cfg.max_ood_drop:g})"
+                         + (f", preference accuracy {challenger.preference:.2f} vs "
+                            f"{champion.preference:.2f}." if checks_preference else "."))

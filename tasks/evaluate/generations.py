@@ -1,5 +1,6 @@
-"""Stage "generations": base and tuned model answer the same dev prompts and out-of-domain
-probes, and the dev answers are scored. This is the costly half of the before/after comparison
+"""Stage "generations": base and tuned model (and, after preference tuning, the supervised model
+it was tuned from) answer the same dev prompts and out-of-domain probes, and the dev answers
+are scored. This is the costly half of the before/after comparison
 users of QLoRA tutorials expect ("微调前后推理对比"), with checks for catastrophic forgetting
 ("灾难性遗忘"). The report stage (tasks/evaluate/report.py) renders it, so a new benchmark table
 re-renders the report without generating again (docs/design.md "Caching").
@@ -59,17 +60,19 @@ def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens
 # The stage
 # ---------------------------------------------------------------------------------------------
 def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_file: Path,
-                     cfg: ReportConfig) -> StageResult:
-    """`base` and `tuned` answer the dev prompts and the probes; the dev answers are scored ->
-    outputs/generations/<digest>/generations.json."""
+                     cfg: ReportConfig, supervised: ModelSpec | None = None) -> StageResult:
+    """`base` and `tuned` (and `supervised`, a third column) answer the dev prompts and the
+    probes; the dev answers are scored -> outputs/generations/<digest>/generations.json."""
     dev = read_dev_prompts(Path(dev_json))
     probes = read_probes(Path(probes_file))
     n_show, n_eval = min(cfg.dev_examples, len(dev)), min(cfg.eval_examples, len(dev))
     used = dev[:max(n_show, n_eval)]
     prompts = [p for p, _ in used] + [[{"role": "user", "content": q}] for q in probes]
 
+    models = {"base": base, **({"supervised": supervised} if supervised else {}),
+              "tuned": tuned}
     runs = {role: answer_prompts(spec, prompts, cfg.max_new_tokens, cfg.batch_size)
-            for role, spec in (("base", base), ("tuned", tuned))}
+            for role, spec in models.items()}
     dev_ans = {k: r["answers"][:len(used)] for k, r in runs.items()}
     probe_ans = {k: r["answers"][len(used):] for k, r in runs.items()}
     refs = [r for _, r in used]
@@ -85,17 +88,19 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
                                     / len(r["new_tokens"]))
         metrics[f"{k}_generate_seconds"] = r["seconds"]
 
+    middle = {"supervised"} & runs.keys()
     examples = [{"prompt": p, "reference": ref, "before": dev_ans["base"][i],
                  "after": dev_ans["tuned"][i], "scored": i < n_eval,
-                 "scores": {"base": per_prompt["base"][i], "tuned": per_prompt["tuned"][i]}}
+                 **{k: dev_ans[k][i] for k in middle},
+                 "scores": {k: per_prompt[k][i] for k in runs}}
                 for i, (p, ref) in enumerate(used)]
-    probe_rows = [{"question": q, "before": probe_ans["base"][i], "after": probe_ans["tuned"][i]}
-                  for i, q in enumerate(probes)]
+    probe_rows = [{"question": q, "before": probe_ans["base"][i], "after": probe_ans["tuned"][i],
+                   **{k: probe_ans[k][i] for k in middle}} for i, q in enumerate(probes)]
     root = stage_root(StageName.GENERATIONS)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "generations.json", {
-            "base": base.describe(), "tuned": tuned.describe(),
-            "labels": {"base": base.label(), "tuned": tuned.label()},
+            **{k: spec.describe() for k, spec in models.items()},
+            "labels": {k: spec.label() for k, spec in models.items()},
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
             "dev_examples": n_show,
             "eval_examples": n_eval, "dev": examples, "probes": probe_rows,

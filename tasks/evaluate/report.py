@@ -38,25 +38,35 @@ def _prompt_text(messages: Sequence[Message]) -> str:
     return "\n".join(f"[{m['role']}] {m['content']}" for m in messages)
 
 
+def _answers(item: dict, supervised: bool) -> list[str]:
+    """The answers of one example or probe, a block each: base, [supervised,] tuned."""
+    out = ["**Before (base)**", "", _fence(item["before"]), ""]
+    if supervised:
+        out += ["**Supervised (before preference tuning)**", "", _fence(item["supervised"]), ""]
+    return out + ["**After (tuned)**", "", _fence(item["after"]), ""]
+
+
 def _markdown(ctx: dict) -> str:
+    sup = ctx["supervised_label"] is not None
     lines = [f"# {ctx['title']}", "",
-             f"Before: `{ctx['base_label']}` · after: `{ctx['tuned_label']}` · greedy decoding, "
+             f"Before: `{ctx['base_label']}` · "
+             + (f"supervised: `{ctx['supervised_label']}` · " if sup else "")
+             + f"after: `{ctx['tuned_label']}` · greedy decoding, "
              f"max_new_tokens={ctx['max_new_tokens']} · scores over {ctx['eval_examples']} dev "
              f"prompts.", "", f"## Scores ({ctx['eval_examples']} dev prompts)", "",
-             "| metric | before | after | Δ |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['name']} | {r['base']:.2f} | {r['tuned']:.2f} | "
-              f"{r['tuned'] - r['base']:+.2f} |" for r in ctx["rows"]]
+             "| metric | before | " + ("supervised | " if sup else "") + "after | Δ |",
+             "|---|---:|" + ("---:|" if sup else "") + "---:|---:|"]
+    lines += [f"| {r['name']} | {r['base']:.2f} | "
+              + (f"{r['supervised']:.2f} | " if sup else "")
+              + f"{r['tuned']:.2f} | {r['tuned'] - r['base']:+.2f} |" for r in ctx["rows"]]
     lines += ["", "## Dev examples: before / after", ""]
     for i, ex in enumerate(ctx["examples"], 1):
         lines += [f"### Dev example {i}", "", "**Prompt**", "", _fence(_prompt_text(ex["prompt"])),
-                  "", "**Reference**", "", _fence(ex["reference"]), "",
-                  "**Before (base)**", "", _fence(ex["before"]), "",
-                  "**After (tuned)**", "", _fence(ex["after"]), ""]
+                  "", "**Reference**", "", _fence(ex["reference"]), "", *_answers(ex, sup)]
     lines += ["## Out-of-domain probes (catastrophic forgetting)", ""]
     for i, pr in enumerate(ctx["probes"], 1):
         lines += [f"### Probe {i}", "", "**Question**", "", _fence(pr["question"]), "",
-                  "**Before (base)**", "", _fence(pr["before"]), "",
-                  "**After (tuned)**", "", _fence(pr["after"]), ""]
+                  *_answers(pr, sup)]
     text = "\n".join(lines)
     for name, body in ctx["extra"].items():
         text += f"\n## {name}\n\n{body}\n"
@@ -83,13 +93,13 @@ def render_report(generations_json: Path, extra_sections: dict[str, str] | None 
     `extra_sections` (title -> markdown) at the end -> outputs/report/<digest>/."""
     gen = read_json(Path(generations_json))
     m = gen["metrics"]
-    rows = [{"name": name, "base": m[f"base_{key}"], "tuned": m[f"tuned_{key}"]}
+    models = [k for k in ("base", "supervised", "tuned") if k in gen["labels"]]
+    rows = [{"name": name, **{k: m[f"{k}_{key}"] for k in models}}
             for key, name in SCORES.items()]
-    rows += [{"name": "mean answer chars", "base": m["base_mean_answer_chars"],
-              "tuned": m["tuned_mean_answer_chars"]},
-             {"name": "ended with eos (%)", "base": 100 * m["base_eos_rate"],
-              "tuned": 100 * m["tuned_eos_rate"]}]
+    rows += [{"name": "mean answer chars", **{k: m[f"{k}_mean_answer_chars"] for k in models}},
+             {"name": "ended with eos (%)", **{k: 100 * m[f"{k}_eos_rate"] for k in models}}]
     ctx = {"title": title, "base_label": gen["labels"]["base"],
+           "supervised_label": gen["labels"].get("supervised"),
            "tuned_label": gen["labels"]["tuned"], "max_new_tokens": gen["max_new_tokens"],
            "eval_examples": gen["eval_examples"], "rows": rows,
            "examples": gen["dev"][:gen["dev_examples"]], "probes": gen["probes"],
@@ -129,22 +139,28 @@ section.item { border: 1px solid #d0d7de; border-radius: 8px; padding: .6rem 1re
         border-radius: 6px; padding: .5rem .7rem; border-left: 4px solid #d0d7de; }
 .reference { border-left-color: #0969da; } .before { border-left-color: #bc4c00; }
 .after { border-left-color: #1a7f37; } .role { color: #8250df; font-weight: 600; }
+.supervised { border-left-color: #8250df; }
 .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1rem; }
-@media (max-width: 760px) { .pair { grid-template-columns: 1fr; } }
+.pair.three { grid-template-columns: 1fr 1fr 1fr; }
+@media (max-width: 760px) { .pair, .pair.three { grid-template-columns: 1fr; } }
 </style>
 </head>
 <body>
 <h1>{{ title }}</h1>
-<p class="muted">Before: <code>{{ base_label }}</code> · after: <code>{{ tuned_label }}</code>
+<p class="muted">Before: <code>{{ base_label }}</code>
+{%- if supervised_label %} · supervised: <code>{{ supervised_label }}</code>{% endif %}
+ · after: <code>{{ tuned_label }}</code>
  · greedy decoding, max_new_tokens={{ max_new_tokens }} · scores over {{ eval_examples }} dev
  prompts.</p>
 
 <h2>Scores</h2>
 <table>
-<tr><th>metric</th><th>before</th><th>after</th><th>Δ</th></tr>
+<tr><th>metric</th><th>before</th>{% if supervised_label %}<th>supervised</th>{% endif %}
+<th>after</th><th>Δ</th></tr>
 {% for r in rows %}
 {% set d = r.tuned - r.base %}
 <tr><td>{{ r.name }}</td><td class="num">{{ "%.2f"|format(r.base) }}</td>
+{% if supervised_label %}<td class="num">{{ "%.2f"|format(r.supervised) }}</td>{% endif %}
 <td class="num">{{ "%.2f"|format(r.tuned) }}</td>
 <td class="num {{ 'up' if d > 0 else ('down' if d < 0 else '') }}">{{ "%+.2f"|format(d) }}</td></tr>
 {% endfor %}
@@ -160,10 +176,15 @@ section.item { border: 1px solid #d0d7de; border-radius: 8px; padding: .6rem 1re
 {{- m.content }}{{ "\n" if not loop.last else "" }}{% endfor %}</div>
 <div class="label">Reference</div>
 <div class="text reference">{{ ex.reference }}</div>
-<div class="pair">
+<div class="pair{{ ' three' if supervised_label }}">
 <div><div class="label">Before (base){% if ex.scored %} · ROUGE-L
  {{- " %.1f"|format(ex.scores.base.rouge_l) }}{% endif %}</div>
 <div class="text before">{{ ex.before }}</div></div>
+{% if supervised_label %}
+<div><div class="label">Supervised{% if ex.scored %} · ROUGE-L
+ {{- " %.1f"|format(ex.scores.supervised.rouge_l) }}{% endif %}</div>
+<div class="text supervised">{{ ex.supervised }}</div></div>
+{% endif %}
 <div><div class="label">After (tuned){% if ex.scored %} · ROUGE-L
  {{- " %.1f"|format(ex.scores.tuned.rouge_l) }}{% endif %}</div>
 <div class="text after">{{ ex.after }}</div></div>
@@ -176,8 +197,11 @@ section.item { border: 1px solid #d0d7de; border-radius: 8px; padding: .6rem 1re
 <section class="item">
 <h3>Probe {{ loop.index }}</h3>
 <div class="text">{{ p.question }}</div>
-<div class="pair">
+<div class="pair{{ ' three' if supervised_label }}">
 <div><div class="label">Before (base)</div><div class="text before">{{ p.before }}</div></div>
+{% if supervised_label %}
+<div><div class="label">Supervised</div><div class="text supervised">{{ p.supervised }}</div></div>
+{% endif %}
 <div><div class="label">After (tuned)</div><div class="text after">{{ p.after }}</div></div>
 </div>
 </section>

@@ -76,10 +76,11 @@ def _check_inputs(base_dir: Path, adapter_dir: Path) -> None:
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "auto",
-                  device: str = "auto") -> StageResult:
+                  device: str = "auto", stage: StageName = StageName.MERGE) -> StageResult:
     """Merge `adapter_dir` into the base at `base_dir` (loaded in `dtype` on `device`: a GPU
     when there is one, else the CPU), save the merged model with its tokenizer and chat template,
-    and verify its logits against base+adapter."""
+    and verify its logits against base+adapter. `stage`: merge, or merge_preference (the
+    preference adapter folded into the supervised model)."""
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     _check_inputs(base_dir, adapter_dir)
     device = pick_device(device)
@@ -87,7 +88,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
     tokenizer_dir = ModelSpec(base_dir, adapter=adapter_dir).tokenizer_dir()
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    require_free_space(stage_root(StageName.MERGE), _bytes_in(base_dir, dtype),
+    require_free_space(stage_root(stage), _bytes_in(base_dir, dtype),
                        f"merging into {base_dir.name} ({dtype})")
     model = load_model(base_dir, dtype=dtype, device=device, adapter=adapter_dir)
     ids = probe_ids(tokenizer).to(device)
@@ -105,12 +106,12 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
                            f"(max |diff| {diff:.3g}, top-1 agreement {agree:.0%})")
 
     params = sum(p.numel() for p in merged.parameters())
-    with staging_dir(stage_root(StageName.MERGE)) as tmp:
+    with staging_dir(stage_root(stage)) as tmp:
         save_model(merged, tokenizer, tmp)       # safetensors shards, config, chat template
         size = weights_mib(tmp)
-        out, digest = publish_dir(tmp, stage_root(StageName.MERGE))
+        out, digest = publish_dir(tmp, stage_root(stage))
     return StageResult(
-        stage=StageName.MERGE, path=str(out), digest=digest,
+        stage=stage, path=str(out), digest=digest,
         files={"config.json": str(out / "config.json")},
         metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
                  "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},

@@ -10,6 +10,7 @@ imports it, so every process that loads a model has them).
 | `bnb_generic_cpu_path` | bitsandbytes 0.50 (`nn/modules.py` `Linear4bit.forward`, `functional.py` `_convert_weight_packed_for_cpu`) repacks 4-bit weights at the first eval forward on AVX512-BF16 CPUs: training then drops their gradients, and widths not a multiple of 64 in / 32 out fail | bitsandbytes repacks reversibly and for any width |
 | `_bnb_hub_kernel_notice` | bitsandbytes `backends/cpu/ops.py` logs at every import that the optional `kernels` package (code from the Hugging Face Hub) is missing; we never load code from the Hub | bitsandbytes stops logging it |
 | `peft is_gradient_checkpointing` filter | peft 0.21 `PeftModel.__init__` reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per model load) | peft reads `is_activation_checkpointing` |
+| `gradient_checkpointing` filter | transformers 5 renamed it `activation_checkpointing` (`TrainingArguments`, `PreTrainedModel.gradient_checkpointing_enable/disable`: a FutureWarning each); TRL 1.16 `DPOConfig` defaults and peft call the old names | TRL and peft use the new names |
 | `mlflow_pipeline_class` | transformers 5 names pipeline classes as dotted strings (`pipelines.SUPPORTED_TASKS[task]["impl"]`); MLflow 3.17 reads the class's `__name__` when logging from a folder | MLflow handles the string |
 """
 
@@ -39,6 +40,9 @@ def install_filters() -> None:
         logger.addFilter(_bnb_hub_kernel_notice)
     warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
                             category=FutureWarning, module=r"transformers\.modeling_utils")
+    warnings.filterwarnings("ignore", message=r"`gradient_checkpointing(_enable|_disable)?` is "
+                            r"deprecated", category=FutureWarning,
+                            module=r"transformers\.(modeling_utils|training_args)")
 
 
 install_filters()

@@ -22,18 +22,23 @@ class StageName(StrEnum):
     CONVERSATIONS = "conversations"
     VALIDATE = "validate"
     DATA_REPORT = "data_report"
+    PREFERENCE_DATA = "preference_data"    # preference tuning: the pairs (read with the data)
     BASE = "base"
     TRAIN = "train"
     MERGE = "merge"
+    PREFERENCE = "preference"              # ... the adapter on the merged supervised model,
+    MERGE_PREFERENCE = "merge_preference"  # ... folded into it
     QUANTIZE = "quantize"
     QUANTIZE_TORCHAO = "quantize_torchao"
     BENCHMARK = "benchmark"
     GENERATIONS = "generations"
+    PREFERENCE_EVAL = "preference_eval"    # ... how often each model prefers the chosen answer
     REPORT = "report"
     EVALUATE = "evaluate"                  # the nightly gate's scoring of one model,
     EVALUATE_BASE = "evaluate_base"        # run as one stage per model it scores
     EVALUATE_CHALLENGER = "evaluate_challenger"
     EVALUATE_CHAMPION = "evaluate_champion"
+    EVALUATE_CHAMPION_PREFERENCE = "evaluate_champion_preference"
 
 
 def stage_root(stage: StageName) -> Path:

@@ -62,6 +62,22 @@ def test_out_of_domain_bound():
     assert "KEEP" in md and "| dev rouge_l (same dev set) | 35.00 | 30.00 |" in md
 
 
+def test_preference_bound():
+    cfg = GateConfig(max_preference_drop=2.0)
+    champion = Candidate("1", "old", 30.0, 80.0, 90.0)
+    assert decide(Candidate("2", "new", 35.0, 80.0, 88.0), champion, cfg).promote   # drop 2: ok
+    kept = decide(Candidate("2", "new", 35.0, 80.0, 87.5), champion, cfg)
+    assert not kept.promote
+    assert "preference accuracy on the dev pairs fell 2.50 points (90.00 -> 87.50" in kept.reason
+    assert "| dev preference accuracy (%) | 87.50 | 90.00 |" in kept.markdown()
+    assert kept.metrics()["challenger_preference_accuracy"] == 87.5
+    # not asked for: not checked, and not shown
+    plain = decide(Candidate("2", "new", 35.0, 80.0, 10.0), champion, GateConfig())
+    assert plain.promote and "preference" not in plain.markdown()
+    with pytest.raises(ValueError, match="max_preference_drop needs both candidates'"):
+        decide(Candidate("2", "new", 35.0, 80.0), champion, cfg)
+
+
 def test_decide_needs_both_evaluations():
     with pytest.raises(ValueError, match="evaluated"):
         decide(Candidate("2", "new", 1.0, None), Candidate("1", "old", 1.0, 1.0), GateConfig())

@@ -147,6 +147,31 @@ def test_report_builds(inputs, home):
     assert all(isinstance(v, float) and "-" not in k for k, v in m.items())
 
 
+def test_after_preference_tuning_the_report_has_a_supervised_column(inputs):
+    """base | supervised | tuned: the supervised model (a third model here) answers the same
+    prompts, is scored the same way and is shown between the two."""
+    third = make_tiny_chat_model(inputs["base"].parent / "supervised", seed=2)
+    cfg = _cfg(inputs["probes"])
+    res = generate_answers(ModelSpec(inputs["base"]), ModelSpec(inputs["tuned"]), inputs["dev"],
+                           inputs["probes"], cfg, supervised=ModelSpec(third))
+    gens = read_json(res.files["generations_json"])
+    assert list(gens["labels"]) == ["base", "supervised", "tuned"]
+    for ex in gens["dev"][:cfg.dev_examples] + gens["probes"]:
+        assert len({ex["before"], ex["supervised"], ex["after"]}) == 3
+    assert 0 <= res.metrics["supervised_rouge_l"] <= 100
+    md = Path(render_report(res.file("generations_json")).files["report_md"]).read_text(
+        encoding="utf-8")
+    m = res.metrics
+    assert "| metric | before | supervised | after | Δ |" in md
+    assert f"| ROUGE-L | {m['base_rouge_l']:.2f} | {m['supervised_rouge_l']:.2f} | " \
+           f"{m['tuned_rouge_l']:.2f} |" in md
+    assert md.count("**Supervised (before preference tuning)**") == cfg.dev_examples + 2
+    page = Path(render_report(res.file("generations_json")).files["report_html"]).read_text(
+        encoding="utf-8")
+    assert page.count('class="text supervised"') == cfg.dev_examples + 2
+    assert "<th>supervised</th>" in page
+
+
 def test_identical_models_score_identically(inputs):
     spec = ModelSpec(inputs["base"], "float32")
     res = generate_answers(spec, spec, inputs["dev"], inputs["probes"],

@@ -51,6 +51,15 @@ def test_typos_and_bad_values_are_refused_naming_the_argument(override, words):
     assert str(caught.value) == f"--set {override}: {words}"
 
 
+def test_preference_tuning_needs_a_merged_supervised_model():
+    with pytest.raises(ConfigError, match=r"preference.method=dpo tunes the merged supervised "
+                                          r"model, and train.method=ptuning makes none"):
+        load_config(None, ["train.method=ptuning", "preference.method=dpo"])
+    cfg = load_config(None, ["preference.method=orpo", "preference.format=alpaca_ranking"])
+    assert cfg.preference.for_base(embedded=True).learning_rate == 1e-3
+    assert cfg.preference.for_base(embedded=False).learning_rate == 5e-6
+
+
 def test_the_model_itself_still_refuses_bad_values():
     with pytest.raises(ValidationError):
         PipelineConfig.model_validate({"train": {"method": "sgd"}})

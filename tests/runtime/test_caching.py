@@ -84,20 +84,21 @@ def test_the_runtime_and_a_new_stage_re_key_no_stage(repo_copy):
                                      "data.data_report", "model.base_model", "model.chatglm",
                                      "train.train", "export.merge", "export.quantize",
                                      "evaluate.benchmark", "evaluate.generations",
-                                     "evaluate.report", "evaluate.gate")]
+                                     "evaluate.report", "evaluate.gate", "data.preferences",
+                                     "train.preference", "evaluate.preference_eval")]
     before = {m: stage_key(m, {}) for m in stages}
     files = repo_copy / "tasks" / "runtime" / "files.py"
     files.write_text(files.read_text(encoding="utf-8").replace(
         "LARGE_FILE_BYTES = 256 << 20", "LARGE_FILE_BYTES = 255 << 20"))
     results = repo_copy / "tasks" / "runtime" / "results.py"
     results.write_text(results.read_text(encoding="utf-8").replace(
-        '    REPORT = "report"\n', '    REPORT = "report"\n    PREFERENCE = "preference"\n'))
-    (repo_copy / "tasks" / "train" / "preference.py").write_text(
+        '    REPORT = "report"\n', '    REPORT = "report"\n    DISTILL = "distill"\n'))
+    (repo_copy / "tasks" / "train" / "distill.py").write_text(
         "from tasks.runtime.results import StageName, StageResult\n"
         "from tasks.train.train import train_adapter\n\n\n"
-        "def tune(x):\n    return StageName.PREFERENCE, train_adapter, x\n")
+        "def distill(x):\n    return StageName.DISTILL, train_adapter, x\n")
     assert {m: stage_key(m, {}) for m in stages} == before
-    assert stage_key("tasks.train.preference", {}) not in before.values()
+    assert stage_key("tasks.train.distill", {}) not in before.values()
 
 
 def test_key_of_a_directory_source_follows_its_files(tmp_path):
@@ -204,7 +205,7 @@ def test_the_benchmark_table_is_an_input_of_the_report_render_only():
     assert key(report_task, generations=StageResult("generations", "/x/g", "g2"),
                extra_sections={}) != key(report_task, generations=gens, extra_sections={})
     generating = set(inspect.signature(generations_task.fn).parameters)
-    assert generating == {"base", "tuned", "data", "probes_file", "cfg"}
+    assert generating == {"base", "tuned", "data", "probes_file", "cfg", "supervised"}
     assert "tasks/evaluate/benchmark.py" not in {
         p.relative_to(code_version.REPO_DIR).as_posix()
         for p in code_closure("tasks.evaluate.generations")}

@@ -1,0 +1,109 @@
+"""Stage "preference_eval": does a model prefer the chosen answer? (README "Preference
+tuning"). For every dev pair, the log-probability each model gives the chosen and the rejected
+answer after the prompt, in the model's chat template (the answer's tokens, its closing
+end-of-turn included). A model's **preference accuracy** is the share of pairs where the chosen
+answer is the more likely per token -- length-normalised, so that a shorter answer does not win
+for being short (SimPO's reward, Meng et al. 2024, https://arxiv.org/abs/2405.14734) -- and its
+**margin** the mean difference of the two (nats per token). The same on the summed
+log-probabilities (`accuracy_sum`, `margin_sum`): where the chosen answer is the longer one, as
+in the sample's pairs, the sum prefers the rejected answer whatever the model learnt. Measured
+for the base, the supervised and the preference-tuned model, on the same pairs, without a
+reference model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.model.model_spec import ModelSpec
+from tasks.model.modeling import load_tokenizer, pick_device, release
+from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
+from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.train.train_data import IGNORE, encode_conversation
+
+MAX_LENGTH = 1024
+
+
+@torch.inference_mode()
+def answer_logps(model: Any, tok: Any, pairs: list[dict], batch_size: int = 8,
+                 device: str = "cpu") -> torch.Tensor:
+    """(pairs, 2, 2): per pair, of the chosen and of the rejected answer, the summed
+    log-probability and the answer's number of tokens."""
+    rows = []
+    for p in pairs:
+        for side in ("chosen", "rejected"):
+            enc = encode_conversation(tok, p["prompt"] + [{"role": "assistant",
+                                                           "content": p[side]}], MAX_LENGTH)
+            rows.append((enc["input_ids"], enc["labels"]))
+    out = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=device)
+        labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in chunk],
+                              device=device)
+        mask = (torch.arange(width, device=device)[None, :]
+                < torch.tensor([len(x) for x, _ in chunk], device=device)[:, None]).long()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        target = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
+        scored = (target != IGNORE).float()
+        out.append(torch.stack([(logp * scored).sum(-1), scored.sum(-1)], -1).cpu())
+    return torch.cat(out).view(len(pairs), 2, 2)
+
+
+def preference_scores(spec: ModelSpec, pairs: list[dict], batch_size: int = 8
+                      ) -> dict[str, Any]:
+    """Preference accuracy and margin of one model on `pairs` (the module docstring)."""
+    device = pick_device("auto")
+    model = spec.load(device)
+    logps = answer_logps(model, load_tokenizer(spec.tokenizer_dir()), pairs, batch_size, device)
+    del model
+    release(device)
+    total, tokens = logps[..., 0], logps[..., 1]
+    per_token = (total / tokens.clamp_min(1))
+    diff, diff_sum = per_token[:, 0] - per_token[:, 1], total[:, 0] - total[:, 1]
+    return {"accuracy": float((diff > 0).float().mean()), "margin": float(diff.mean()),
+            "accuracy_sum": float((diff_sum > 0).float().mean()),
+            "margin_sum": float(diff_sum.mean()),
+            "per_pair": [round(float(d), 4) for d in diff]}
+
+
+def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path,
+                         batch_size: int = 8) -> StageResult:
+    """Preference accuracy and margin of each of `models` (name -> spec) on the dev pairs ->
+    outputs/preference_eval/<digest>/preference_eval.json."""
+    pairs = read_json(Path(dev_pairs))
+    scores = {name: preference_scores(spec, pairs, batch_size) for name, spec in models.items()}
+    metrics = {}
+    for name, s in scores.items():
+        metrics |= {f"{name}_preference_accuracy": s["accuracy"],
+                    f"{name}_preference_margin": s["margin"],
+                    f"{name}_preference_accuracy_sum": s["accuracy_sum"]}
+    root = stage_root(StageName.PREFERENCE_EVAL)
+    with staging_dir(root) as tmp:
+        atomic_write_json(tmp / "preference_eval.json", {
+            "pairs": len(pairs), "models": {n: m.describe() for n, m in models.items()},
+            "scores": scores})
+        out, digest = publish_dir(tmp, root)
+    return StageResult(stage=StageName.PREFERENCE_EVAL, path=str(out), digest=digest,
+                       files={"preference_eval_json": str(out / "preference_eval.json")},
+                       metrics=metrics, device=pick_device("auto"),
+                       summary=summary(scores, len(pairs)))
+
+
+def summary(scores: dict[str, dict[str, Any]], pairs: int) -> str:
+    """The report's "Preference" section: accuracy and margin per model."""
+    lines = [f"Preference accuracy on {pairs} dev pairs: how often a model gives the chosen "
+             "answer a higher log-probability per token than the rejected one; margin: the "
+             "mean difference of the two (nats per token). Summed over the answer's tokens "
+             "instead, the longer answer is penalised for its length.", "",
+             "| model | preference accuracy | margin | accuracy, summed log-prob | "
+             "margin, summed |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {s['accuracy']:.1%} | {s['margin']:+.3f} | {s['accuracy_sum']:.1%} "
+              f"| {s['margin_sum']:+.1f} |" for name, s in scores.items()]
+    return "\n".join(lines)

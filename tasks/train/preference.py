@@ -1,0 +1,198 @@
+"""Stage "preference": preference tuning after supervised fine-tuning (README "Preference
+tuning"), on TRL's trainers -- their losses, not ours.
+
+The supervised adapter has been merged (stage merge); a new LoRA adapter is trained on that
+merged model with `preference.method`:
+
+* `dpo`: TRL's `DPOTrainer`. With a peft adapter, TRL's reference model is the same model with
+  the adapter switched off: the merged supervised model, held in memory once;
+* `orpo`: TRL's ORPO (`trl.experimental.orpo`), which needs no reference model.
+
+With `preference.quantized` the merged model is loaded in 4 bits (nf4) under the adapter:
+QLoRA-DPO. Like the train stage it checkpoints every `save_steps` and, on SIGTERM, the step in
+flight, and a re-run of the same inputs resumes (tasks/train/train_control.py). Loss, rewards of
+chosen and rejected, their margin and accuracy, and the log-probabilities are kept per logged
+step (the stage's history, MLflow step metrics). Output: the adapter under
+outputs/preference/<digest>/, which the merge_preference stage folds into the supervised model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback
+
+from tasks.config import PreferenceConfig
+from tasks.model.compat import bnb_generic_cpu_path
+from tasks.model.modeling import bnb_config, load_model, load_tokenizer, pick_device
+from tasks.runtime.code_version import code_digest
+from tasks.runtime.files import atomic_write_json, digest_bytes, digest_path, publish_dir, \
+    read_json, staging_dir
+from tasks.runtime.paths import project_dir
+from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
+    ProgressLog, TrainProgress, last_checkpoint, list_checkpoints
+
+#: what TRL logs per step that is kept as the stage's curves
+CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+          "logps/chosen", "logps/rejected")
+NOT_IN_KEY = {"resume", "save_total_limit"}
+
+
+def checkpoint_dir(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
+                   cfg: PreferenceConfig) -> Path:
+    """outputs/preference-checkpoints/<hash of model, pairs, config and code>: a re-run of the
+    same stage finds a killed run's checkpoints."""
+    key = {"model": digest_path(Path(model_dir)), "train": digest_path(Path(train_pairs)),
+           "dev": digest_path(Path(dev_pairs)), "code": code_digest("tasks.train.preference"),
+           "cfg": cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}
+    return project_dir() / "outputs" / "preference-checkpoints" / digest_bytes(
+        json.dumps(key, sort_keys=True).encode())
+
+
+def as_dataset(pairs_json: Path):
+    """TRL's conversational preference format: prompt messages, then the chosen and the
+    rejected answer as one assistant message each; `length` (characters of the prompt and the
+    longer answer) lets the trainer batch pairs of similar length (less padding)."""
+    from datasets import Dataset
+
+    pairs = read_json(pairs_json)
+    return Dataset.from_list([
+        {"prompt": p["prompt"],
+         "chosen": [{"role": "assistant", "content": p["chosen"]}],
+         "rejected": [{"role": "assistant", "content": p["rejected"]}],
+         "length": sum(len(m["content"]) for m in p["prompt"])
+         + max(len(p["chosen"]), len(p["rejected"]))} for p in pairs])
+
+
+def use_liger(cfg: PreferenceConfig, device: str) -> bool:
+    """`preference.liger`, or by default: on a GPU where liger-kernel is installed
+    (`make setup GPU=1`)."""
+    if cfg.liger is not None:
+        return cfg.liger
+    return device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None
+
+
+def _trainer(method: str, model: Any, tok: Any, cfg: PreferenceConfig, ckpt: Path, device: str,
+             train: Any, dev: Any, callbacks: list) -> Any:
+    from peft import LoraConfig
+
+    if cfg.learning_rate is None:
+        raise ValueError("preference.learning_rate is not set (PreferenceConfig.for_base)")
+    common = dict(output_dir=str(ckpt), num_train_epochs=cfg.epochs,
+                  learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
+                  per_device_eval_batch_size=cfg.batch_size, lr_scheduler_type="cosine",
+                  warmup_steps=0.05, max_length=cfg.max_length, beta=cfg.beta,
+                  eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=True,
+                  logging_strategy="steps", logging_steps=1, save_strategy="steps",
+                  save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+                  report_to="none", seed=cfg.seed, data_seed=cfg.seed,
+                  use_cpu=device == "cpu", disable_tqdm=True, dataloader_num_workers=0,
+                  gradient_checkpointing=device.startswith("cuda")
+                  if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing,
+                  train_sampling_strategy="group_by_length" if cfg.group_by_length
+                  else "random", use_liger_kernel=use_liger(cfg, device),
+                  remove_unused_columns=False,         # keep `length` for the sampler
+                  bf16=device.startswith("cuda") and torch.cuda.is_bf16_supported())
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        return ORPOTrainer(model=model, args=ORPOConfig(**common), train_dataset=train,
+                           eval_dataset=dev, processing_class=tok, peft_config=lora,
+                           callbacks=callbacks)
+    from trl import DPOConfig, DPOTrainer
+
+    return DPOTrainer(model=model, args=DPOConfig(**common, loss_type=["sigmoid"]),
+                      train_dataset=train, eval_dataset=dev, processing_class=tok,
+                      peft_config=lora, callbacks=callbacks)
+
+
+def curves(history: list[dict]) -> list[dict]:
+    """TRL's log history reduced to the stage's curves: per logged step, the train values of
+    CURVES and, where it evaluated, the same on the dev pairs (`eval_` prefix)."""
+    out = []
+    for h in history:
+        row = {k: round(float(h[k]), 5) for k in CURVES if k in h}
+        row |= {f"eval_{k}": round(float(h[f"eval_{k}"]), 5) for k in CURVES
+                if f"eval_{k}" in h}
+        if row:
+            out.append({"step": int(h["step"]), **row})
+    return out
+
+
+def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
+                     cfg: PreferenceConfig) -> StageResult:
+    """Train a preference adapter on the merged supervised model at `model_dir` with
+    `cfg.method` on the train pairs, evaluated on the dev pairs before, during and after;
+    publish it under outputs/preference/<digest>/ (see the module docstring)."""
+    device = pick_device("auto")
+    ckpt = checkpoint_dir(model_dir, Path(train_pairs), Path(dev_pairs), cfg)
+    tok = load_tokenizer(model_dir)
+    if cfg.quantized:
+        compute = "bfloat16" if device.startswith("cuda") else "float32"
+        model = load_model(model_dir, device=device, dtype=compute,
+                           quantization=bnb_config("nf4", True, compute))
+        if not device.startswith("cuda"):    # the dev eval's repack would drop the gradients
+            bnb_generic_cpu_path(model, unpackable_only=False)
+    else:
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
+            else "float32"
+        model = load_model(model_dir, device=device, dtype=dtype)
+    model.config.use_cache = False
+    train, dev = as_dataset(Path(train_pairs)), as_dataset(Path(dev_pairs))
+    sigterm = DeferredSigterm()
+    trainer = _trainer(cfg.method, model, tok, cfg, ckpt, device, train, dev,
+                       [ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm),
+                        PauseAfterSave()])
+    trainer.remove_callback(PrinterCallback)      # the curves are returned instead
+    last = last_checkpoint(ckpt) if cfg.resume else None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with sigterm:
+        result = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    if not any("eval_loss" in h and h["step"] == trainer.state.global_step
+               for h in trainer.state.log_history):
+        trainer.evaluate()
+    history = curves(trainer.state.log_history)
+    evals = [h for h in history if "eval_loss" in h]
+    train_logs = [h for h in trainer.state.log_history if "num_tokens" in h]
+    tokens = train_logs[-1]["num_tokens"] if train_logs else 0     # TRL: non-padding tokens
+    evaluating = sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
+    with staging_dir(stage_root(StageName.PREFERENCE)) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "preference_log.json", history)
+        out, digest = publish_dir(tmp, stage_root(StageName.PREFERENCE))
+    first, final = evals[0], evals[-1]
+    metrics = {"train_loss": float(result.training_loss), "train_seconds": round(seconds, 2),
+               "global_step": float(trainer.state.global_step),
+               "train_pairs": float(len(train)), "dev_pairs": float(len(dev)),
+               "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30
+               if device.startswith("cuda") else 0.0}
+    for key in ("loss", "rewards/accuracies", "rewards/margins"):
+        if f"eval_{key}" in final:
+            name = key.replace("/", "_")
+            metrics[f"eval_{name}_before"] = first.get(f"eval_{key}", float("nan"))
+            metrics[f"eval_{name}_after"] = final[f"eval_{key}"]
+    if tokens:        # the training loop's throughput: evaluation time left out
+        metrics["train_tokens"] = float(tokens)
+        metrics["train_tokens_per_s"] = tokens / max(seconds - evaluating, 1e-9)
+    return StageResult(
+        stage=StageName.PREFERENCE, path=str(out), digest=digest,
+        files={"adapter_config": str(out / "adapter_config.json"),
+               "preference_log": str(out / "preference_log.json")},
+        metrics=metrics, history=[{k.replace("/", "_"): v for k, v in h.items()}
+                                  for h in history],
+        device=device,
+        info={"method": cfg.method, "model_dir": str(model_dir), "quantized": cfg.quantized,
+              "checkpoint_dir": str(ckpt), "checkpoints": list_checkpoints(ckpt),
+              "resumed_from": last})

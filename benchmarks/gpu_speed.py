@@ -11,7 +11,9 @@ whose compiled engine takes longest):
 * decode: greedy decode tok/s at batch 1 and 8 of HF `generate` (eager, the anchor) and of the
   static loop of tasks/model/decode.py (CUDA graph; `+compile`: torch.compile'd, then captured) on
   the bf16 model, torchao int4 (tinygemm) and bitsandbytes nf4; capture/compile time apart; token
-  agreement with eager `generate` and the first step's max logit difference;
+  agreement with eager `generate` and the first step's max logit difference. Each model in a
+  process of its own; a model or engine that fails is recorded under `decode_errors` with its
+  error, and the others keep their figures;
 * qlora: the train stage (tasks/train/train.py) against a bare HF + peft QLoRA loop on the same
   model, data, batches (file order), LoRA and optimizer settings; useful (non-pad) tokens/s, peak CUDA
   memory and the first 20 steps' losses of both.
@@ -125,55 +127,87 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
-def first_logit_diff(model, reference: torch.Tensor, tok) -> float:
+#: the decode plans: a label and the int4 format (None: the bf16 model itself)
+PLANS = [("bf16", None), ("int4-torchao", "torchao"), ("nf4-bnb", "bnb")]
+
+
+def decode_plan(base_dir: Path, label: str, fmt: str | None, new_tokens: int,
+                compile_too: bool, reference_logits: list[float] | None) -> dict:
+    """One plan (load the model as `label`, every engine of it), in a process of its own: a
+    failed CUDA-graph capture can leave the CUDA context unusable, and must cost only its own
+    rows. An engine that fails is an error row; the plan's other engines still run."""
+    from tasks.config import QuantizeConfig
+    from tasks.export.quantize import quantization_config
+
+    tok = load_tokenizer(base_dir)
+    qcfg = quantization_config(fmt, QuantizeConfig(), "bfloat16") if fmt else None
+    torch.cuda.reset_peak_memory_stats()
+    model = load_model(base_dir, dtype="bfloat16", device="cuda", quantization=qcfg)
+    out: dict = {"weights_gib": weight_bytes(model) / 2**30, "engines": {}, "errors": {}}
+    print(f"[decode] {label}: loaded, {out['weights_gib']:.2f} GiB", flush=True)
     ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[0]}])]).cuda()
     with torch.inference_mode():
         logits = model(input_ids=ids).logits[0, -1].float()
-    return (logits - reference).abs().max().item()
+    if reference_logits is None:
+        out["reference_logits"] = logits.cpu().tolist()
+    else:
+        out["max_first_logit_diff_vs_bf16"] = (
+            logits.cpu() - torch.tensor(reference_logits)).abs().max().item()
+    engines = (["eager"] if fmt is None else []) + ["graph"] + (
+        ["compiled"] if compile_too and fmt != "bnb" else [])
+    for engine in engines:
+        start = time.perf_counter()
+        try:
+            out["engines"][engine] = decode_variant(model, tok, [1, 8], new_tokens, engine)
+        except Exception as error:                        # a row with its error, not a crash
+            out["errors"][engine] = f"{type(error).__name__}: {str(error).strip()[:500]}"
+            print(f"[decode] {label} {engine}: failed: {out['errors'][engine]}", flush=True)
+            continue
+        r = out["engines"][engine]
+        print(f"[decode] {label} {engine}: {r['tok_s']} tok/s, capture {r['capture_s']:.1f} s, "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+    del model
+    release("cuda")
+    return out
 
 
 def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
-    from tasks.export.quantize import quantization_config
-    from tasks.config import QuantizeConfig
+    """Every plan in a fresh process (tasks/runtime/child_process.py); a plan or engine that
+    fails is recorded under `errors` and the others keep their figures."""
+    from tasks.runtime import child_process
 
-    tok = load_tokenizer(base_dir)
     results, peaks, compile_s, agree, logit_diff, weights = {}, {}, {}, {}, {}, {}
     graph_errors: dict[str, str] = {}
-    plans = [("bf16", None), ("int4-torchao", "torchao"), ("nf4-bnb", "bnb")]
+    errors: dict[str, str] = {}
     reference_tokens = reference_logits = None
-    for label, fmt in plans:
-        qcfg = quantization_config(fmt, QuantizeConfig(), "bfloat16") if fmt else None
-        torch.cuda.reset_peak_memory_stats()
-        model = load_model(base_dir, dtype="bfloat16", device="cuda", quantization=qcfg)
-        weights[label] = weight_bytes(model) / 2**30
-        print(f"[decode] {label}: loaded, {weights[label]:.2f} GiB", flush=True)
-        engines = (["eager"] if fmt is None else []) + ["graph"] + (
-            ["compiled"] if compile_too and fmt != "bnb" else [])
-        if fmt is None:
-            ids = torch.tensor([prompt_ids(tok, [{"role": "user", "content": QUESTIONS[0]}])])
-            with torch.inference_mode():
-                reference_logits = model(input_ids=ids.cuda()).logits[0, -1].float()
-        for engine in engines:
+    for label, fmt in PLANS:
+        try:
+            plan = child_process.call(decode_plan, base_dir, label, fmt, new_tokens,
+                                      compile_too, reference_logits)
+        except Exception as error:
+            errors[label] = f"{type(error).__name__}: {str(error).strip()[:500]}"
+            print(f"[decode] {label}: failed: {errors[label]}", flush=True)
+            continue
+        weights[label] = plan["weights_gib"]
+        if "reference_logits" in plan:
+            reference_logits = plan["reference_logits"]
+        else:
+            logit_diff[label] = plan["max_first_logit_diff_vs_bf16"]
+        errors |= {f"{label} {engine}": e for engine, e in plan["errors"].items()}
+        for engine, r in plan["engines"].items():
             name = f"{label} {engine}"
-            start = time.perf_counter()
-            r = decode_variant(model, tok, [1, 8], new_tokens, engine)
-            results[name] = r["tok_s"]
-            peaks[name] = r["peak_cuda_mib"]
-            compile_s[name] = r["capture_s"]
+            results[name], peaks[name], compile_s[name] = r["tok_s"], r["peak_cuda_mib"], \
+                r["capture_s"]
             if r.get("graph_error"):
                 graph_errors[name] = r["graph_error"]
             if engine == "eager":
                 reference_tokens = r["tokens"]
-            agree[name] = {b: agreement(r["tokens"][b], reference_tokens[b])
-                           for b in r["tokens"]}
-            print(f"[decode] {name}: {r['tok_s']} tok/s, capture {r['capture_s']:.1f} s, "
-                  f"agreement {agree[name]}, {time.perf_counter() - start:.0f} s", flush=True)
-        logit_diff[label] = first_logit_diff(model, reference_logits, tok)
-        del model
-        release("cuda")
+            if reference_tokens is not None:
+                agree[name] = {b: agreement(r["tokens"][b], reference_tokens[b])
+                               for b in r["tokens"]}
     return {"decode": results, "peak_cuda_mib": peaks, "compile_s": compile_s,
             "token_agreement_with_eager": agree, "max_first_logit_diff_vs_bf16": logit_diff,
-            "weights_gib": weights, "graph_errors": graph_errors}
+            "weights_gib": weights, "graph_errors": graph_errors, "decode_errors": errors}
 
 
 # -- qlora -------------------------------------------------------------------------------------
@@ -337,8 +371,9 @@ def main() -> None:
         result |= run_decode(base_dir, args.new_tokens, not args.no_compile)
         if "copy_tb_s" in result:        # batch-1 roofline: every weight byte read per token
             for label, key in (("bf16", "bf16"), ("int4", "int4-torchao")):
-                result[f"roofline_{label}_tok_s"] = (result["copy_tb_s"] * 1e12
-                                                     / (result["weights_gib"][key] * 2**30))
+                if key in result["weights_gib"]:
+                    result[f"roofline_{label}_tok_s"] = (result["copy_tb_s"] * 1e12
+                                                         / (result["weights_gib"][key] * 2**30))
         save()
     print(json.dumps({k: v for k, v in result.items() if k not in ("qlora",)}, indent=1,
                      default=str)[:3000])

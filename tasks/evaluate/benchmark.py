@@ -10,6 +10,11 @@ generating exactly `new_tokens` greedy tokens per row:
 * `generate`: HF `generate` with its dynamic cache (EOS suppressed by `min_new_tokens`), the
   reference; a streamer stamps the first new token.
 
+A variant whose process fails (an error in it, or the out-of-memory killer) is a row of the
+table with its error, and the other variants are still measured; only when every variant failed
+does the stage fail. A variant process ended by SIGTERM or SIGINT ends the stage: the run was
+cancelled.
+
 TTFT is the time to the first new token; decode tok/s per sequence is (new_tokens - 1) / the time
 of the remaining steps, and the aggregate is that times the batch. `repeats` rounds run every
 variant in turn (each round a new process per variant), and the table shows the median with the
@@ -23,6 +28,8 @@ Standalone (e.g. on the GPU machine, no Prefect/MLflow needed):
 from __future__ import annotations
 
 import argparse
+import logging
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -30,7 +37,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 from tasks.runtime import child_process
-from tasks.evaluate.benchmark_rows import BenchmarkRow, markdown_table, metrics, summarise
+from tasks.evaluate.benchmark_rows import BenchmarkRow, FailedVariant, markdown_table, metrics, \
+    summarise
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
@@ -46,6 +54,9 @@ from tasks.runtime.resources import own_peak_rss_mib
 if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydantic
     from tasks.config import BenchmarkConfig
 
+#: a measuring process ended by one of these was cancelled with the run, not failed
+CANCELLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
 def batches(prompts: list, batch: int) -> list[list]:
@@ -178,26 +189,41 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
     specs = {name: spec.check(f"benchmark variant {name!r}") for name, spec in variants.items()}
     device = pick_device(cfg.device)
     sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
-    measured = []
+    measured: list[list[BenchmarkRow]] = []
+    failed: list[FailedVariant] = []
     with Progress("benchmark runs (a fresh process each)", cfg.repeats * len(specs)) as progress:
-        for _ in range(cfg.repeats):
+        for round_ in range(cfg.repeats):
             for name, spec in specs.items():
-                measured.append(child_process.call(
-                    _measure, name, spec, prompts, cfg.new_tokens, cfg.warmup, device,
-                    threads=cfg.cpu_threads, batch_sizes=tuple(sizes),
-                    engines=tuple(cfg.engines), compile=cfg.compile))
+                try:
+                    measured.append(child_process.call(
+                        _measure, name, spec, prompts, cfg.new_tokens, cfg.warmup, device,
+                        threads=cfg.cpu_threads, batch_sizes=tuple(sizes),
+                        engines=tuple(cfg.engines), compile=cfg.compile))
+                except Exception as error:
+                    if isinstance(error, child_process.ChildDied) and error.signal in CANCELLED:
+                        raise
+                    failed.append(FailedVariant.of(name, round_, error))
+                    log.warning("benchmark: variant %s failed (its row says so): %s", name,
+                                failed[-1].error)
                 progress.update()
+    if not measured:
+        raise RuntimeError("benchmark: every variant failed: " + "; ".join(
+            f"{f.variant}: {f.error}" for f in failed))
     rows = summarise(measured)
-    table = markdown_table(rows)
+    table = markdown_table(rows, failed)
     with staging_dir(stage_root(StageName.BENCHMARK)) as tmp:
         atomic_write_json(tmp / "benchmark.json", [r.to_json() for r in rows])
+        atomic_write_json(tmp / "failed.json", [vars(f) for f in failed])
         atomic_write_text(tmp / "benchmark.md", table)
         out, digest = publish_dir(tmp, stage_root(StageName.BENCHMARK))
     return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest,
                        files={"benchmark.json": str(out / "benchmark.json"),
+                              "failed.json": str(out / "failed.json"),
                               "benchmark.md": str(out / "benchmark.md")},
-                       metrics=metrics(rows), summary=table, device=device,
-                       info={"variants": specs, "prompts": prompts})
+                       metrics={**metrics(rows), "failed_variant_runs": float(len(failed))},
+                       summary=table, device=device,
+                       info={"variants": specs, "prompts": prompts,
+                             "failed": [vars(f) for f in failed]})
 
 
 def main(argv: list[str] | None = None) -> None:

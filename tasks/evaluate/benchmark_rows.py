@@ -68,6 +68,21 @@ class BenchmarkRow:
         return cls(**{k: v for k, v in record.items() if k in names}, spread=spread)
 
 
+@dataclass(frozen=True)
+class FailedVariant:
+    """A variant whose measuring process failed in one round: no figures, the error's first
+    line (the other variants' rows are kept)."""
+
+    variant: str
+    round: int
+    error: str
+
+    @classmethod
+    def of(cls, variant: str, round_: int, error: BaseException) -> "FailedVariant":
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        return cls(variant, round_, f"{type(error).__name__}: {first}")
+
+
 def read_rows(benchmark_json: Path) -> list[BenchmarkRow]:
     """The rows of a benchmark stage's benchmark.json."""
     return [BenchmarkRow.from_json(r) for r in read_json(benchmark_json)]
@@ -112,8 +127,9 @@ def metrics(rows: list[BenchmarkRow]) -> dict[str, float]:
     return out
 
 
-def markdown_table(rows: list[BenchmarkRow]) -> str:
-    """benchmark.md: one line per row, the median and (min–max) where there were repeats."""
+def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -> str:
+    """benchmark.md: one line per row, the median and (min–max) where there were repeats; a
+    line per failed variant and round with its error."""
     def num(v):
         return "–" if v is None else f"{v:,.1f}" if isinstance(v, float) else str(v)
 
@@ -130,6 +146,8 @@ def markdown_table(rows: list[BenchmarkRow]) -> str:
             f"{spread(r, 'decode_tok_s')} | {num(r.aggregate_tok_s)} | {spread(r, 'ttft_ms')} | "
             f"{num(r.peak_cuda_mib)} | {num(r.peak_rss_mib)} | {num(r.load_seconds)} | "
             f"{num(r.compile_s)} |" for r in rows]
+    body += [f"| {f.variant} | failed (round {f.round + 1}): {f.error.replace('|', '/')} |"
+             + " – |" * 10 for f in failed]
     n = rows[0]
     graph = " + CUDA graph" if n.device.startswith("cuda") else ""
     return "\n".join([head, rule, *body, "", f"{n.prompts} prompts x {n.new_tokens} new tokens "

@@ -20,8 +20,9 @@ starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on 
   Its stdout and stderr are the fork server's, i.e. the caller's when the server started.
 * The child's peak RSS (VmHWM) and peak CUDA memory come back with the answer and are added to
   the caller's `tasks.runtime.resources.peak_memory()` block.
-* A child killed by a signal (the OOM killer, a Ctrl-C) raises `ChildProcessError` naming the
-  function and the signal; its exception, if it can be pickled, is re-raised as it was.
+* A child that died before it answered (killed by a signal: the OOM killer, a Ctrl-C) raises
+  `ChildDied` (a `ChildProcessError`) naming the function and the signal; its exception, if it
+  can be pickled, is re-raised as it was.
 """
 
 from __future__ import annotations
@@ -55,6 +56,17 @@ PRELOAD_WITHOUT_GPU = ["tasks.model.modeling", "tasks.model.decode", "peft", "bi
 T = TypeVar("T")
 
 
+class ChildDied(ChildProcessError):
+    """The child ended before it answered; `signal`: the signal that killed it, if one did."""
+
+    def __init__(self, message: str, signal_number: int | None = None):
+        super().__init__(message)
+        self.signal = signal_number
+
+    def __reduce__(self):
+        return type(self), (str(self), self.signal)
+
+
 def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, computed in a new process (see the module docstring)."""
     what = f"{fn.__module__}.{fn.__qualname__}"
@@ -85,8 +97,9 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             code = proc.exitcode or 0
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
                 f"exited with status {code}"
-            raise ChildProcessError(f"{what} ran in a process of its own, which {how} before "
-                                    "it answered (a SIGKILL is often the out-of-memory killer)")
+            raise ChildDied(f"{what} ran in a process of its own, which {how} before it "
+                            "answered (a SIGKILL is often the out-of-memory killer)",
+                            -code if code < 0 else None)
         ok, value, peaks = pickle.loads(answer.read_bytes())
     add_child_peaks(peaks)
     if not ok:

@@ -107,3 +107,29 @@ def test_benchmark_bad_spec(tmp_path):
         run_benchmark({"x": ModelSpec(tmp_path / "nope")}, PROMPTS, cfg)
     with pytest.raises(DataError, match=r"gone: benchmark variant 'x': adapter folder not found"):
         run_benchmark({"x": ModelSpec(tmp_path, adapter=tmp_path / "gone")}, PROMPTS, cfg)
+
+
+def test_a_variant_that_fails_is_a_row_and_the_others_are_measured(tmp_path):
+    """A variant whose process fails (here: weights that are not a safetensors file, found only
+    when its process loads them) is a row with its error; the others keep their figures. Only
+    when every variant failed does the stage fail."""
+    base, _ = make_all(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(base).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file" * 100)
+    cfg = BenchmarkConfig(device="cpu", prompts=1, new_tokens=2, warmup=0, cpu_threads=1,
+                          batch_sizes=[1], engines=["static"], repeats=1)
+    res = run_benchmark({"base": ModelSpec(base), "broken": ModelSpec(broken)}, PROMPTS, cfg)
+    assert [r.variant for r in read_rows(res.file("benchmark.json"))] == ["base"]
+    [failed] = read_json(res.file("failed.json"))
+    assert failed["variant"] == "broken" and failed["round"] == 0
+    assert "Error" in failed["error"].split(":")[0], failed
+    md = res.file("benchmark.md").read_text(encoding="utf-8")
+    assert "| broken | failed (round 1): " in md and "| base | static | 1 |" in md
+    assert res.metrics["failed_variant_runs"] == 1.0 and "base_static_b1_decode_tok_s" in \
+        res.metrics
+    with pytest.raises(RuntimeError, match=r"every variant failed: broken: "):
+        run_benchmark({"broken": ModelSpec(broken)}, PROMPTS, cfg)

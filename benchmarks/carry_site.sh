@@ -16,7 +16,7 @@ pyarrow pygments pyparsing pytest python-dateutil pyyaml regex requests rich saf
 scikit-learn scipy sentencepiece setuptools shellingham six sympy tabulate threadpoolctl
 tokenizers torch tqdm typer typing-extensions urllib3 werkzeug wheel wrapt xxhash yarl zipp
 sortedcontainers typing-inspect mypy-extensions"
-SKIP="playwright uv greenlet-dummy"
+SKIP="playwright uv greenlet-dummy triton"    # triton: the image's, built for its torch
 WHL=$(mktemp -d) SITE=$(mktemp -d)
 grep -E '^[a-z0-9].*==' "$LOCK" | while read -r pin; do
   name=${pin%%==*}

@@ -4,12 +4,15 @@ server) with an MLflow store, every stage from data to register, measured per st
     PYTHONPATH=. python benchmarks/gpu_flow.py                 # 6 B (ChatGLM2-6B shape) on a GPU
     PYTHONPATH=. python benchmarks/gpu_flow.py --size tiny     # the same, in a minute on a CPU
     PYTHONPATH=. python benchmarks/gpu_flow.py --original chatglm3   # a ChatGLM3-6B folder
+    PYTHONPATH=. python benchmarks/gpu_flow.py --preference dpo      # + QLoRA-DPO after QLoRA
 
 The base is a random-weight model of `--size` (benchmarks/models.py), built directly on the
 device in bf16, saved as a Hugging Face folder and passed as `base.path`: speed and memory, not
 quality. With `--original chatglm3` it is a folder in ChatGLM3-6B's own format instead (its
 published config, tensor names and a SentencePiece tokenizer), which the base stage converts.
-Writes benchmarks/results/gpu_flow_[<original>_]<size>.json (per stage: seconds, device, peak
+With `--preference dpo` the flow tunes the merged model on the sample's preference pairs with
+QLoRA-DPO (README "Preference tuning") before it quantizes.
+Writes benchmarks/results/gpu_flow_[<original>_|<preference>_]<size>.json (per stage: seconds, device, peak
 CUDA and host memory, cache hit; the benchmark rows; the disk: free space at the start, the
 peak used by the run, what the project home holds at the end) and prints the README table.
 """
@@ -43,9 +46,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def config(base_dir: Path, gpu: bool, epochs: float, repeats: int) -> dict:
-    """The run's PipelineConfig: QLoRA in bf16 on a GPU, short training, a small report."""
-    return {
+def config(base_dir: Path, gpu: bool, epochs: float, repeats: int,
+           preference: str | None = None) -> dict:
+    """The run's PipelineConfig: QLoRA in bf16 on a GPU, short training, a small report; with
+    `preference`, QLoRA-DPO (or ORPO) for half an epoch of the sample's pairs after it."""
+    cfg = {
         "base": {"path": str(base_dir)},
         "train": {"method": "qlora", "epochs": epochs, "batch_size": 8, "max_length": 160,
                   "eval_steps": 10_000, "save_steps": 10_000, "learning_rate": 2e-4,
@@ -58,6 +63,13 @@ def config(base_dir: Path, gpu: bool, epochs: float, repeats: int) -> dict:
         "registry": {"model_name": "gpu-flow-chat"},
         "experiment": "gpu-flow",
     }
+    if preference:       # one device call: no torchao model, the benchmark at batch 1 only
+        cfg["preference"] = {"method": preference, "quantized": True, "epochs": 0.5,
+                             "batch_size": 8, "max_length": 160, "eval_steps": 10_000,
+                             "save_steps": 10_000}
+        cfg["quantize"] = {"torchao": "off"}
+        cfg["benchmark"]["batch_sizes"] = [1]
+    return cfg
 
 
 class DiskWatch:
@@ -180,6 +192,26 @@ def conversion_figures(base_row: dict) -> dict:
     return json.loads((Path(path) / "conversion.json").read_text())
 
 
+def preference_figures(out: dict) -> dict:
+    """The preference stage's throughput and memory, and each model's preference accuracy on
+    the dev pairs (random weights: speed, not quality)."""
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    runs = {r["stage"]: r["from_run"] for r in out["stages"]}
+    tuned = client.get_run(runs["preference"]).data.metrics
+    scored = client.get_run(runs["preference_eval"]).data.metrics
+    return {"train_tokens_per_s": tuned.get("train_tokens_per_s"),
+            "train_tokens": tuned.get("train_tokens"),
+            "train_seconds": tuned.get("train_seconds"),
+            "peak_gpu_memory_gib": tuned.get("peak_gpu_memory_gib"),
+            "steps": tuned.get("global_step"),
+            "preference_accuracy": {k.split("_preference")[0]: v for k, v in scored.items()
+                                    if k.endswith("_preference_accuracy")}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="6b", help="a shape of benchmarks/models.py (default 6b)")
@@ -191,6 +223,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="benchmark repeats")
     ap.add_argument("--original", choices=["chatglm3"], help="the base as a folder in this "
                     "model's own format (converted by the base stage)")
+    ap.add_argument("--preference", choices=["dpo", "orpo"], help="preference tuning after the "
+                    "supervised stage")
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
     os.environ["PIPELINE_HOME"] = str(home)
@@ -218,7 +252,8 @@ def main() -> int:
     from flows.pipeline import pipeline
     from tasks.config import PipelineConfig
 
-    cfg = PipelineConfig.model_validate(config(base_dir, gpu, args.epochs, args.repeats))
+    cfg = PipelineConfig.model_validate(config(base_dir, gpu, args.epochs, args.repeats,
+                                               args.preference))
     start = time.perf_counter()
     with DiskWatch(home) as disk:
         out = pipeline(cfg)
@@ -233,6 +268,7 @@ def main() -> int:
                                          "aggregate_tok_s", "ttft_ms", "peak_cuda_mib",
                                          "peak_rss_mib", "compile_s", "dtype", "quant",
                                          "repeats")} for b in out["benchmark"]],
+        "benchmark_failed": out.get("benchmark_failed", []),
         "registered": out["registered"], "mlflow_run_id": out["mlflow_run_id"],
         "disk": {**disk.figures(), "home_gb": {
             p.name: allocated_gb(p) for p in sorted(home.iterdir()) if p.is_dir()},
@@ -241,8 +277,10 @@ def main() -> int:
     if args.original:
         base = next(r for r in out["stages"] if r["stage"] == "base")
         result["conversion"] = conversion_figures(base)
+    if args.preference:
+        result["preference"] = preference_figures(out)
     args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"gpu_flow_{name}.json"
+    target = args.out / f"gpu_flow_{args.preference + '_' if args.preference else ''}{name}.json"
     target.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print(markdown(result))
     print(f"[gpu_flow] flow {flow_seconds:.1f} s; wrote {target}")

@@ -71,6 +71,8 @@ def gpu_flow(d: dict) -> list[str]:
                 f"**{fmt(disk['peak_used_gb'])} GB** used by the flow at its peak; the home holds "
                 f"{fmt(disk['home_total_gb'])} GB at the end (hard links counted once): "
                 + ", ".join(f"{k} {fmt(v)}" for k, v in disk["home_gb"].items() if v) + ".", ""]
+    if "preference" in d:
+        out += preference(d["preference"])
     if "conversion" in d:
         c = d["conversion"]
         out += [f"Conversion of the {c['family']} folder: {fmt(c['seconds'])} s, peak host RSS "
@@ -111,6 +113,39 @@ def embedded_size(d: dict) -> list[str]:
                   "P-Tuning v2 gain"], rows)
 
 
+def preference(p: dict) -> list[str]:
+    """The preference stage's throughput and each model's preference accuracy."""
+    acc = ", ".join(f"{k} {100 * v:.0f} %" for k, v in p.get("preference_accuracy", {}).items())
+    return [f"Preference stage: {fmt(p.get('train_tokens_per_s'))} useful tokens/s over "
+            f"{fmt(p.get('steps'))} steps, peak CUDA {fmt(p.get('peak_gpu_memory_gib'))} GiB. "
+            f"Preference accuracy on the dev pairs: {acc or UNKNOWN}.", ""]
+
+
+def preference_cpu(d: dict) -> list[str]:
+    out = [f"`{d['config']}`, cold: the whole flow **{fmt(d['flow_seconds'])} s**.", ""]
+    out += table(["stage", "seconds", "peak host RSS MiB"],
+                 [[n, s["seconds"], s["peak_rss_mib"]] for n, s in d["stages"].items()])
+    return out + preference(d["preference"])
+
+
+def dpo_speed(d: dict) -> list[str]:
+    settings = ", ".join(f"{k} {v}" for k, v in d["settings"].items())
+    out = [f"{d['train_pairs']} training pairs of the sample; {settings}.", ""]
+    rows = []
+    for name, v in d["variants"].items():
+        if "error" in v:
+            rows.append([name, "failed: " + v["error"].strip().splitlines()[-1][:60],
+                         "", "", "", "", ""])
+            continue
+        rows.append([name, v["tokens_per_s"], v.get("speed_vs_trl", "–"), v["peak_cuda_gib"],
+                     v.get("memory_vs_trl", "–"), v["peak_rss_mib"],
+                     f"GC {'on' if v['gradient_checkpointing'] else 'off'}, Liger "
+                     f"{'on' if v['liger'] else 'off'}, grouped by length "
+                     f"{'yes' if v['group_by_length'] else 'no'}"])
+    return out + table(["variant", "useful tokens/s", "× bare TRL", "peak CUDA GiB",
+                        "memory × bare TRL", "peak host RSS MiB", "settings"], rows)
+
+
 def command_run(d: dict) -> list[str]:
     out = [f"Exit code {d['exit_code']}, **{fmt(d['wall_s'])} s** wall"
            + (f", {fmt(d['cpu_s'])} CPU-s" if "cpu_s" in d else "") + "."]
@@ -130,7 +165,7 @@ def generic(d: dict) -> list[str]:
 
 RENDERERS: list[tuple[str, Callable[[dict], list[str]]]] = [
     ("gpu_flow_", gpu_flow), ("gpu_speed_", gpu_speed), ("embedded_size", embedded_size),
-    ("make_", command_run)]
+    ("make_", command_run), ("preference_cpu", preference_cpu), ("dpo_speed_", dpo_speed)]
 
 
 def render() -> str:

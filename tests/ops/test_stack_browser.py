@@ -249,15 +249,14 @@ def _created_run(api: Api, deployment_id: str, page, timeout: float = 90) -> str
 def test_stack_start_is_idempotent_and_healthy(stack):
     pids = {s: v["pid"] for s, v in stack.status().items()}
     assert all(pids.values())
-    t = time.monotonic()
-    stack.start(timeout=60)
-    assert time.monotonic() - t < 30 and {s: v["pid"] for s, v in stack.status().items()} == pids
+    stack.start(timeout=60)                            # running already: nothing restarts
+    assert {s: v["pid"] for s, v in stack.status().items()} == pids
     assert stack.health() == dict.fromkeys(
         ["prefect_api", "prefect_ui", "mlflow_api", "mlflow_ui", "worker"], True)
     assert (stack.home / ".stack" / "prefect-server.log").is_file()
 
 
-def test_1_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
+def test_full_pipeline_started_from_the_prefect_ui(stack, ui_run):
     assert ui_run["state_type"] == "COMPLETED"
     assert ui_run["parameters"]["epochs"] == CHANGED_EPOCHS
     mlflow = MlflowClient(stack.mlflow_url)               # MLflow's API, through the server
@@ -294,7 +293,7 @@ def close_assistant(page) -> None:
         close.first.click()
 
 
-def test_2_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
+def test_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
     page.goto(stack.mlflow_url + "/")
     page.get_by_text("Model training", exact=True).first.click()
     page.get_by_role("link", name="finetune-pipeline").first.click()
@@ -324,7 +323,7 @@ def test_2_browse_the_run_and_its_report_in_the_mlflow_ui(stack, ui_run, page):
     shot(page, "mlflow-4-report")
 
 
-def test_2_the_generations_table_opens_in_the_mlflow_ui(stack, ui_run, page):
+def test_the_generations_table_opens_in_the_mlflow_ui(stack, ui_run, page):
     mlflow = MlflowClient(stack.mlflow_url)
     exp = mlflow.get_experiment_by_name("finetune-pipeline")
     parent = mlflow.search_runs([exp.experiment_id],
@@ -340,7 +339,7 @@ def test_2_the_generations_table_opens_in_the_mlflow_ui(stack, ui_run, page):
 # ------------------------------------------------------------------------------------------------
 # 3. The nightly schedule, and what happens when two nightly runs collide
 # ------------------------------------------------------------------------------------------------
-def test_3_nightly_deployment_shows_its_schedule(stack, deployments, page):
+def test_nightly_deployment_shows_its_schedule(stack, deployments, page):
     page.goto(stack.prefect_url + "/")
     page.get_by_role("link", name="Deployments").first.click()
     page.get_by_role("link", name="nightly-retrain").first.click()

@@ -292,7 +292,7 @@ def tuned_scores(tuned: ModelSpec, embedded: dict) -> dict[str, float]:
             **{f"tuned_{k}": v for k, v in tuned_avg.items()}}
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "ptuning"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_method_beats_the_base_on_dev(embedded, method, tmp_path, monkeypatch, one_torch_thread):
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))
     out = train(method, embedded)

@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, DataCollatorWith
 
 from tasks.runtime.errors import DataError
 from tasks.config import TrainConfig
+from tasks.config.methods import METHODS
 from tasks.export.merge import merge_adapter
 from tasks.model.modeling import DEFAULT_CHAT_TEMPLATE, generate, load_model, load_tokenizer
 from tasks.train.train import IGNORE, _load_for_training, encode_conversation, train_adapter
@@ -184,7 +185,8 @@ def test_train_refuses_a_bad_dev_file(data, tmp_path):
         train_adapter(data["base"], data["train"], bad, TrainConfig())
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items()
+                                    if spec.gradient_checkpointing])
 def test_gradient_checkpointing_gives_the_same_gradients(data, method):
     """train.gradient_checkpointing recomputes activations instead of storing them: the
     gradients of the trained parameters must not change."""

@@ -155,6 +155,7 @@ def main() -> int:
         return run_variant(args)
 
     home = args.home or Path(tempfile.mkdtemp(prefix="dpo-speed-"))
+    home.mkdir(parents=True, exist_ok=True)
     os.environ["PIPELINE_HOME"] = str(home)
     import torch
 

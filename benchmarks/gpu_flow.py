@@ -63,12 +63,12 @@ def config(base_dir: Path, gpu: bool, epochs: float, repeats: int,
         "registry": {"model_name": "gpu-flow-chat"},
         "experiment": "gpu-flow",
     }
-    if preference:       # one device call: no torchao model, the benchmark at batch 1 only
+    if preference:       # one device call: no torchao model, the benchmark at batch 1, eager
         cfg["preference"] = {"method": preference, "quantized": True, "epochs": 0.5,
                              "batch_size": 8, "max_length": 160, "eval_steps": 10_000,
                              "save_steps": 10_000}
         cfg["quantize"] = {"torchao": "off"}
-        cfg["benchmark"]["batch_sizes"] = [1]
+        cfg["benchmark"] |= {"batch_sizes": [1], "compile": False}
     return cfg
 
 

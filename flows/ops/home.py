@@ -12,8 +12,9 @@ from tasks.runtime.paths import project_dir
 def project_environment(home: Path) -> dict[str, str]:
     """The settings every process of the project at `home` runs with (docs/design.md "Where
     state lives"): Prefect's state inside the project, no telemetry, the stage cores' `tasks.*` log
-    records in Prefect's task-run logs, and Hugging Face offline (nothing is downloaded at run
-    time by accident). The stack's services get them too (flows/ops/stack.py)."""
+    records in Prefect's task-run logs, Hugging Face offline (nothing is downloaded at run
+    time by accident), and PyTorch's compile caches in the project (.cache/). The stack's
+    services get them too (flows/ops/stack.py)."""
     prefect_home = home / ".prefect"
     return {"PREFECT_HOME": str(prefect_home),
             "PREFECT_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),
@@ -21,7 +22,12 @@ def project_environment(home: Path) -> dict[str, str]:
             # the temporary server of a run can need > 20 s to start on a busy 2-core machine
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
             "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks",
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            # torch.compile's caches (Inductor's FX graph and AOT autograd caches, Triton's
+            # kernels) in the project, kept across runs: a model shape compiles once
+            "TORCHINDUCTOR_CACHE_DIR": str(home / ".cache" / "torchinductor"),
+            "TRITON_CACHE_DIR": str(home / ".cache" / "triton"),
+            "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 
 
 def tracking_uri() -> str:

@@ -210,9 +210,11 @@ class BenchmarkConfig(_Section):
         ["static", "generate"], min_length=1, description="static: the fast decode loop "
         "(static KV cache, CUDA graphs on a GPU). generate: Hugging Face generate, the "
         "reference.")
-    compile: bool = Field(False, description="static engine on a GPU: torch.compile the decode "
-                          "step before capturing it (fused kernels; minutes of compile time, "
-                          "reported apart).")
+    compile: bool | None = Field(None, description="static engine: torch.compile the decode "
+                                 "step before capturing it (fused kernels; the compile time is "
+                                 "reported apart, and paid once per model shape: PyTorch's "
+                                 "compile caches live in the project's .cache/). Empty: on a "
+                                 "GPU.")
     repeats: int = Field(3, ge=1, description="Measurements per model and batch size, taken in "
                          "turns across the models (each in a fresh process); the table shows the "
                          "median and the min-max.")

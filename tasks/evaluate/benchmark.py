@@ -164,6 +164,7 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
                 threads=torch.get_num_threads(), decode_tok_s=per_seq,
                 aggregate_tok_s=per_seq * batch, e2e_tok_s=batch * new_tokens / (first + rest),
                 ttft_ms=1000 * first, compile_s=capture, cuda_graph=graph,
+                compiled=engine == "static" and compile,
                 peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                 footprint_mib=model.get_memory_footprint() / 2**20, load_seconds=load_seconds,
                 rss_before_load_mib=rss0))
@@ -189,6 +190,7 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
     specs = {name: spec.check(f"benchmark variant {name!r}") for name, spec in variants.items()}
     device = pick_device(cfg.device)
     sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
+    compiled = device.startswith("cuda") if cfg.compile is None else cfg.compile
     measured: list[list[BenchmarkRow]] = []
     failed: list[FailedVariant] = []
     with Progress("benchmark runs (a fresh process each)", cfg.repeats * len(specs)) as progress:
@@ -198,7 +200,7 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
                     measured.append(child_process.call(
                         _measure, name, spec, prompts, cfg.new_tokens, cfg.warmup, device,
                         threads=cfg.cpu_threads, batch_sizes=tuple(sizes),
-                        engines=tuple(cfg.engines), compile=cfg.compile))
+                        engines=tuple(cfg.engines), compile=compiled))
                 except Exception as error:
                     if isinstance(error, child_process.ChildDied) and error.signal in CANCELLED:
                         raise

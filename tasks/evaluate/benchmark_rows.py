@@ -50,6 +50,7 @@ class BenchmarkRow:
     rss_before_load_mib: float
     peak_rss_mib: float
     repeats: int = 1
+    compiled: bool = False            # static engine: the decode step was torch.compile'd
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -142,7 +143,8 @@ def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -
     head = ("| variant | engine | batch | dtype | quant | decode tok/s per seq | aggregate tok/s "
             "| TTFT ms | peak CUDA MiB | peak RSS MiB | load s | capture s |")
     rule = "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    body = [f"| {r.variant} | {r.engine} | {r.batch} | {r.dtype} | {r.quant or '–'} | "
+    body = [f"| {r.variant} | {r.engine}{' + compile' if r.compiled else ''} | {r.batch} | "
+            f"{r.dtype} | {r.quant or '–'} | "
             f"{spread(r, 'decode_tok_s')} | {num(r.aggregate_tok_s)} | {spread(r, 'ttft_ms')} | "
             f"{num(r.peak_cuda_mib)} | {num(r.peak_rss_mib)} | {num(r.load_seconds)} | "
             f"{num(r.compile_s)} |" for r in rows]
@@ -153,4 +155,5 @@ def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -
     return "\n".join([head, rule, *body, "", f"{n.prompts} prompts x {n.new_tokens} new tokens "
                       f"(greedy, no early stop) on {n.device}; median (min–max) of {n.repeats} "
                       "runs, each variant in a fresh process per run; static: static KV cache"
-                      f"{graph}, generate: HF generate."]) + "\n"
+                      f"{graph}, + compile: torch.compile'd first; generate: HF generate."]
+                     ) + "\n"

@@ -8,8 +8,9 @@
    registration finds the existing version: no new model version. New or changed input files
    change the digests and recompute what depends on them.
 2. `evaluate_candidates`, before anything is registered: the new merged model (challenger) and
-   the model under the registry alias `champion` are evaluated on the same, current dev set, plus
-   the out-of-domain probes (tasks/evaluate/gate.py). A failure here fails the run like any other
+   the model under the registry alias `champion` are compared on the same, current dev set, plus
+   the out-of-domain probes (tasks/evaluate/gate.py): the challenger's answers are the
+   generations stage's, and the champion answers the same prompts the same way. A failure here fails the run like any other
    stage: nothing registered.
 3. `register` (the pipeline's) registers the challenger as a version (idempotent by digest); it
    takes the alias only if the gate says so. The first model ever becomes champion.
@@ -42,7 +43,7 @@ from flows.running import PipelineRun, parent_run
 from flows.tracking import Tracker
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.paths import project_dir
-from tasks.config import PipelineConfig
+from tasks.config import PipelineConfig, ReportConfig
 from tasks.config.methods import METHODS
 from tasks.model.model_spec import ModelSpec
 from flows.registry import RegisteredVersion, champion_version
@@ -56,15 +57,13 @@ from tasks.evaluate.gate import (
 )
 
 
-@cached_stage(StageName.EVALUATE, "tasks.evaluate.gate", model_libs=True)
-def evaluate_task(role: str, spec: ModelSpec, dev_json: Path | None, probes_file: Path,
-                  eval_examples: int, max_new_tokens: int, batch_size: int) -> StageResult:
-    """One model's answers and dev scores; `role` (base/challenger/champion) names the stage."""
-    from tasks.evaluate.gate import evaluate_model
+@cached_stage(StageName.EVALUATE_CHAMPION, "tasks.evaluate.gate", model_libs=True)
+def evaluate_champion_task(spec: ModelSpec, data: StageResult, probes_file: Path,
+                           cfg: ReportConfig) -> StageResult:
+    """The champion's answers and dev scores, as the generations stage's models'."""
+    from tasks.evaluate.gate import evaluate_champion
 
-    result = evaluate_model(spec, dev_json, probes_file, eval_examples, max_new_tokens,
-                            batch_size)
-    return replace(result, stage=StageName(f"evaluate_{role}"))
+    return evaluate_champion(spec, data.file("dev_json"), probes_file, cfg)
 
 
 @cached_stage(StageName.EVALUATE_CHAMPION_PREFERENCE, "tasks.evaluate.preference_eval",
@@ -120,7 +119,8 @@ def _scores_from_tags(version, cfg: GateConfig, digest: str) -> Candidate:
 # ------------------------------------------------------------------------------------------------
 def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig, built: Built
                         ) -> tuple[Candidate, Candidate | None]:
-    """Evaluate challenger (the merge stage's model) and champion on the same dev set."""
+    """Challenger (the merged model, scored by the generations stage) and champion (scored
+    here the same way) on the same dev set."""
     client = run.tracker.client
     merged = built.merged
     champ = champion_version(client, cfg.registry.model_name, gate.alias)
@@ -128,34 +128,30 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         same = _scores_from_tags(champ, gate, merged.digest)
         return replace(same, version=None), same          # unchanged: nothing to evaluate
 
-    base = built.base                       # built, or the user's base.path (a stage too)
-    dev_json = built.data.file("dev_json")
-    common = {"probes_file": Path(cfg.report.probes_file), "eval_examples": gate.eval_examples,
-              "max_new_tokens": gate.max_new_tokens, "batch_size": gate.batch_size}
-
-    def evaluate(who: str, path: str | Path, digest: str, dev: Path | None) -> StageResult:
-        return run.stage(evaluate_task.with_options(name=f"evaluate_{who}"), role=who,
-                         spec=ModelSpec(path, cfg.merge.dtype, digest=digest),
-                         dev_json=dev, **common)
-
-    base_answers = probe_answers(evaluate("base", base.path, base.digest, None))
-    ch = evaluate("challenger", merged.path, merged.digest, dev_json)
+    scored = built.generations                # base ("before") and challenger ("after")
+    base_answers = probe_answers(scored, "before")
     preference = built.preference if gate.max_preference_drop is not None else None
-    challenger = Candidate(None, merged.digest, ch.metrics[gate.metric],
-                           ood_retention(probe_answers(ch), base_answers),
+    challenger = Candidate(None, merged.digest, scored.metrics[f"tuned_{gate.metric}"],
+                           ood_retention(probe_answers(scored, "after"), base_answers),
                            None if preference is None else
                            100 * preference.scores.metrics["tuned_preference_accuracy"])
     if champ is None:
         return challenger, None
+    from tasks.model.modeling import pick_device, resolve_dtype
+
     digest, folder = champ.tags.get("model_digest", ""), local_model(champ, run.tracker.uri)
-    cp = evaluate("champion", folder, digest, dev_json)
+    # in the dtype the generations stage loaded the challenger in (flows/pipeline.py `build`)
+    dtype = resolve_dtype(cfg.merge.dtype, pick_device(cfg.benchmark.device))
+    spec = ModelSpec(folder, dtype, digest=digest)
+    cp = run.stage(evaluate_champion_task, spec=spec, data=built.data,
+                   probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
     cp_preference = None
     if preference is not None:
-        scored = run.stage(evaluate_preference_task, pairs=preference.pairs,
-                           spec=ModelSpec(folder, cfg.merge.dtype, digest=digest))
-        cp_preference = 100 * scored.metrics["champion_preference_accuracy"]
+        pref = run.stage(evaluate_preference_task, pairs=preference.pairs, spec=spec)
+        cp_preference = 100 * pref.metrics["champion_preference_accuracy"]
     return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
-                                 ood_retention(probe_answers(cp), base_answers), cp_preference)
+                                 ood_retention(probe_answers(cp), base_answers),
+                                 cp_preference)
 
 
 def record_decision(tracker: Tracker, parent_id: str, decision: GateDecision,

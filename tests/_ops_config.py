@@ -17,8 +17,6 @@ TINY: dict[str, Any] = {
     "benchmark": {"prompts": 1, "new_tokens": 2, "warmup": 0, "cpu_threads": 1, "repeats": 1},
     "report": {"dev_examples": 1, "eval_examples": 2, "max_new_tokens": 8},
 }
-#: the gate scores 4 dev prompts per model (answers of at most 8 tokens)
-TINY_GATE: dict[str, Any] = {"eval_examples": 4, "max_new_tokens": 8}
 
 
 

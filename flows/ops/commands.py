@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -74,15 +74,25 @@ class Command:
 
     add_arguments: Callable[[argparse.ArgumentParser], None]
     load: Callable[[argparse.Namespace], Any]
+    #: configs loaded in this process, by command line: `check_config` loads the config before
+    #: anything starts, and the flow's `main` gets that same object instead of loading it again
+    loaded: dict[tuple[str, ...], Any] = field(default_factory=dict, compare=False, repr=False)
 
     def parse(self, argv: list[str] | None, description: str | None = None
               ) -> tuple[argparse.Namespace, Callable[[], Any]]:
-        """The parsed arguments, and the call that loads the config from them."""
+        """The parsed arguments, and the call that loads the config from them (once per
+        command line and process)."""
         ap = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
         self.add_arguments(ap)
         args = ap.parse_args(argv)
-        return args, partial(self.load, args)
+        key = tuple(sys.argv[1:] if argv is None else argv)
+
+        def load() -> Any:
+            if key not in self.loaded:
+                self.loaded[key] = self.load(args)
+            return self.loaded[key]
+        return args, load
 
 
 #: `python -m <module>` of each flow (flows.ops.startup.CLI_FLOWS)

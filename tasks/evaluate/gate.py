@@ -1,16 +1,18 @@
 """Champion gate: does a retrained model (the challenger) replace the current champion?
 
-Both models answer the SAME dev prompts (the current dev split) under the same greedy settings,
-scored like the generations stage (ROUGE-1/2/L F1 on jieba words, BLEU-4 on characters,
-0-100). The out-of-domain probes have no reference answers, so forgetting is measured as
-*retention*: how close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100).
+Both models answer the SAME dev prompts (the current dev split) with the same settings
+(`report.*`): the challenger's answers and scores are the generations stage's ("tuned"), and
+the champion answers through the same path (ROUGE-1/2/L F1 on jieba words, BLEU-4 on
+characters, 0-100). The out-of-domain probes have no reference answers, so forgetting is
+measured as *retention*: how close a model's probe answers stay to the base model's (mean ROUGE-L, 0-100;
+the base's are the generations stage's "before" column).
 
 The challenger is promoted only if it beats the champion on the configured metric by more than
 `min_improvement` AND its retention is at most `max_ood_drop` points below the champion's AND,
 with `max_preference_drop` set (a run with preference tuning), its preference accuracy on the
 dev pairs (tasks/evaluate/preference_eval.py) is at most that many points below the
-champion's. The first model ever is promoted; an unchanged model (same content digest) is kept without being
-evaluated again. Pure: no Prefect, no MLflow (the flow moves the registry alias).
+champion's. The first model ever is promoted; an unchanged model (same content digest) is
+kept without being evaluated again. Pure: no Prefect, no MLflow (the flow moves the registry alias).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
+from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
 
 Metric = Literal["rouge_1", "rouge_2", "rouge_l", "bleu_4"]
@@ -35,7 +38,7 @@ class GateConfig(BaseModel):
 
     metric: Metric = Field("rouge_l", description="Dev-set score the challenger must improve "
                            "(ROUGE-1/2/L F1 or BLEU-4, 0-100), both models scored on the "
-                           "current dev split.")
+                           "current dev split's first report.eval_examples prompts.")
     min_improvement: float = Field(0.0, description="Promote only if challenger - champion > "
                                    "this many points (0: strictly better; negative: tolerate "
                                    "that much regression).")
@@ -47,47 +50,39 @@ class GateConfig(BaseModel):
                                               "the dev pairs may be at most this many points "
                                               "(0-100) below the champion's (0: must not fall). "
                                               "Empty: not checked.")
-    eval_examples: int = Field(24, ge=1, description="Dev prompts scored per model (capped at "
-                               "the dev set size).")
-    max_new_tokens: int = Field(64, ge=1, description="Max new tokens per answer (greedy).")
-    batch_size: int = Field(16, ge=1, description="Prompts answered together (as "
-                            "report.batch_size).")
     alias: str = Field("champion", description="MLflow registry alias that marks the model in "
                        "production.")
 
 
-def evaluate_model(spec: ModelSpec, dev_json: Path | None, probes_file: Path,
-                   eval_examples: int, max_new_tokens: int, batch_size: int = 1) -> StageResult:
-    """Answer the first `eval_examples` dev prompts (if `dev_json`) and every probe with one
-    model, `batch_size` prompts at a time; score the dev answers ->
-    outputs/evaluate/<digest>/evaluation.json."""
-    from tasks.evaluate.generations import answer_prompts
-    from tasks.evaluate.scoring import average, read_dev_prompts, read_probes, score_answer
+def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: ReportConfig
+                      ) -> StageResult:
+    """The champion answers what the generations stage's models answered, as they did (the same
+    prompts, order, batches and report settings: tasks/evaluate/generations.py); its dev answers
+    are scored -> outputs/evaluate_champion/<digest>/evaluation.json."""
+    from tasks.evaluate.generations import Prompts, answer_and_score
 
-    dev = read_dev_prompts(Path(dev_json))[:eval_examples] if dev_json else []
-    probes = read_probes(Path(probes_file))
-    prompts = [p for p, _ in dev] + [[{"role": "user", "content": q}] for q in probes]
-    answers = answer_prompts(spec, prompts, max_new_tokens, batch_size)["answers"]
-    dev_answers, probe_answers = answers[:len(dev)], answers[len(dev):]
-    per_prompt = [score_answer(a, ref) for a, (_, ref) in zip(dev_answers, dev)]
-    metrics = average(per_prompt) if dev else {}
-    metrics["eval_examples"] = float(len(dev))
-    root = stage_root(StageName.EVALUATE)
+    prompts = Prompts.read(dev_json, probes_file, cfg)
+    run = answer_and_score(spec, prompts, cfg)
+    metrics = {**run.metrics(prompts, cfg.max_new_tokens), "eval_examples": float(prompts.n_eval)}
+    root = stage_root(StageName.EVALUATE_CHAMPION)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "evaluation.json", {
-            "model": spec.describe(), "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size,
-            "dev": [{"reference": ref, "answer": a, "scores": s}
-                    for (_, ref), a, s in zip(dev, dev_answers, per_prompt)],
-            "probes": [{"question": q, "answer": a} for q, a in zip(probes, probe_answers)],
+            "model": spec.describe(), "max_new_tokens": cfg.max_new_tokens,
+            "batch_size": cfg.batch_size, "eval_examples": prompts.n_eval,
+            "dev": [{"reference": ref, "answer": a, "scores": s, "scored": i < prompts.n_eval}
+                    for i, ((_, ref), a, s) in enumerate(zip(prompts.dev, run.dev, run.scores))],
+            "probes": [{"question": q, "answer": a} for q, a in zip(prompts.probes, run.probes)],
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage=StageName.EVALUATE, path=str(out), digest=digest,
+    return StageResult(stage=StageName.EVALUATE_CHAMPION, path=str(out), digest=digest,
                        files={"evaluation_json": str(out / "evaluation.json")}, metrics=metrics)
 
 
-def probe_answers(evaluation: StageResult) -> list[str]:
-    return [p["answer"] for p in read_json(evaluation.file("evaluation_json"))["probes"]]
+def probe_answers(evaluation: StageResult, column: str = "answer") -> list[str]:
+    """A model's probe answers: the champion's evaluation ("answer"), or a column of the
+    generations stage's ("before": the base, "after": the tuned model)."""
+    name = "generations_json" if evaluation.stage == StageName.GENERATIONS else "evaluation_json"
+    return [p[column] for p in read_json(evaluation.file(name))["probes"]]
 
 
 def ood_retention(answers: list[str], base_answers: list[str]) -> float:

@@ -12,6 +12,7 @@ answer and score; the report's input)."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,56 +58,99 @@ def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens
 
 
 # ---------------------------------------------------------------------------------------------
+# One generation path: what each model answers, and its scores
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompts:
+    """What every model of a comparison answers, in one order (batches alike, so the float
+    rounding of a batch is alike too): the first dev prompts with their references -- the first
+    `n_eval` of them scored, the first `n_show` shown -- then the out-of-domain probes."""
+
+    dev: list[tuple[list[Message], str]]
+    probes: list[str]
+    n_show: int
+    n_eval: int
+
+    @classmethod
+    def read(cls, dev_json: Path, probes_file: Path, cfg: ReportConfig) -> "Prompts":
+        dev = read_dev_prompts(Path(dev_json))
+        n_show, n_eval = min(cfg.dev_examples, len(dev)), min(cfg.eval_examples, len(dev))
+        return cls(dev[:max(n_show, n_eval)], read_probes(Path(probes_file)), n_show, n_eval)
+
+    def messages(self) -> list[list[Message]]:
+        return [p for p, _ in self.dev] + [[{"role": "user", "content": q}] for q in self.probes]
+
+
+@dataclass(frozen=True)
+class ModelAnswers:
+    """One model's answers to `Prompts`, each dev answer scored against its reference."""
+
+    dev: list[str]
+    probes: list[str]
+    scores: list[dict[str, float]]
+    new_tokens: list[int]
+    seconds: float
+
+    def metrics(self, prompts: Prompts, max_new_tokens: int) -> dict[str, float]:
+        """Scores averaged over the first `n_eval` dev answers; answer length, EOS rate and
+        generation time over every answer."""
+        n = len(self.new_tokens)
+        return {**average(self.scores[:prompts.n_eval]),
+                "mean_answer_chars": sum(map(len, self.dev + self.probes)) / n,
+                "mean_new_tokens": sum(self.new_tokens) / n,
+                "eos_rate": sum(t < max_new_tokens for t in self.new_tokens) / n,
+                "generate_seconds": self.seconds}
+
+
+def answer_and_score(spec: ModelSpec, prompts: Prompts, cfg: ReportConfig) -> ModelAnswers:
+    """One model answers every prompt greedily (`answer_prompts`); its dev answers are scored.
+    The generations stage runs it per model, the nightly gate for the champion."""
+    run = answer_prompts(spec, prompts.messages(), cfg.max_new_tokens, cfg.batch_size)
+    answers, n_dev = run["answers"], len(prompts.dev)
+    return ModelAnswers(answers[:n_dev], answers[n_dev:],
+                        [score_answer(a, ref) for a, (_, ref) in zip(answers, prompts.dev)],
+                        run["new_tokens"], run["seconds"])
+
+
+# ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
 def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_file: Path,
                      cfg: ReportConfig, supervised: ModelSpec | None = None) -> StageResult:
     """`base` and `tuned` (and `supervised`, a third column) answer the dev prompts and the
     probes; the dev answers are scored -> outputs/generations/<digest>/generations.json."""
-    dev = read_dev_prompts(Path(dev_json))
-    probes = read_probes(Path(probes_file))
-    n_show, n_eval = min(cfg.dev_examples, len(dev)), min(cfg.eval_examples, len(dev))
-    used = dev[:max(n_show, n_eval)]
-    prompts = [p for p, _ in used] + [[{"role": "user", "content": q}] for q in probes]
-
+    prompts = Prompts.read(dev_json, probes_file, cfg)
     models = {"base": base, **({"supervised": supervised} if supervised else {}),
               "tuned": tuned}
-    runs = {role: answer_prompts(spec, prompts, cfg.max_new_tokens, cfg.batch_size)
-            for role, spec in models.items()}
-    dev_ans = {k: r["answers"][:len(used)] for k, r in runs.items()}
-    probe_ans = {k: r["answers"][len(used):] for k, r in runs.items()}
-    refs = [r for _, r in used]
-    per_prompt = {k: [score_answer(a, ref) for a, ref in zip(v, refs)] for k, v in dev_ans.items()}
+    runs = {role: answer_and_score(spec, prompts, cfg) for role, spec in models.items()}
 
-    metrics: dict[str, float] = {"dev_examples": float(n_show), "eval_examples": float(n_eval),
-                                 "probe_count": float(len(probes))}
+    metrics: dict[str, float] = {"dev_examples": float(prompts.n_show),
+                                 "eval_examples": float(prompts.n_eval),
+                                 "probe_count": float(len(prompts.probes))}
     for k, r in runs.items():
-        metrics |= {f"{k}_{key}": v for key, v in average(per_prompt[k][:n_eval]).items()}
-        metrics[f"{k}_mean_answer_chars"] = sum(map(len, r["answers"])) / len(r["answers"])
-        metrics[f"{k}_mean_new_tokens"] = sum(r["new_tokens"]) / len(r["new_tokens"])
-        metrics[f"{k}_eos_rate"] = (sum(n < cfg.max_new_tokens for n in r["new_tokens"])
-                                    / len(r["new_tokens"]))
-        metrics[f"{k}_generate_seconds"] = r["seconds"]
+        metrics |= {f"{k}_{key}": v for key, v in r.metrics(prompts, cfg.max_new_tokens).items()}
 
     middle = {"supervised"} & runs.keys()
-    examples = [{"prompt": p, "reference": ref, "before": dev_ans["base"][i],
-                 "after": dev_ans["tuned"][i], "scored": i < n_eval,
-                 **{k: dev_ans[k][i] for k in middle},
-                 "scores": {k: per_prompt[k][i] for k in runs}}
-                for i, (p, ref) in enumerate(used)]
-    probe_rows = [{"question": q, "before": probe_ans["base"][i], "after": probe_ans["tuned"][i],
-                   **{k: probe_ans[k][i] for k in middle}} for i, q in enumerate(probes)]
+    examples = [{"prompt": p, "reference": ref, "before": runs["base"].dev[i],
+                 "after": runs["tuned"].dev[i], "scored": i < prompts.n_eval,
+                 **{k: runs[k].dev[i] for k in middle},
+                 "scores": {k: r.scores[i] for k, r in runs.items()}}
+                for i, (p, ref) in enumerate(prompts.dev)]
+    probe_rows = [{"question": q, "before": runs["base"].probes[i],
+                   "after": runs["tuned"].probes[i], **{k: runs[k].probes[i] for k in middle}}
+                  for i, q in enumerate(prompts.probes)]
     root = stage_root(StageName.GENERATIONS)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "generations.json", {
             **{k: spec.describe() for k, spec in models.items()},
             "labels": {k: spec.label() for k, spec in models.items()},
             "max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size,
-            "dev_examples": n_show,
-            "eval_examples": n_eval, "dev": examples, "probes": probe_rows,
+            "dev_examples": prompts.n_show,
+            "eval_examples": prompts.n_eval, "dev": examples, "probes": probe_rows,
             "scores": {k: {key: metrics[f"{k}_{key}"] for key in SCORES} for k in runs},
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
     return StageResult(stage=StageName.GENERATIONS, path=str(out), digest=digest,
                        files={"generations_json": str(out / "generations.json")},
                        metrics=metrics, device=pick_device())
+

@@ -34,10 +34,7 @@ class StageName(StrEnum):
     GENERATIONS = "generations"
     PREFERENCE_EVAL = "preference_eval"    # ... how often each model prefers the chosen answer
     REPORT = "report"
-    EVALUATE = "evaluate"                  # the nightly gate's scoring of one model,
-    EVALUATE_BASE = "evaluate_base"        # run as one stage per model it scores
-    EVALUATE_CHALLENGER = "evaluate_challenger"
-    EVALUATE_CHAMPION = "evaluate_champion"
+    EVALUATE_CHAMPION = "evaluate_champion"    # the nightly gate: the champion, as generations
     EVALUATE_CHAMPION_PREFERENCE = "evaluate_champion_preference"
 
 

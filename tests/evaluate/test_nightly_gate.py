@@ -16,7 +16,7 @@ from tasks.runtime.paths import REPO_DIR
 from tasks.runtime.files import read_json
 from tasks.config import PipelineConfig
 from tasks.evaluate.gate import Candidate, GateConfig, decide, ood_retention
-from tests._ops_config import PIPELINE_STAGES, TINY_GATE, first_answer_marked, tiny
+from tests._ops_config import PIPELINE_STAGES, first_answer_marked, tiny
 
 MODEL = "nightly-chat"                       # own registered model + experiment: test isolation
 EXPERIMENT = "nightly-gate-tests"
@@ -100,7 +100,7 @@ def config(**sections) -> PipelineConfig:
 
 
 def gate(**fields) -> GateConfig:
-    return GateConfig(**{**TINY_GATE, **fields})
+    return GateConfig(**fields)              # it scores what the tiny config's `report` says
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,11 @@ def test_nightly_first_model_becomes_champion(client, first):
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["gate.decision"] == "promote"
     kids = children(client, parent.info.run_id)
-    assert PIPELINE_STAGES | {"evaluate_base", "evaluate_challenger", "gate"} <= set(kids)
-    assert "evaluate_champion" not in kids                  # there was none
+    assert PIPELINE_STAGES | {"gate"} <= set(kids)
+    # the challenger's and the base's answers are the generations stage's: nothing answers twice
+    assert not any(name.startswith("evaluate_") for name in kids), sorted(kids)
+    scored = client.get_run(kids["generations"].info.run_id).data.metrics
+    assert d["challenger"]["score"] == pytest.approx(scored["tuned_rouge_l"])
     g = kids["gate"]
     assert g.data.params["metric"] == "rouge_l" and "challenger_rouge_l" in g.data.metrics
     arts = {a.path for a in client.list_artifacts(g.info.run_id)}
@@ -206,12 +209,16 @@ def test_nightly_new_data_retrains_and_the_gate_keeps_a_champion_not_beaten(clie
     assert versions(client)["2"]["gate.decision"] == "keep"         # registered, not champion
 
     kids = children(client, out["mlflow_run_id"])
-    # both models answered the SAME dev prompts
-    refs = {}
-    for who in ("challenger", "champion"):
-        path = Path(kids[f"evaluate_{who}"].data.tags["pipeline.output_path"])
-        refs[who] = [r["reference"] for r in read_json(path / "evaluation.json")["dev"]]
-    assert refs["challenger"] == refs["champion"] and len(refs["champion"]) == 4
+    # both models answered the SAME dev prompts, in the same order and batches
+    generations = Path(kids["generations"].data.tags["pipeline.output_path"])
+    champion_run = Path(kids["evaluate_champion"].data.tags["pipeline.output_path"])
+    challenger = read_json(generations / "generations.json")
+    champion_ = read_json(champion_run / "evaluation.json")
+    assert [r["reference"] for r in champion_["dev"]] == \
+        [r["reference"] for r in challenger["dev"]]
+    assert [r["scored"] for r in champion_["dev"]] == [True, True]      # report.eval_examples
+    assert (champion_["max_new_tokens"], champion_["batch_size"]) == \
+        (challenger["max_new_tokens"], challenger["batch_size"])
     m = kids["gate"].data.metrics
     assert m["champion_rouge_l"] == d["champion"]["score"] and m["promoted"] == 0.0
     parent = client.get_run(out["mlflow_run_id"])

@@ -88,8 +88,7 @@ def test_the_nightly_gate_keeps_a_champion_whose_preference_accuracy_would_fall(
     from flows.nightly import nightly
     from tasks.evaluate.gate import GateConfig
 
-    gate = GateConfig(eval_examples=4, max_new_tokens=8, min_improvement=-100.0,
-                      max_ood_drop=100.0, max_preference_drop=0.0)
+    gate = GateConfig(min_improvement=-100.0, max_ood_drop=100.0, max_preference_drop=0.0)
     cfg = {**DPO, "registry": {"model_name": "dpo-nightly"}, "experiment": "dpo-nightly"}
     first = nightly(PipelineConfig.model_validate(cfg), gate)   # the DPO test's stages: hits
     assert first["decision"]["outcome"] == "promote"

@@ -49,7 +49,7 @@ def versions() -> dict[str, str]:
 def config(base_dir: Path, gpu: bool, epochs: float, repeats: int,
            preference: str | None = None) -> dict:
     """The run's PipelineConfig: QLoRA in bf16 on a GPU, short training, a small report; with
-    `preference`, QLoRA-DPO (or ORPO) for half an epoch of the sample's pairs after it."""
+    `preference`, QLoRA-DPO (or ORPO) for 0.3 epochs of the sample's pairs after it."""
     cfg = {
         "base": {"path": str(base_dir)},
         "train": {"method": "qlora", "epochs": epochs, "batch_size": 8, "max_length": 160,
@@ -64,11 +64,12 @@ def config(base_dir: Path, gpu: bool, epochs: float, repeats: int,
         "experiment": "gpu-flow",
     }
     if preference:       # one device call: no torchao model, the benchmark at batch 1, eager
-        cfg["preference"] = {"method": preference, "quantized": True, "epochs": 0.5,
+        cfg["preference"] = {"method": preference, "quantized": True, "epochs": 0.3,
                              "batch_size": 8, "max_length": 160, "eval_steps": 10_000,
                              "save_steps": 10_000}
         cfg["quantize"] = {"torchao": "off"}
         cfg["benchmark"] |= {"batch_sizes": [1], "compile": False}
+        cfg["report"] |= {"dev_examples": 2, "eval_examples": 4, "max_new_tokens": 16}
     return cfg
 
 

@@ -31,6 +31,7 @@ from tasks.config.methods import METHODS
 from tasks.model.model_spec import ModelSpec
 from tasks.evaluate.scoring import SCORES, average, read_dev_prompts, score_answer
 from tasks.train.train import train_adapter
+from tests._reference_cpu import cpu_kind
 from tests._ops_config import stage_names
 
 pytestmark = pytest.mark.slow
@@ -51,16 +52,19 @@ ARTIFACTS = {                      # child run -> artifacts it must hold (dirs a
 }
 
 
-#: dev loss before -> after training with each method's defaults (torch 2.13 CPU, transformers
-#: 5.24, peft 0.21.2, bitsandbytes 0.50.2; the embedded base of 1.2 M parameters, hidden size
-#: 192 x 2 layers, lora_dropout 0), measured on a 2-core machine with AVX512-BF16 on 2026-12-01
-#: (`benchmarks/embedded_size.py`). A 2-core machine without it gave the same figures for the
-#: four candidate bases measured on both, but QLoRA's within 0.001 (its 4-bit evaluation takes
-#: another bitsandbytes kernel there). Pinned, as torchtune pins its recipes' losses: a change
-#: that still lowers the loss, but less (a partial regression, like the silent loss of QLoRA
-#: gradients through 4-bit layers), fails here.
-PINNED_DEV_LOSS = {"lora": (5.717, 5.435), "qlora": (5.715, 5.440), "ptuning": (5.700, 5.561)}
+#: dev loss before -> after training with each method's defaults, per kind of CPU
+#: (tests/_reference_cpu.py), pinned as torchtune pins its recipes' losses: a change that still
+#: lowers the loss, but less (a partial regression, like the silent loss of QLoRA gradients
+#: through 4-bit layers), fails here. avx512+bf16: torch 2.13 CPU, transformers 5.24, peft
+#: 0.21.2, bitsandbytes 0.50.2, the embedded base of 1.2 M parameters (hidden size 192 x 2
+#: layers, lora_dropout 0), a 2-core machine, 2026-12-01 (`benchmarks/embedded_size.py`).
+PINNED_DEV_LOSS = {"avx512+bf16": {"lora": (5.717, 5.435), "qlora": (5.715, 5.440),
+                                   "ptuning": (5.700, 5.561)}}
 LOSS_TOLERANCE = 0.02
+#: on a CPU of a kind not pinned: each method lowers the dev loss by at least this share of the
+#: drop pinned on the reference CPU (a 2-core machine without AVX512-BF16 gave the same figures,
+#: QLoRA's within 0.001, so the share leaves room for kernels that round otherwise)
+PORTABLE_DROP_SHARE = 0.8
 
 
 def config(corpus: Path) -> PipelineConfig:
@@ -298,9 +302,15 @@ def test_method_beats_the_base_on_dev(embedded, method, tmp_path, monkeypatch, o
     out = train(method, embedded)
     m = out.metrics
     assert m["eval_loss_after"] < m["eval_loss_before"], m
-    before, after = PINNED_DEV_LOSS[method]
-    assert m["eval_loss_before"] == pytest.approx(before, abs=LOSS_TOLERANCE), m
-    assert m["eval_loss_after"] == pytest.approx(after, abs=LOSS_TOLERANCE), m
+    pins = PINNED_DEV_LOSS.get(cpu_kind())
+    if pins is not None:                            # a reference CPU: the exact figures
+        before, after = pins[method]
+        assert m["eval_loss_before"] == pytest.approx(before, abs=LOSS_TOLERANCE), m
+        assert m["eval_loss_after"] == pytest.approx(after, abs=LOSS_TOLERANCE), m
+    else:                                           # another CPU: the size of the gain
+        before, after = PINNED_DEV_LOSS["avx512+bf16"][method]
+        drop = m["eval_loss_before"] - m["eval_loss_after"]
+        assert drop >= PORTABLE_DROP_SHARE * (before - after), (cpu_kind(), m)
     assert m["perplexity_after"] < m["perplexity_before"]
     assert 0 < m["trainable_params"] < m["total_params"]
     check_what_was_learned(out.adapter, DEFAULT.train.sanity_examples)

@@ -103,10 +103,7 @@ class BaseModelConfig(_Section):
 
 class TrainConfig(_Section):
     method: Literal[tuple(METHODS)] = Field(
-        "lora", description="lora: full-precision base + LoRA. qlora: base loaded 4-bit nf4 "
-        "(bitsandbytes) + LoRA. ptuning: P-Tuning v2 (peft prefix tuning: trained key/value "
-        "prefixes in every layer; cannot be merged into the weights, so merge/int4 are skipped "
-        "and the base + prefix adapter is what is reported).")
+        "lora", description=" ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
     lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout on the adapter's "
@@ -115,7 +112,15 @@ class TrainConfig(_Section):
                                              "every linear layer except the LM head.")
     epochs: float = Field(6.0, gt=0, description="Training epochs over train.json.")
     learning_rate: float | None = Field(None, gt=0, description="Peak learning rate (cosine "
-                                        "decay); empty: the method's own default.")
+                                        "decay); empty: the method's own default (" + ", ".join(
+                                            f"{m.name} {m.learning_rate:g}"
+                                            for m in METHODS.values()) + ").")
+    use_dora: bool = Field(False, description="lora/qlora: DoRA, weight-decomposed LoRA (a "
+                           "learned magnitude per output feature; peft `use_dora`); with qlora, "
+                           "QDoRA. Slower per step; merged like LoRA.")
+    use_rslora: bool = Field(False, description="lora/qlora: rank-stabilized LoRA, scale = "
+                             "alpha / sqrt(r) instead of alpha / r (peft `use_rslora`), for "
+                             "high ranks.")
     batch_size: int = Field(16, ge=1, description="Per-device batch size.")
     max_length: int = Field(160, ge=16, description="Max tokens per example (longer: truncated "
                                                     "and counted).")
@@ -165,6 +170,10 @@ class TrainConfig(_Section):
         if self.gradient_checkpointing and not method.gradient_checkpointing:
             raise ValueError(f"train.gradient_checkpointing does not work with {self.method} "
                              "(peft prefix tuning does not support it)")
+        for flag in ("use_dora", "use_rslora"):
+            if getattr(self, flag) and not method.lora:
+                raise ValueError(f"train.{flag} is a LoRA setting; train.method={self.method} "
+                                 "trains no LoRA adapter")
         return self
 
 

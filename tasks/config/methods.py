@@ -29,7 +29,8 @@ def _lora(cfg: TrainConfig, hidden_size: int) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules or "all-linear", task_type="CAUSAL_LM")
+                      target_modules=cfg.target_modules or "all-linear", task_type="CAUSAL_LM",
+                      use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
 
 
 def _prefix(cfg: TrainConfig, hidden_size: int) -> Any:
@@ -42,13 +43,23 @@ def _prefix(cfg: TrainConfig, hidden_size: int) -> Any:
 
 @dataclass(frozen=True)
 class Method:
+    """A fine-tuning method. Variants of an adapter are settings of it, not methods of their
+    own (as LLaMA-Factory keeps them): DoRA (`train.use_dora`; with qlora, QDoRA) and rsLoRA
+    (`train.use_rslora`) for the LoRA methods."""
+
     name: str
+    description: str          # one line for the config's `train.method` field
     peft_config: Callable[[TrainConfig, int], Any]   # (train config, hidden size) -> peft config
     loads_4bit: bool          # the base is trained (and the adapter served) in 4-bit nf4
     mergeable: bool           # the adapter is a weight delta that the merge stage folds in
     learning_rate: float      # default peak learning rate
     packing: bool             # padding-free batches work (a prefix is prepended once per row)
     gradient_checkpointing: bool   # supported (peft prefix tuning does not support it)
+
+    @property
+    def lora(self) -> bool:
+        """A LoRA adapter: DoRA and rsLoRA apply."""
+        return self.peft_config is _lora
 
     def serving_quantization(self, cfg: TrainConfig) -> FourBit | None:
         """How the un-merged adapter's base is loaded to serve it as it was trained."""
@@ -58,10 +69,15 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "lora": Method("lora", _lora, loads_4bit=False, mergeable=True, learning_rate=2e-3,
-                   packing=True, gradient_checkpointing=True),
-    "qlora": Method("qlora", _lora, loads_4bit=True, mergeable=True, learning_rate=2e-3,
-                    packing=True, gradient_checkpointing=True),
-    "ptuning": Method("ptuning", _prefix, loads_4bit=False, mergeable=False, learning_rate=2e-2,
-                      packing=False, gradient_checkpointing=False),
+    "lora": Method("lora", "full-precision base + LoRA.", _lora, loads_4bit=False,
+                   mergeable=True, learning_rate=2e-3, packing=True,
+                   gradient_checkpointing=True),
+    "qlora": Method("qlora", "base loaded 4-bit nf4 (bitsandbytes) + LoRA.", _lora,
+                    loads_4bit=True, mergeable=True, learning_rate=2e-3, packing=True,
+                    gradient_checkpointing=True),
+    "ptuning": Method("ptuning", "P-Tuning v2 (peft prefix tuning: trained key/value prefixes "
+                      "in every layer; cannot be merged into the weights, so merge/int4 are "
+                      "skipped and the base + prefix adapter is what is reported).", _prefix,
+                      loads_4bit=False, mergeable=False, learning_rate=2e-2, packing=False,
+                      gradient_checkpointing=False),
 }

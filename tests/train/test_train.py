@@ -155,6 +155,34 @@ def test_train_adapter_lowers_dev_loss(data, home, method, packing, caplog):
     assert answer.strip()
 
 
+@pytest.mark.parametrize("method", [m for m, spec in METHODS.items() if spec.lora])
+def test_dora_and_rslora_are_settings_of_the_lora_methods(data, home, method):
+    """DoRA (QDoRA with qlora) and rsLoRA are two fields of the LoRA methods, not methods: the
+    adapter has DoRA's magnitude vectors and rsLoRA's scale, learns, and merges into the base
+    with the logits checked by the merge stage."""
+    cfg = TrainConfig(method=method, epochs=4, batch_size=8, learning_rate=1e-2, lora_r=8,
+                      lora_alpha=16, max_length=96, eval_steps=8, use_dora=True,
+                      use_rslora=True)
+    res = train_adapter(data["base"], data["train"], data["dev"], cfg)
+    saved = json.loads((Path(res.path) / "adapter_config.json").read_text(encoding="utf-8"))
+    assert saved["use_dora"] is True and saved["use_rslora"] is True
+    from safetensors import safe_open
+
+    with safe_open(Path(res.path) / "adapter_model.safetensors", "pt") as f:
+        assert any("lora_magnitude_vector" in key for key in f.keys())
+    assert res.metrics["eval_loss_after"] < res.metrics["eval_loss_before"] - 0.1, res.metrics
+    merged = merge_adapter(data["base"], res.path)
+    assert merged.metrics["merge_relative_logit_error"] < 1e-4, merged.metrics
+    plain = TrainConfig(method=method, lora_r=8, lora_alpha=16)
+    assert METHODS[method].peft_config(plain, 64).use_dora is False    # off by default
+
+
+def test_dora_and_rslora_are_refused_where_there_is_no_lora():
+    for method in (m for m, spec in METHODS.items() if not spec.lora):
+        with pytest.raises(ValueError, match="train.use_dora is a LoRA setting"):
+            TrainConfig(method=method, use_dora=True)
+
+
 def test_qlora_gradients_survive_an_eval_pass(data):
     """bitsandbytes 0.50 repacks 4-bit weights at the first CPU eval forward; training after the
     dev eval must still backpropagate through the base layers."""

@@ -26,16 +26,18 @@ def cli_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 def start(module: str, *args: str, home: Path, cwd: Path | None = None,
           api_url: str | None = None, out: Path | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen:
+          env: dict[str, str] | None = None, own_group: bool = False) -> subprocess.Popen:
     """Start `python -m flows.<module> args...` (`env`: added to its environment); stdout and
     stderr go to files (`out` + .stdout/.stderr, default beside `home`) so a long run cannot
-    block on a full pipe."""
+    block on a full pipe. `own_group`: in a process group (session) of its own, as a shell
+    starts a command, so that a signal can go to the whole group as a terminal's Ctrl-C does."""
     out = out or home.with_name(home.name + "-cli")
     files = (Path(f"{out}.stdout"), Path(f"{out}.stderr"))
     with open(files[0], "w") as stdout, open(files[1], "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-m", f"flows.{module}", *args],
                                 cwd=cwd or home.parent, env={**cli_env(home, api_url), **(env or {})},
-                                stdout=stdout, stderr=stderr, preexec_fn=_as_in_a_terminal)
+                                stdout=stdout, stderr=stderr, preexec_fn=_as_in_a_terminal,
+                                start_new_session=own_group)
     proc.output_files = files
     return proc
 

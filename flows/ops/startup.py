@@ -197,7 +197,12 @@ def launch_temporary_server() -> str:
         [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
          "--lifespan", "on"],
-        env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        # a session of its own: a Ctrl-C in the terminal (SIGINT to the whole foreground process
+        # group) or a SIGTERM to the run's group must not stop the server while the run still
+        # reports its end to it; the run stops it at exit (atexit), its death stops it
+        # (PR_SET_PDEATHSIG)
+        start_new_session=True)
     _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", time.perf_counter(),
                               creating_database=creating)
     atexit.register(stop_temporary_server)

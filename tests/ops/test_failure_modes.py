@@ -5,6 +5,7 @@ pickle planted in the result cache; two first runs started together on a new pro
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import time
@@ -39,18 +40,20 @@ def leftovers(home: Path) -> list[Path]:
     return sorted(home.glob("outputs/*/.staging-*"))
 
 
-def start_and_stop_mid_stage(tmp_path: Path, sig: int, in_import: bool = False
-                             ) -> tuple[Path, list, object]:
+def start_and_stop_mid_stage(tmp_path: Path, sig: int, in_import: bool = False,
+                             group: bool = False) -> tuple[Path, list, object]:
     """Start the data flow from the command line on a new project home (so it starts its own
     temporary Prefect server); when the data_report stage has its staging folder, it waits
     there (tasks/runtime/pause.py) -- inside an import that turns the signal's exception into an
     ImportError, as a C extension's initialization does, if `in_import` -- and `sig` is sent to
-    the flow process only. Returns (home, the processes it had started, the proc)."""
+    the flow process only, or with `group` to its whole process group, as a terminal's Ctrl-C
+    (and `timeout`, `docker stop`, a CI runner's cancel) sends it. Returns (home, the processes
+    it had started, the proc)."""
     home, marker = tmp_path / "home", tmp_path / "paused"
     env = {"PIPELINE_PAUSE_AT": f"data_report={marker}"}
     if in_import:
         env["PIPELINE_PAUSE_IMPORT"] = "tests._paused_import"
-    proc = _cli.start("data", home=home, env=env)
+    proc = _cli.start("data", home=home, env=env, own_group=group)
     while not marker.exists():
         assert proc.poll() is None, _cli.output(proc)
         time.sleep(0.02)
@@ -58,7 +61,10 @@ def start_and_stop_mid_stage(tmp_path: Path, sig: int, in_import: bool = False
     assert leftovers(home), "paused with its staging folder"
     started = psutil.Process(proc.pid).children(recursive=True)
     assert any("uvicorn" in " ".join(p.cmdline()) for p in started), "a temporary server"
-    proc.send_signal(sig)
+    if group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     proc.wait(timeout=120)
     return home, started, proc
 
@@ -89,12 +95,19 @@ def test_kill_9_mid_stage_leaves_nothing_the_next_run_trusts(tmp_path, prefect_a
         "ingest": "hit", "conversations": "hit", "validate": "hit", "data_report": "computed"}
 
 
-@pytest.mark.parametrize("in_import", [False, True], ids=["in-code", "in-an-import"])
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
-                         ids=["SIGTERM", "Ctrl-C"])
-def test_sigterm_and_ctrl_c_end_the_runs_as_killed(tmp_path, sig, code, in_import):
-    home, started, proc = start_and_stop_mid_stage(tmp_path, sig, in_import)
+@pytest.mark.parametrize("sig, code, in_import, group", [
+    (signal.SIGTERM, -signal.SIGTERM, False, False), (signal.SIGTERM, -signal.SIGTERM, True, False),
+    (signal.SIGINT, 130, False, False), (signal.SIGINT, 130, True, False),
+    # to the whole group, the temporary Prefect server included: it must outlive the run's
+    # report of its end (it has a session of its own), not die with the signal and leave the run
+    # retrying a dead server for minutes
+    (signal.SIGINT, 130, False, True), (signal.SIGTERM, -signal.SIGTERM, False, True)],
+    ids=["SIGTERM-in-code", "SIGTERM-in-an-import", "Ctrl-C-in-code", "Ctrl-C-in-an-import",
+         "Ctrl-C-to-the-group", "SIGTERM-to-the-group"])
+def test_sigterm_and_ctrl_c_end_the_runs_as_killed(tmp_path, sig, code, in_import, group):
+    home, started, proc = start_and_stop_mid_stage(tmp_path, sig, in_import, group)
     assert proc.returncode == code, _cli.output(proc)
+    assert "Error logging to API" not in "".join(_cli.output(proc))
     _, alive = psutil.wait_procs(started, timeout=60)
     assert alive == []
     assert leftovers(home) == [], "the stage in flight cleaned up after itself"

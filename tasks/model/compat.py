@@ -11,6 +11,7 @@ imports it, so every process that loads a model has them).
 | `_bnb_hub_kernel_notice` | bitsandbytes `backends/cpu/ops.py` logs at every import that the optional `kernels` package (code from the Hugging Face Hub) is missing; we never load code from the Hub | bitsandbytes stops logging it |
 | `peft is_gradient_checkpointing` filter | peft 0.21 `PeftModel.__init__` reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning per model load) | peft reads `is_activation_checkpointing` |
 | `gradient_checkpointing` filter | transformers 5 renamed it `activation_checkpointing` (`TrainingArguments`, `PreTrainedModel.gradient_checkpointing_enable/disable`: a FutureWarning each); TRL 1.16 `DPOConfig` defaults and peft call the old names | TRL and peft use the new names |
+| `use_liger_kernel` filter | TRL 1.16 `DPOConfig` deprecates `use_liger_kernel=True` (a FutureWarning per preference run) for Hub kernels (`model_init_kwargs={"use_kernels": True}`), which download code from the Hugging Face Hub; we never load code from the Hub | TRL keeps a local Liger switch, or the lock pins kernels that ship in a package |
 | `mlflow_pipeline_class` | transformers 5 names pipeline classes as dotted strings (`pipelines.SUPPORTED_TASKS[task]["impl"]`); MLflow 3.17 reads the class's `__name__` when logging from a folder | MLflow handles the string |
 """
 
@@ -43,6 +44,8 @@ def install_filters() -> None:
     warnings.filterwarnings("ignore", message=r"`gradient_checkpointing(_enable|_disable)?` is "
                             r"deprecated", category=FutureWarning,
                             module=r"transformers\.(modeling_utils|training_args)")
+    warnings.filterwarnings("ignore", message=r"`use_liger_kernel=True` is deprecated",
+                            category=FutureWarning)
 
 
 install_filters()

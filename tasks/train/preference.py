@@ -36,7 +36,7 @@ from tasks.runtime.files import atomic_write_json, digest_bytes, digest_path, pu
 from tasks.runtime.paths import project_dir
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
-    ProgressLog, TrainProgress, last_checkpoint, list_checkpoints
+    ProgressLog, TrainProgress, last_checkpoint, list_checkpoints, rounded
 
 #: what TRL logs per step that is kept as the stage's curves
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -119,8 +119,8 @@ def curves(history: list[dict]) -> list[dict]:
     CURVES and, where it evaluated, the same on the dev pairs (`eval_` prefix)."""
     out = []
     for h in history:
-        row = {k: round(float(h[k]), 5) for k in CURVES if k in h}
-        row |= {f"eval_{k}": round(float(h[f"eval_{k}"]), 5) for k in CURVES
+        row = {k: rounded(h[k]) for k in CURVES if k in h}
+        row |= {f"eval_{k}": rounded(h[f"eval_{k}"]) for k in CURVES
                 if f"eval_{k}" in h}
         if row:
             out.append({"step": int(h["step"]), **row})

@@ -25,6 +25,12 @@ from tasks.runtime.progress import Progress
 log = logging.getLogger("tasks.train")      # the train stage's log (also under torchrun)
 
 
+def rounded(value: float) -> float:
+    """Six significant digits: short in a log line, and a learning rate of 5e-06 stays 5e-06
+    (rounding to decimal places showed it as 0.0)."""
+    return float(f"{float(value):.6g}")
+
+
 def log_history(history: list[dict]) -> list[dict]:
     """Trainer's log history reduced to {"step", "loss"} / {"step", "eval_loss"} entries."""
     out, seen = [], set()
@@ -32,7 +38,7 @@ def log_history(history: list[dict]) -> list[dict]:
         for key in ("loss", "eval_loss"):
             if key in h and (h["step"], key) not in seen:
                 seen.add((h["step"], key))
-                out.append({"step": int(h["step"]), key: round(float(h[key]), 5)})
+                out.append({"step": int(h["step"]), key: rounded(h[key])})
     return out
 
 
@@ -40,7 +46,7 @@ class ProgressLog(TrainerCallback):
     """One log line per logging step (train loss, dev loss, LR), e.g. in the Prefect task log."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        shown = {k: round(v, 5) for k, v in (logs or {}).items()
+        shown = {k: rounded(v) for k, v in (logs or {}).items()
                  if k in ("loss", "eval_loss", "learning_rate")}
         if shown and state.is_world_process_zero:
             log.info("step %d/%d %s", state.global_step, state.max_steps, shown)

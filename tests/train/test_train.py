@@ -183,6 +183,18 @@ def test_dora_and_rslora_are_refused_where_there_is_no_lora():
             TrainConfig(method=method, use_dora=True)
 
 
+def test_the_step_line_shows_a_small_learning_rate_as_it_is(caplog):
+    """A DPO learning rate of 5e-06 was logged as 0.0 (rounded to five decimals)."""
+    from types import SimpleNamespace
+
+    from tasks.train.train_control import ProgressLog
+
+    state = SimpleNamespace(global_step=3, max_steps=10, is_world_process_zero=True)
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        ProgressLog().on_log(None, state, None, logs={"loss": 0.6931472, "learning_rate": 5e-6})
+    assert "step 3/10 {'loss': 0.693147, 'learning_rate': 5e-06}" in caplog.text
+
+
 def test_qlora_gradients_survive_an_eval_pass(data):
     """bitsandbytes 0.50 repacks 4-bit weights at the first CPU eval forward; training after the
     dev eval must still backpropagate through the base layers."""

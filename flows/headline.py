@@ -34,7 +34,7 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
         for who, when in (("base", "before"), ("supervised", "supervised"), ("tuned", "after")):
             if f"{who}_{key}" in generations.metrics:
                 m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
-    rows = read_rows(bench.file("benchmark.json"))
+    rows = read_rows(bench.file("benchmark_json"))
     if rows:
         engine, batch = rows[0].engine, min(r.batch for r in rows)
         for r in rows:

@@ -244,9 +244,9 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion],
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
-            "benchmark": read_json(built.benchmark.file("benchmark.json")),
-            "benchmark_failed": read_json(built.benchmark.file("failed.json"))
-            if "failed.json" in built.benchmark.files else [],
+            "benchmark": read_json(built.benchmark.file("benchmark_json")),
+            "benchmark_failed": read_json(built.benchmark.file("failed_json"))
+            if "failed_json" in built.benchmark.files else [],
             "registered": [v.__dict__ for v in versions],
             "crowned": [v.__dict__ for v in crowned], "summary": text}
 

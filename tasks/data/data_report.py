@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -210,7 +210,7 @@ def build_data_report(ingest: StageResult, data: StageResult, tokenizer: Any | N
         atomic_write_json(tmp / "data_report.json", report)
         atomic_write_text(tmp / "data_report.md", _markdown(report))
         out, digest = publish_dir(tmp, stage_root(StageName.DATA_REPORT))
-    files = {name.replace(".", "_"): str(out / name) for name in (
+    files = {file_key(name): str(out / name) for name in (
         "data_report.md", "data_report.json", "chars_hist.png", "tokens_hist.png",
         "turns_hist.png")}
     metrics = {f"{k}_records": float(v) for k, v in report["counts"].items() if k != "files"}

@@ -219,9 +219,9 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
         atomic_write_text(tmp / "benchmark.md", table)
         out, digest = publish_dir(tmp, stage_root(StageName.BENCHMARK))
     return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest,
-                       files={"benchmark.json": str(out / "benchmark.json"),
-                              "failed.json": str(out / "failed.json"),
-                              "benchmark.md": str(out / "benchmark.md")},
+                       files={"benchmark_json": str(out / "benchmark.json"),
+                              "failed_json": str(out / "failed.json"),
+                              "benchmark_md": str(out / "benchmark.md")},
                        metrics={**metrics(rows), "failed_variant_runs": float(len(failed))},
                        summary=table, device=device,
                        info={"variants": specs, "prompts": prompts,

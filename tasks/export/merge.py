@@ -112,7 +112,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
         out, digest = publish_dir(tmp, stage_root(stage))
     return StageResult(
         stage=stage, path=str(out), digest=digest,
-        files={"config.json": str(out / "config.json")},
+        files={"config_json": str(out / "config.json")},
         metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
                  "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
         device=device, dtype=dtype,

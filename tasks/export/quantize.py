@@ -127,7 +127,7 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         out, digest = publish_dir(tmp, stage_root(STAGES[fmt]))
     return StageResult(
         stage=STAGES[fmt], path=str(out), digest=digest,
-        files={"config.json": str(out / "config.json")},
+        files={"config_json": str(out / "config.json")},
         metrics={"size_mb": size, "size_ratio_vs_merged": size / merged_size,
                  "reload_ok": 1.0, "int4_top1_agreement": agree,
                  "int4_max_abs_logit_diff": logit_diff},

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.runtime.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -192,10 +192,9 @@ def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
     params = sum(p.numel() for p in model.parameters())
     return StageResult(
         stage=StageName.BASE, path=str(out), digest=digest,
-        files={"config": str(out / "config.json"), "weights": str(out / "model.safetensors"),
-               "tokenizer": str(out / "tokenizer.json"),
-               "sentencepiece_model": str(out / "sentencepiece.model"),
-               "pretrain_log": str(out / "pretrain_log.json")},
+        files={file_key(name): str(out / name) for name in (
+            "config.json", "model.safetensors", "tokenizer.json", "sentencepiece.model",
+            "pretrain_log.json")},
         metrics={"params": float(params), "vocab_size": float(vocab_size),
                  "pretrain_loss_first": curve[0]["loss"], "pretrain_loss_last": curve[-1]["loss"],
                  "pretrain_seconds": round(pretrain_seconds, 2),

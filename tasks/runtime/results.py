@@ -43,6 +43,12 @@ def stage_root(stage: StageName) -> Path:
     return project_dir() / "outputs" / stage
 
 
+def file_key(name: str) -> str:
+    """The key of output file `name` in a result's `files`: its name with dots as underscores
+    (`benchmark.json` -> `benchmark_json`), one style for every stage."""
+    return name.replace(".", "_")
+
+
 @dataclass(frozen=True)
 class StageResult:
     """The small, picklable record a stage returns (Prefect caches this; files stay on disk).

@@ -34,7 +34,7 @@ from tasks.runtime.code_version import code_digest
 from tasks.runtime.files import atomic_write_json, digest_bytes, digest_path, publish_dir, \
     read_json, staging_dir
 from tasks.runtime.paths import project_dir
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
     ProgressLog, TrainProgress, last_checkpoint, list_checkpoints, rounded
 
@@ -188,8 +188,8 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
         metrics["train_tokens_per_s"] = tokens / max(seconds - evaluating, 1e-9)
     return StageResult(
         stage=StageName.PREFERENCE, path=str(out), digest=digest,
-        files={"adapter_config": str(out / "adapter_config.json"),
-               "preference_log": str(out / "preference_log.json")},
+        files={file_key(name): str(out / name)
+               for name in ("adapter_config.json", "preference_log.json")},
         metrics=metrics, history=[{k.replace("/", "_"): v for k, v in h.items()}
                                   for h in history],
         device=device,

@@ -46,7 +46,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Pri
 
 from tasks.runtime.code_version import code_digest
 from tasks.runtime.paths import REPO_DIR, project_dir
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     digest_bytes,
@@ -345,12 +345,10 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     }
     if (step_s := step_times.median()) is not None:     # steady state, evals left out
         metrics["step_seconds_median"] = step_s
-    files = {"adapter": str(out / "adapter_model.safetensors"),
-             "adapter_config": str(out / "adapter_config.json"),
-             "train_log": str(out / "train_log.json"), "loss_curve": str(out / "loss_curve.png")}
-    if cfg.sanity_examples:
-        files |= {"sanity_check": str(out / "sanity_check.md"),
-                  "sanity_check_tsv": str(out / "sanity_check.tsv")}
+    names = ["adapter_model.safetensors", "adapter_config.json", "train_log.json",
+             "loss_curve.png"] + (["sanity_check.md", "sanity_check.tsv"] if cfg.sanity_examples
+                                  else [])
+    files = {file_key(name): str(out / name) for name in names}
     peft_cfg = model.peft_config["default"]
     return StageResult(
         stage=StageName.TRAIN, path=str(out), digest=digest, files=files,

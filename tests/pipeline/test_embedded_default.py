@@ -25,6 +25,7 @@ from mlflow.entities import Run
 from flows.pipeline import pipeline
 from flows.tracking import tracking_uri
 from tasks.runtime.paths import DATA_DIR
+from tasks.runtime.results import file_key
 from tasks.config import PipelineConfig
 from tasks.evaluate.generations import answer_prompts
 from tasks.config.methods import METHODS
@@ -121,7 +122,7 @@ def test_first_run_computes_every_model_stage(first):
     assert not any(r["cached"] for r in first["stages"] if r["stage"] not in DATA_STAGES)
 
 
-def test_every_artifact_is_in_mlflow(first, client):
+def test_every_artifact_is_in_mlflow(first, client, tmp_path):
     parent = client.get_run(first["mlflow_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.params["train.method"] == "lora"
@@ -139,6 +140,11 @@ def test_every_artifact_is_in_mlflow(first, client):
     assert conversations.inputs.dataset_inputs, "datasets are logged as run inputs"
     history = client.get_metric_history(kids["train"].info.run_id, "loss")
     assert len(history) > 3 and len({m.step for m in history}) == len(history)
+    # every stage names its files one way: the file's name with dots as underscores
+    for stage, run in kids.items():
+        files = json.loads(Path(client.download_artifacts(
+            holder(run), "stage_result.json", dst_path=str(tmp_path / stage))).read_text())["files"]
+        assert all(key == file_key(Path(path).name) for key, path in files.items()), (stage, files)
 
 
 def test_training_lowers_dev_loss_and_raises_dev_rouge(first, client):

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -104,7 +103,9 @@ def run_variant(args: argparse.Namespace) -> int:
         out = stage(args.model, args.train, args.dev,
                     False if args.variant == "stage_no_gc" else None, args.epochs)
     out["tokens_per_s"] = out["tokens"] / out["train_loop_s"]
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from tasks.runtime.resources import own_peak_rss_mib
+
+    out["peak_rss_mib"] = own_peak_rss_mib()       # not the parent's, as ru_maxrss would be
     print("RESULT " + json.dumps(out), flush=True)
     return 0
 

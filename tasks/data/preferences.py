@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.data.conversations import split_indices
+from tasks.data.formats import SHAREGPT_ROLES
 from tasks.data.sources import ArrayLines, Issues, discover, json_records, read_text_bytes
 from tasks.runtime.errors import DataError
 from tasks.runtime.files import atomic_write_json, atomic_write_text, publish_dir, \
@@ -39,8 +40,6 @@ PreferenceFormat = Literal["auto", "trl", "alpaca_ranking", "sharegpt_ranking"]
 KEYS = {"trl": {"prompt", "chosen", "rejected"},
         "alpaca_ranking": {"instruction", "chosen", "rejected"},
         "sharegpt_ranking": {"conversations", "chosen", "rejected"}}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system"}
 SAMPLE = DATA_DIR / "sample" / "plant_care_preferences.jsonl"
 SKIP_HINT = ("fix the record, or set preference.on_error=skip to skip malformed pairs (they are "
              "counted and listed in the preference report)")

@@ -36,7 +36,8 @@ def answer_logps(model: Any, tok: Any, pairs: list[dict], batch_size: int = 8,
     for p in pairs:
         for side in ("chosen", "rejected"):
             enc = encode_conversation(tok, p["prompt"] + [{"role": "assistant",
-                                                           "content": p[side]}], MAX_LENGTH)
+                                                           "content": p[side]}], MAX_LENGTH,
+                                      last_turn_only=True)     # the answer, not the history
             rows.append((enc["input_ids"], enc["labels"]))
     out = []
     for i in range(0, len(rows), batch_size):
@@ -73,10 +74,11 @@ def preference_scores(spec: ModelSpec, pairs: list[dict], batch_size: int = 8
             "per_pair": [round(float(d), 4) for d in diff]}
 
 
-def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path,
-                         batch_size: int = 8) -> StageResult:
+def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path, batch_size: int = 8,
+                         stage: StageName = StageName.PREFERENCE_EVAL) -> StageResult:
     """Preference accuracy and margin of each of `models` (name -> spec) on the dev pairs ->
-    outputs/preference_eval/<digest>/preference_eval.json."""
+    outputs/<stage>/<digest>/preference_eval.json (the nightly gate scores its champion as
+    stage evaluate_champion_preference)."""
     pairs = read_json(Path(dev_pairs))
     scores = {name: preference_scores(spec, pairs, batch_size) for name, spec in models.items()}
     metrics = {}
@@ -84,13 +86,13 @@ def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path,
         metrics |= {f"{name}_preference_accuracy": s["accuracy"],
                     f"{name}_preference_margin": s["margin"],
                     f"{name}_preference_accuracy_sum": s["accuracy_sum"]}
-    root = stage_root(StageName.PREFERENCE_EVAL)
+    root = stage_root(stage)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "preference_eval.json", {
             "pairs": len(pairs), "models": {n: m.describe() for n, m in models.items()},
             "scores": scores})
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage=StageName.PREFERENCE_EVAL, path=str(out), digest=digest,
+    return StageResult(stage=stage, path=str(out), digest=digest,
                        files={"preference_eval_json": str(out / "preference_eval.json")},
                        metrics=metrics, device=pick_device("auto"),
                        summary=summary(scores, len(pairs)))

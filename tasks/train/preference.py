@@ -29,14 +29,15 @@ from transformers import PrinterCallback
 
 from tasks.config import PreferenceConfig
 from tasks.model.compat import bnb_generic_cpu_path
-from tasks.model.modeling import bnb_config, load_model, load_tokenizer, pick_device
+from tasks.model.modeling import bnb_config, load_model, load_tokenizer, pick_device, resolve_dtype
 from tasks.runtime.code_version import code_digest
 from tasks.runtime.files import atomic_write_json, digest_bytes, digest_path, publish_dir, \
     read_json, staging_dir
 from tasks.runtime.paths import project_dir
 from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
-    ProgressLog, TrainProgress, last_checkpoint, list_checkpoints, rounded
+    ProgressLog, TrainProgress, in_loop_eval_seconds, last_checkpoint, list_checkpoints, \
+    resumed_step, rounded
 
 #: what TRL logs per step that is kept as the stage's curves
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -79,7 +80,7 @@ def use_liger(cfg: PreferenceConfig, device: str) -> bool:
 
 
 def _trainer(method: str, model: Any, tok: Any, cfg: PreferenceConfig, ckpt: Path, device: str,
-             train: Any, dev: Any, callbacks: list) -> Any:
+             train: Any, dev: Any, callbacks: list, fresh: bool) -> Any:
     from peft import LoraConfig
 
     if cfg.learning_rate is None:
@@ -88,7 +89,7 @@ def _trainer(method: str, model: Any, tok: Any, cfg: PreferenceConfig, ckpt: Pat
                   learning_rate=cfg.learning_rate, per_device_train_batch_size=cfg.batch_size,
                   per_device_eval_batch_size=cfg.batch_size, lr_scheduler_type="cosine",
                   warmup_steps=0.05, max_length=cfg.max_length, beta=cfg.beta,
-                  eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=True,
+                  eval_strategy="steps", eval_steps=cfg.eval_steps, eval_on_start=fresh,
                   logging_strategy="steps", logging_steps=1, save_strategy="steps",
                   save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
                   report_to="none", seed=cfg.seed, data_seed=cfg.seed,
@@ -135,38 +136,40 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     device = pick_device("auto")
     ckpt = checkpoint_dir(model_dir, Path(train_pairs), Path(dev_pairs), cfg)
     tok = load_tokenizer(model_dir)
+    dtype = resolve_dtype("auto", device)
     if cfg.quantized:
-        compute = "bfloat16" if device.startswith("cuda") else "float32"
-        model = load_model(model_dir, device=device, dtype=compute,
-                           quantization=bnb_config("nf4", True, compute))
+        model = load_model(model_dir, device=device, dtype=dtype,
+                           quantization=bnb_config("nf4", True, dtype))
         if not device.startswith("cuda"):    # the dev eval's repack would drop the gradients
             bnb_generic_cpu_path(model, unpackable_only=False)
     else:
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() \
-            else "float32"
         model = load_model(model_dir, device=device, dtype=dtype)
     model.config.use_cache = False
     train, dev = as_dataset(Path(train_pairs)), as_dataset(Path(dev_pairs))
     sigterm = DeferredSigterm()
+    last = last_checkpoint(ckpt) if cfg.resume else None
     trainer = _trainer(cfg.method, model, tok, cfg, ckpt, device, train, dev,
                        [ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm),
-                        PauseAfterSave()])
+                        PauseAfterSave()], fresh=last is None)   # resumed: step 0 is logged
     trainer.remove_callback(PrinterCallback)      # the curves are returned instead
-    last = last_checkpoint(ckpt) if cfg.resume else None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with sigterm:
         result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
-    if not any("eval_loss" in h and h["step"] == trainer.state.global_step
-               for h in trainer.state.log_history):
+    evaluated_at_end = any("eval_loss" in h and h["step"] == trainer.state.global_step
+                           for h in trainer.state.log_history)
+    if not evaluated_at_end:
         trainer.evaluate()
     history = curves(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
-    train_logs = [h for h in trainer.state.log_history if "num_tokens" in h]
-    tokens = train_logs[-1]["num_tokens"] if train_logs else 0     # TRL: non-padding tokens
-    evaluating = sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
+    # TRL's cumulative non-padding tokens, less those of the run before a resume
+    counted = [(h["step"], h["num_tokens"]) for h in trainer.state.log_history
+               if "num_tokens" in h]
+    tokens = (counted[-1][1] if counted else 0) - max(
+        (n for step, n in counted if step <= resumed_step(last)), default=0)
+    evaluating = in_loop_eval_seconds(trainer.state.log_history, last, evaluated_at_end)
     with staging_dir(stage_root(StageName.PREFERENCE)) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

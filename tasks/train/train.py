@@ -66,9 +66,11 @@ from tasks.train.train_control import (
     ProgressLog,
     StepTimes,
     TrainProgress,
+    in_loop_eval_seconds,
     last_checkpoint,
     list_checkpoints,
     log_history,
+    resumed_step,
 )
 from tasks.train.train_data import (
     IGNORE,
@@ -308,12 +310,9 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     history = trainer.state.log_history
     evals = [h for h in history if "eval_loss" in h]
     eval_before, eval_after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
-    resumed_step = int(last.rsplit("-", 1)[1]) if last else 0
-    done = (trainer.state.global_step - resumed_step) / max(trainer.state.global_step, 1)
-    # the evaluations inside train_seconds (an evaluate() after train() is outside it)
-    eval_seconds = sum(h.get("eval_runtime", 0.0) for h in (evals if evaluated_at_end
-                                                             else evals[:-1])
-                       if h["step"] >= resumed_step and (last is None or h["step"] > 0))
+    resumed = resumed_step(last)
+    done = (trainer.state.global_step - resumed) / max(trainer.state.global_step, 1)
+    eval_seconds = in_loop_eval_seconds(history, last, evaluated_at_end)
     useful = sum(len(e["input_ids"]) for e in train) * cfg.epochs    # the whole run, no pads
     seen = trainer.state.num_input_tokens_seen or useful             # ... and with its pads
     log = log_history(history)
@@ -340,7 +339,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         "dropped_examples": float(dropped + dev_dropped),
         "train_examples": float(len(train)), "dev_examples": float(len(dev)),
         "global_step": float(trainer.state.global_step),
-        "resumed_from_step": float(resumed_step), "checkpoints": float(len(checkpoints)),
+        "resumed_from_step": float(resumed), "checkpoints": float(len(checkpoints)),
         "num_processes": float(world), "peak_gpu_memory_gib": peak_gib,
     }
     if (step_s := step_times.median()) is not None:     # steady state, evals left out

@@ -31,6 +31,20 @@ def rounded(value: float) -> float:
     return float(f"{float(value):.6g}")
 
 
+def resumed_step(last: str | None) -> int:
+    """The step of checkpoint folder `last` (`checkpoint-<step>`) a run resumed from; 0: none."""
+    return int(last.rsplit("-", 1)[1]) if last else 0
+
+
+def in_loop_eval_seconds(history: list[dict], last: str | None, evaluated_at_end: bool) -> float:
+    """Seconds this run's training loop spent evaluating: the evaluations it logged (not those
+    of the run before a resume, nor an `evaluate()` called after `train()` returned)."""
+    evals = [h for h in history if "eval_runtime" in h]
+    start = resumed_step(last)
+    return sum(h["eval_runtime"] for h in (evals if evaluated_at_end else evals[:-1])
+               if h["step"] >= start and (last is None or h["step"] > 0))
+
+
 def log_history(history: list[dict]) -> list[dict]:
     """Trainer's log history reduced to {"step", "loss"} / {"step", "eval_loss"} entries."""
     out, seen = [], set()

@@ -38,13 +38,15 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def encode_conversation(tokenizer: PreTrainedTokenizerBase, conversation: list[dict],
-                        max_length: int) -> dict[str, Any]:
+                        max_length: int, last_turn_only: bool = False) -> dict[str, Any]:
     """Token ids of a conversation (the model's chat template) with assistant-only labels.
 
     For each assistant turn i, its span in the full rendering starts where the rendering of
     turns[:i] + generation prompt stops agreeing with it, and ends where turns[:i+1] does: the
     content and the template's end-of-turn tokens are learned, everything else is -100.
-    Returns input_ids, attention_mask, labels (cut to `max_length`) and `truncated`."""
+    `last_turn_only`: only the last assistant turn is labelled (an answer scored after a
+    history of earlier turns). Returns input_ids, attention_mask, labels (cut to `max_length`)
+    and `truncated`."""
     if isinstance(conversation, dict):
         conversation = conversation["conversations"]
     turns = [{"role": t["role"], "content": t["content"]} for t in conversation]
@@ -53,9 +55,8 @@ def encode_conversation(tokenizer: PreTrainedTokenizerBase, conversation: list[d
                          "needs one (tokenizer_config.json or chat_template.jinja)")
     ids = _render(tokenizer, turns, False)
     labels = [IGNORE] * len(ids)
-    for i, turn in enumerate(turns):
-        if turn["role"] != "assistant":
-            continue
+    answers = [i for i, turn in enumerate(turns) if turn["role"] == "assistant"]
+    for i in answers[-1:] if last_turn_only else answers:
         start = _common_prefix(_render(tokenizer, turns[:i], True), ids)
         end = _common_prefix(_render(tokenizer, turns[:i + 1], False), ids)
         labels[start:end] = ids[start:end]

@@ -143,6 +143,15 @@ def test_orpo_needs_no_reference_and_learns(pairs):
     assert (Path(result.path) / "adapter_model.safetensors").is_file()
 
 
+def test_qlora_dpo_trains_on_the_4_bit_model(pairs):
+    """preference.quantized: the merged model loaded in 4-bit nf4 underneath (QLoRA-DPO)."""
+    cfg = PreferenceConfig(method="dpo", quantized=True, epochs=1, batch_size=8,
+                           learning_rate=2e-3, max_length=64, eval_steps=100)
+    result = tune_preferences(pairs["model"], pairs["train"], pairs["dev"], cfg)
+    assert result.metrics["global_step"] == 6 and result.info["quantized"] is True
+    assert (Path(result.path) / "adapter_model.safetensors").is_file()
+
+
 CHILD = ("import sys, torch; torch.set_num_threads(1); from pathlib import Path; "
          "from tasks.config import PreferenceConfig; "
          "from tasks.train.preference import tune_preferences; "

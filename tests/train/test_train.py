@@ -195,6 +195,21 @@ def test_the_step_line_shows_a_small_learning_rate_as_it_is(caplog):
     assert "step 3/10 {'loss': 0.693147, 'learning_rate': 5e-06}" in caplog.text
 
 
+def test_an_answer_scored_after_a_history_counts_only_its_own_tokens(data):
+    """Preference accuracy scores the answer's tokens: an earlier assistant turn in the
+    prompt's history is context, not part of the answer (encode_conversation
+    last_turn_only)."""
+    from tasks.evaluate.preference_eval import answer_logps
+
+    question = [{"role": "user", "content": "绿萝叶子发黄怎么办？"}]
+    history = [{"role": "user", "content": "你好"},
+               {"role": "assistant", "content": "你好，请问有什么可以帮你？"}]
+    pairs = [{"prompt": p, "chosen": "少浇水。", "rejected": "多晒太阳，别浇太多水。"}
+             for p in (question, history + question)]
+    counts = answer_logps(load_model(data["base"]), load_tokenizer(data["base"]), pairs)[..., 1]
+    assert torch.equal(counts[0], counts[1]) and counts[0, 0] < counts[0, 1], counts
+
+
 def test_qlora_gradients_survive_an_eval_pass(data):
     """bitsandbytes 0.50 repacks 4-bit weights at the first CPU eval forward; training after the
     dev eval must still backpropagate through the base layers."""

@@ -38,6 +38,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.ops import cli, commands
 from flows.caching import cached_stage
+from flows.stages import model_core
 from flows.pipeline import Built, build, finish, register
 from flows.running import PipelineRun, parent_run
 from flows.tracking import Tracker
@@ -63,7 +64,7 @@ def evaluate_champion_task(spec: ModelSpec, data: StageResult, probes_file: Path
     """The champion's answers and dev scores, as the generations stage's models'."""
     from tasks.evaluate.gate import evaluate_champion
 
-    return evaluate_champion(spec, data.file("dev_json"), probes_file, cfg)
+    return model_core(evaluate_champion, spec, data.file("dev_json"), probes_file, cfg)
 
 
 @cached_stage(StageName.EVALUATE_CHAMPION_PREFERENCE, "tasks.evaluate.preference_eval",
@@ -73,8 +74,8 @@ def evaluate_preference_task(spec: ModelSpec, pairs: StageResult) -> StageResult
     pipeline's preference_eval stage)."""
     from tasks.evaluate.preference_eval import evaluate_preferences
 
-    result = evaluate_preferences({"champion": spec}, pairs.file("dev_pairs_json"))
-    return replace(result, stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
+    return model_core(evaluate_preferences, {"champion": spec}, pairs.file("dev_pairs_json"),
+                      stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -129,20 +130,17 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         return replace(same, version=None), same          # unchanged: nothing to evaluate
 
     scored = built.generations                # base ("before") and challenger ("after")
-    base_answers = probe_answers(scored, "before")
+    columns = probe_answers(scored.file("generations_json"))
+    base_answers = columns["before"]
     preference = built.preference if gate.max_preference_drop is not None else None
     challenger = Candidate(None, merged.digest, scored.metrics[f"tuned_{gate.metric}"],
-                           ood_retention(probe_answers(scored, "after"), base_answers),
+                           ood_retention(columns["after"], base_answers),
                            None if preference is None else
                            100 * preference.scores.metrics["tuned_preference_accuracy"])
     if champ is None:
         return challenger, None
-    from tasks.model.modeling import pick_device, resolve_dtype
-
     digest, folder = champ.tags.get("model_digest", ""), local_model(champ, run.tracker.uri)
-    # in the dtype the generations stage loaded the challenger in (flows/pipeline.py `build`)
-    dtype = resolve_dtype(cfg.merge.dtype, pick_device(cfg.benchmark.device))
-    spec = ModelSpec(folder, dtype, digest=digest)
+    spec = ModelSpec(folder, built.dtype, digest=digest)     # as the challenger was compared
     cp = run.stage(evaluate_champion_task, spec=spec, data=built.data,
                    probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
     cp_preference = None
@@ -150,7 +148,7 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         pref = run.stage(evaluate_preference_task, pairs=preference.pairs, spec=spec)
         cp_preference = 100 * pref.metrics["champion_preference_accuracy"]
     return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
-                                 ood_retention(probe_answers(cp), base_answers),
+                                 ood_retention(probe_answers(cp.file("evaluation_json"))["answer"], base_answers),
                                  cp_preference)
 
 

@@ -113,6 +113,7 @@ class Built:
     benchmark: StageResult
     generations: StageResult                # base and tuned answers, scored
     report: StageResult                     # rendered: generations + the benchmark table
+    dtype: str                              # the dtype the models were compared in
     preference: Preference | None = None
 
 
@@ -183,7 +184,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                                   preference and preference.scores),
                  generations_table(generations))
     return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report,
-                 preference)
+                 dtype, preference)
 
 
 def preference_pairs(run: PipelineRun, cfg: PreferenceConfig) -> StageResult | None:
@@ -245,8 +246,7 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion],
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
             "benchmark": read_json(built.benchmark.file("benchmark_json")),
-            "benchmark_failed": read_json(built.benchmark.file("failed_json"))
-            if "failed_json" in built.benchmark.files else [],
+            "benchmark_failed": read_json(built.benchmark.file("failed_json")),
             "registered": [v.__dict__ for v in versions],
             "crowned": [v.__dict__ for v in crowned], "summary": text}
 

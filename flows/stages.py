@@ -4,7 +4,7 @@ The wrappers live here rather than beside each core so that `tasks/` never impor
 cores run in pytest, notebooks and on the GPU machine, where Prefect is not installed. Each task
 passes upstream `StageResult`s (not bare paths), so its cache key sees their content digests.
 Cores are imported inside the task bodies, so the data-only flow never imports torch. On a GPU
-machine every model stage's core runs in a process of its own (`_model_core`).
+machine every model stage's core runs in a process of its own (`model_core`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tasks.model.model_spec import ModelSpec
 from tasks.runtime.results import StageName, StageResult
 
 
-def _model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
+def model_core(core: Callable[..., StageResult], /, *args: Any, **kwargs: Any) -> StageResult:
     """`core(*args, **kwargs)`; where there is a GPU, in a fresh process
     (tasks/runtime/child_process.py), so that the flow process never holds a model and each stage's
     host memory peak is its own
@@ -90,7 +90,7 @@ def convert_base_task(source: Path) -> StageResult:
     """base.path is a ChatGLM2/3 or original GLM-4 folder: converted once to a native one."""
     from tasks.model import chatglm
 
-    return _model_core(chatglm.convert_folder, source)
+    return model_core(chatglm.convert_folder, source)
 
 
 @cached_stage(StageName.BASE, "tasks.model.base_model", model_libs=True)
@@ -104,7 +104,7 @@ def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks.train import train
 
-    return _model_core(train.train_adapter, base.path, data.file("train_json"),
+    return model_core(train.train_adapter, base.path, data.file("train_json"),
                        data.file("dev_json"), cfg)
 
 
@@ -112,7 +112,7 @@ def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageR
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks.export import merge
 
-    return _model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
+    return model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
 @cached_stage(StageName.QUANTIZE, "tasks.export.quantize", model_libs=True)
@@ -120,7 +120,7 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
     from tasks.export import quantize
 
-    return _model_core(quantize.quantize_int4, merged.path, cfg, device, fmt)
+    return model_core(quantize.quantize_int4, merged.path, cfg, device, fmt)
 
 
 #: the torchao int4 model: the same core and cache policy, its own stage (and MLflow child run)
@@ -140,7 +140,7 @@ def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probe
                      cfg: ReportConfig, supervised: ModelSpec | None = None) -> StageResult:
     from tasks.evaluate import generations
 
-    return _model_core(generations.generate_answers, base, tuned, data.file("dev_json"),
+    return model_core(generations.generate_answers, base, tuned, data.file("dev_json"),
                        probes_file, cfg, supervised)
 
 
@@ -161,7 +161,7 @@ def preference_task(supervised: StageResult, pairs: StageResult, cfg: Preference
                     ) -> StageResult:
     from tasks.train import preference
 
-    return _model_core(preference.tune_preferences, supervised.path,
+    return model_core(preference.tune_preferences, supervised.path,
                        pairs.file("train_pairs_json"), pairs.file("dev_pairs_json"), cfg)
 
 
@@ -170,7 +170,7 @@ def merge_preference_task(supervised: StageResult, adapter: StageResult, cfg: Me
                           ) -> StageResult:
     from tasks.export import merge
 
-    return _model_core(merge.merge_adapter, supervised.path, adapter.path, cfg.dtype,
+    return model_core(merge.merge_adapter, supervised.path, adapter.path, cfg.dtype,
                        cfg.device, StageName.MERGE_PREFERENCE)
 
 
@@ -178,7 +178,7 @@ def merge_preference_task(supervised: StageResult, adapter: StageResult, cfg: Me
 def preference_eval_task(models: dict[str, ModelSpec], pairs: StageResult) -> StageResult:
     from tasks.evaluate import preference_eval
 
-    return _model_core(preference_eval.evaluate_preferences, models,
+    return model_core(preference_eval.evaluate_preferences, models,
                        pairs.file("dev_pairs_json"))
 
 

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from tasks.runtime import child_process
 from tasks.evaluate.benchmark_rows import BenchmarkRow, FailedVariant, markdown_table, metrics, \
     summarise
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -219,13 +219,11 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
         atomic_write_text(tmp / "benchmark.md", table)
         out, digest = publish_dir(tmp, stage_root(StageName.BENCHMARK))
     return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest,
-                       files={"benchmark_json": str(out / "benchmark.json"),
-                              "failed_json": str(out / "failed.json"),
-                              "benchmark_md": str(out / "benchmark.md")},
+                       files={file_key(name): str(out / name)
+                              for name in ("benchmark.json", "failed.json", "benchmark.md")},
                        metrics={**metrics(rows), "failed_variant_runs": float(len(failed))},
                        summary=table, device=device,
-                       info={"variants": specs, "prompts": prompts,
-                             "failed": [vars(f) for f in failed]})
+                       info={"variants": specs, "prompts": prompts})
 
 
 def main(argv: list[str] | None = None) -> None:

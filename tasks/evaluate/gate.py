@@ -78,11 +78,12 @@ def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: R
                        files={"evaluation_json": str(out / "evaluation.json")}, metrics=metrics)
 
 
-def probe_answers(evaluation: StageResult, column: str = "answer") -> list[str]:
-    """A model's probe answers: the champion's evaluation ("answer"), or a column of the
-    generations stage's ("before": the base, "after": the tuned model)."""
-    name = "generations_json" if evaluation.stage == StageName.GENERATIONS else "evaluation_json"
-    return [p[column] for p in read_json(evaluation.file(name))["probes"]]
+def probe_answers(path: Path) -> dict[str, list[str]]:
+    """A file's probe answers by column: the champion's evaluation.json ("answer"), or the
+    generations stage's generations.json ("before": the base, "after": the tuned model)."""
+    rows = read_json(path)["probes"]
+    return {column: [row[column] for row in rows] for column in rows[0] if column != "question"} \
+        if rows else {}
 
 
 def ood_retention(answers: list[str], base_answers: list[str]) -> float:

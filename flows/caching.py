@@ -127,14 +127,30 @@ def stage_cache_policy(module: str, *, model_libs: bool = False,
 
 
 def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
-                 ignore: tuple[str, ...] = (), log_prints: bool | None = None
-                 ) -> Callable[[Callable], Task]:
+                 ignore: tuple[str, ...] = (), log_prints: bool | None = None,
+                 logged_as: str | None = None) -> Callable[[Callable], Task]:
     """Decorator: a cached Prefect task named `stage` over the stage core in `module`, keyed as
     this module's docstring says, its result persisted as JSON. `log_prints=False`: the core's
-    libraries print where no one should read it (the flows' `log_prints` otherwise)."""
+    libraries print where no one should read it (the flows' `log_prints` otherwise).
+    `logged_as`: see `log_folder`."""
     def make(fn: Callable) -> Task:
         policy = stage_cache_policy(module, model_libs=model_libs, ignore=ignore,
                                     wrapper=wrapper_digest(fn))
-        return task(fn, name=stage.value, persist_result=True, log_prints=log_prints,
+        made = task(fn, name=stage.value, persist_result=True, log_prints=log_prints,
                     result_serializer=StageResultSerializer(), cache_policy=policy)
+        return made if logged_as is None else log_folder(made, logged_as)
     return make
+
+
+def log_folder(stage_task: Task, folder: str) -> Task:
+    """`stage_task`, whose MLflow child run holds its output folder whole under `folder` (a
+    model, an adapter: what the registry points at) rather than its result's files."""
+    stage_task.logged_as = folder          # a plain attribute, read by `child_run_artifacts`
+    return stage_task
+
+
+def child_run_artifacts(stage_task: Task, result: StageResult) -> dict[str, str]:
+    """What the MLflow child run of `stage_task` holds: its output folder under the name the
+    stage declares (`log_folder`), else its result's files."""
+    folder = getattr(stage_task, "logged_as", None)
+    return {folder: result.path} if folder else dict(result.files)

@@ -32,7 +32,7 @@ from flows.running import PipelineRun, parent_run
 from flows.stages import base_model_task, benchmark_task, convert_base_task, \
     generations_task, merge_preference_task, merge_task, preference_data_task, \
     preference_eval_task, preference_task, quantize_task, quantize_torchao_task, report_task, \
-    resolve_base_task, stage_of, train_task
+    resolve_base_task, train_task
 from tasks.runtime.errors import ConfigError
 from tasks.runtime.results import StageResult
 from tasks.runtime.paths import is_local_model_path
@@ -226,7 +226,8 @@ def user_base(run: PipelineRun, cfg: BaseModelConfig) -> StageResult:
     if is_local_model_path(cfg.path) and Path(cfg.path).is_dir() and \
             classify(cfg.path).kind == "convert":
         return run.stage(convert_base_task, source=Path(cfg.path), params={"path": cfg.path})
-    return run.stage(resolve_base_task, cfg=cfg, params={"path": cfg.path})
+    return run.stage(resolve_base_task, cfg=cfg, params={"path": cfg.path},
+                     artifacts=lambda _: {})     # the user's folder: nothing to copy
 
 
 def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
@@ -282,20 +283,20 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
         tags |= {"preference_method": cfg.preference.method,
                  "preference_data_digest": preference.pairs.digest}
     versions = []
-    merge_stage = stage_of(merge_preference_task if preference else merge_task)
-    entries = [(cfg.registry.model_name, merged, merge_stage),
-               (f"{cfg.registry.model_name}-int4", built.int4, stage_of(quantize_task))]
+    entries = [(cfg.registry.model_name, merged,
+                merge_preference_task if preference else merge_task),
+               (f"{cfg.registry.model_name}-int4", built.int4, quantize_task)]
     if built.fast_int4 is not None:
         entries.append((f"{cfg.registry.model_name}-int4-torchao", built.fast_int4,
-                        stage_of(quantize_torchao_task)))
+                        quantize_torchao_task))
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
-        entries = [(f"{cfg.registry.model_name}-prefix", adapter, stage_of(train_task))]
+        entries = [(f"{cfg.registry.model_name}-prefix", adapter, train_task)]
     for name, result, stage in entries:
-        origin, folder = run.origins[stage.name], stage.folder
+        origin, folder = run.origins[stage.name], stage.logged_as   # (flows/caching.py)
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
-        if stage.task in MLFLOW_MODELS:      # an MLflow model, logged in the stage's run
+        if stage in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
             source = partial(log_chat_model, result.path, origin,
-                             quantized=stage.task is quantize_task)
+                             quantized=stage is quantize_task)
         versions.append(register_version(
             client, name, source=source, run_id=origin, digest=result.digest,
             tags={**tags, "variant": folder},

@@ -8,6 +8,7 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -16,11 +17,10 @@ from mlflow.entities import Metric
 from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.caching import inputs_lock
+from flows.caching import child_run_artifacts, inputs_lock
 from flows.mlflow_files import DatasetFile
 from flows.ops import hygiene, startup
 from flows.ops.signals import as_raised_by_signal
-from flows.stages import check_inputs, stage_of
 from flows.tracking import Tracker
 from tasks.runtime.errors import DataError
 from tasks.runtime.results import StageResult
@@ -104,10 +104,9 @@ class PipelineRun:
               params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
         """Run `stage_task` on `kwargs` (cached), log it as an MLflow child run with its
-        artifacts (the stage table's, unless `artifacts` says), datasets and params."""
-        check_inputs(stage_task, kwargs)
+        artifacts (`child_run_artifacts`, unless `artifacts` says), datasets and params."""
         name, start = stage_task.name, time.perf_counter()
-        artifacts = artifacts or stage_of(stage_task).artifacts
+        artifacts = artifacts or partial(child_run_artifacts, stage_task)
         self.first_stage_at = self.first_stage_at or start
         upstream = next((stage for mark, stage in self.recomputed.items()
                          if _mentions(kwargs, mark)), None)

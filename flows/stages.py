@@ -9,14 +9,13 @@ machine every model stage's core runs in a process of its own (`model_core`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import Task, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import cached_stage
+from flows.caching import cached_stage, log_folder
 from tasks.config import BaseModelConfig, BenchmarkConfig, MergeConfig, PreferenceConfig, \
     QuantizeConfig, ReportConfig, TrainConfig
 from tasks.model.model_spec import ModelSpec
@@ -93,14 +92,14 @@ def convert_base_task(source: Path) -> StageResult:
     return model_core(chatglm.convert_folder, source)
 
 
-@cached_stage(StageName.BASE, "tasks.model.base_model", model_libs=True)
+@cached_stage(StageName.BASE, "tasks.model.base_model", model_libs=True, logged_as="base_model")
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks.model import base_model
 
     return base_model.build_base_model(data.file("train_json"), cfg)
 
 
-@cached_stage(StageName.TRAIN, "tasks.train.train", model_libs=True)
+@cached_stage(StageName.TRAIN, "tasks.train.train", model_libs=True, logged_as="adapter")
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks.train import train
 
@@ -108,14 +107,14 @@ def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageR
                        data.file("dev_json"), cfg)
 
 
-@cached_stage(StageName.MERGE, "tasks.export.merge", model_libs=True)
+@cached_stage(StageName.MERGE, "tasks.export.merge", model_libs=True, logged_as="merged_model")
 def merge_task(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
     from tasks.export import merge
 
     return model_core(merge.merge_adapter, base.path, adapter.path, cfg.dtype, cfg.device)
 
 
-@cached_stage(StageName.QUANTIZE, "tasks.export.quantize", model_libs=True)
+@cached_stage(StageName.QUANTIZE, "tasks.export.quantize", model_libs=True, logged_as="int4_model")
 def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
                   fmt: str = "bnb") -> StageResult:
     from tasks.export import quantize
@@ -124,7 +123,8 @@ def quantize_task(merged: StageResult, cfg: QuantizeConfig, device: str,
 
 
 #: the torchao int4 model: the same core and cache policy, its own stage (and MLflow child run)
-quantize_torchao_task = quantize_task.with_options(name=StageName.QUANTIZE_TORCHAO.value)
+quantize_torchao_task = log_folder(
+    quantize_task.with_options(name=StageName.QUANTIZE_TORCHAO.value), "int4_torchao_model")
 
 
 @cached_stage(StageName.BENCHMARK, "tasks.evaluate.benchmark", model_libs=True)
@@ -156,7 +156,8 @@ def preference_data_task(source: Path, fmt: str, on_error: str, train_ratio: flo
 #: globals, and dill reads them from `dis.dis` printed into a captured sys.stdout (dill
 #: detect.nestedglobals); under a flow's `log_prints` Prefect's print patch sends each line of
 #: that bytecode listing to the run log instead (prefect/logging/loggers.py print_as_log).
-@cached_stage(StageName.PREFERENCE, "tasks.train.preference", model_libs=True, log_prints=False)
+@cached_stage(StageName.PREFERENCE, "tasks.train.preference", model_libs=True, log_prints=False,
+              logged_as="preference_adapter")
 def preference_task(supervised: StageResult, pairs: StageResult, cfg: PreferenceConfig
                     ) -> StageResult:
     from tasks.train import preference
@@ -165,7 +166,8 @@ def preference_task(supervised: StageResult, pairs: StageResult, cfg: Preference
                        pairs.file("train_pairs_json"), pairs.file("dev_pairs_json"), cfg)
 
 
-@cached_stage(StageName.MERGE_PREFERENCE, "tasks.export.merge", model_libs=True)
+@cached_stage(StageName.MERGE_PREFERENCE, "tasks.export.merge", model_libs=True,
+              logged_as="merged_model")
 def merge_preference_task(supervised: StageResult, adapter: StageResult, cfg: MergeConfig
                           ) -> StageResult:
     from tasks.export import merge
@@ -187,76 +189,3 @@ def report_task(generations: StageResult, extra_sections: dict[str, str]) -> Sta
     from tasks.evaluate import report
 
     return report.render_report(generations.file("generations_json"), extra_sections)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A row of the stage table: the task, the stages whose results it is given, and what its
-    MLflow child run holds: its output folder whole under `folder`, else its result's files
-    (`log_outputs=False`: nothing, e.g. a user's model used where it is)."""
-
-    task: Task
-    inputs: tuple[StageName, ...] = ()
-    folder: str | None = None
-    log_outputs: bool = True
-
-    @property
-    def name(self) -> str:
-        """The stage's name: its Prefect task, MLflow child run and `outputs/<name>/`."""
-        return self.task.name
-
-    def artifacts(self, result: StageResult) -> dict[str, str]:
-        if not self.log_outputs:
-            return {}
-        return {self.folder: result.path} if self.folder else dict(result.files)
-
-
-#: Every stage, in the order a run computes them (README "What each stage produces"). A run
-#: computes some of them: base is built (the embedded default) or resolved (`base.path`); a
-#: prefix (ptuning) is neither merged nor quantized; the torchao int4 model is made on a GPU;
-#: the preference stages run with `preference.method` (then the model quantized, benchmarked,
-#: reported and registered is the preference-tuned one).
-STAGES: tuple[Stage, ...] = (
-    Stage(ingest_task),
-    Stage(conversations_task, (StageName.INGEST,)),
-    Stage(validate_task, (StageName.INGEST, StageName.CONVERSATIONS)),
-    Stage(data_report_task, (StageName.INGEST, StageName.CONVERSATIONS)),
-    Stage(preference_data_task),
-    Stage(base_model_task, (StageName.CONVERSATIONS,), folder="base_model"),
-    Stage(resolve_base_task, log_outputs=False),
-    Stage(convert_base_task),                       # conversion.json (the weights stay out)
-    Stage(train_task, (StageName.BASE, StageName.CONVERSATIONS), folder="adapter"),
-    Stage(merge_task, (StageName.BASE, StageName.TRAIN), folder="merged_model"),
-    Stage(preference_task, (StageName.MERGE, StageName.PREFERENCE_DATA),
-          folder="preference_adapter"),
-    Stage(merge_preference_task, (StageName.MERGE, StageName.PREFERENCE), folder="merged_model"),
-    Stage(quantize_task, (StageName.MERGE, StageName.MERGE_PREFERENCE), folder="int4_model"),
-    Stage(quantize_torchao_task, (StageName.MERGE, StageName.MERGE_PREFERENCE),
-          folder="int4_torchao_model"),
-    Stage(benchmark_task, (StageName.CONVERSATIONS, StageName.BASE, StageName.TRAIN,
-                           StageName.MERGE, StageName.MERGE_PREFERENCE, StageName.QUANTIZE,
-                           StageName.QUANTIZE_TORCHAO)),
-    Stage(generations_task, (StageName.CONVERSATIONS, StageName.BASE, StageName.TRAIN,
-                             StageName.MERGE, StageName.MERGE_PREFERENCE)),
-    Stage(preference_eval_task, (StageName.BASE, StageName.MERGE, StageName.MERGE_PREFERENCE,
-                                 StageName.PREFERENCE_DATA)),
-    Stage(report_task, (StageName.GENERATIONS, StageName.BENCHMARK, StageName.PREFERENCE_EVAL)),
-)
-
-
-def stage_of(stage_task: Task) -> Stage:
-    """The table's row of `stage_task` (a task outside the table, e.g. the nightly's
-    evaluate, logs its result's files)."""
-    return next((s for s in STAGES if s.task is stage_task), Stage(stage_task))
-
-
-def check_inputs(stage_task: Task, kwargs: dict[str, Any]) -> None:
-    """A stage of the table is given results of the stages its row lists as inputs, and of no
-    other: what the table says about the flow's shape stays true. (Models reach the benchmark
-    and generations as `ModelSpec`s, which this does not see.)"""
-    row = next((s for s in STAGES if s.task is stage_task), None)
-    given = {v.stage for v in kwargs.values() if isinstance(v, StageResult)}
-    if row is not None and not given <= set(row.inputs):
-        raise ValueError(f"stage {row.name} was given the result of "
-                         f"{', '.join(sorted(given - set(row.inputs)))}, which its row of the "
-                         f"stage table (flows/stages.py STAGES) does not list as an input")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.runtime.paths import REPO_DIR
+from tasks.runtime.results import StageName
 
 SAMPLE = REPO_DIR / "data" / "sample" / "plant_care_qa.txt"
 
@@ -20,22 +21,18 @@ TINY: dict[str, Any] = {
 
 
 
-def stage_names(*, own_base: bool = False, converted: bool = False,
-                preference: bool = False) -> list[str]:
-    """The stages a LoRA run on a CPU computes, in order, read from the stage table
-    (flows/stages.py): the embedded default's base is built (`own_base`: a folder is resolved;
-    `converted`: a ChatGLM folder is converted); no torchao int4 model on a CPU; the preference
-    stages only with `preference`."""
-    from flows import stages
-
-    base = stages.convert_base_task if converted else stages.resolve_base_task if own_base \
-        else stages.base_model_task
-    skip = {stages.base_model_task, stages.resolve_base_task, stages.convert_base_task,
-            stages.quantize_torchao_task} - {base}
-    if not preference:
-        skip |= {stages.preference_data_task, stages.preference_task,
-                 stages.merge_preference_task, stages.preference_eval_task}
-    return [s.name for s in stages.STAGES if s.task not in skip]
+def stage_names(*, preference: bool = False) -> list[str]:
+    """The stages a LoRA run on a CPU computes, in order (README "What each stage produces"):
+    `base` whether the base is built (the embedded default), a folder used where it is, or a
+    ChatGLM folder converted; no torchao int4 model on a CPU; the preference stages only with
+    `preference`."""
+    s = StageName
+    data = [s.INGEST, s.CONVERSATIONS, s.VALIDATE, s.DATA_REPORT]
+    tuned = [s.BASE, s.TRAIN, s.MERGE]
+    if preference:
+        return [*data, s.PREFERENCE_DATA, *tuned, s.PREFERENCE, s.MERGE_PREFERENCE, s.QUANTIZE,
+                s.BENCHMARK, s.GENERATIONS, s.PREFERENCE_EVAL, s.REPORT]
+    return [*data, *tuned, s.QUANTIZE, s.BENCHMARK, s.GENERATIONS, s.REPORT]
 
 
 PIPELINE_STAGES = set(stage_names())

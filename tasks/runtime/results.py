@@ -15,8 +15,8 @@ from tasks.runtime.paths import project_dir
 
 
 class StageName(StrEnum):
-    """Every stage's name: its Prefect task, its MLflow child run and `outputs/<name>/`. The
-    flows' table of stages (flows/stages.py `STAGES`) says which stage is given which."""
+    """Every stage's name: its Prefect task, its MLflow child run and `outputs/<name>/`, in
+    the order a run computes them."""
 
     INGEST = "ingest"
     CONVERSATIONS = "conversations"

@@ -37,7 +37,7 @@ def test_the_pipeline_runs_on_a_chatglm_folder(originals, family, method):
     cfg = PipelineConfig.model_validate(tiny(base={"path": str(folder)}, train={
         "method": method}, experiment=f"chatglm-{family}"))
     out = pipeline(cfg)
-    expected = stage_names(converted=True)
+    expected = stage_names()
     if method == "ptuning":
         expected = [s for s in expected if s not in ("merge", "quantize")]
     assert [r["stage"] for r in out["stages"]] == expected

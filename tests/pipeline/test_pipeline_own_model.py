@@ -32,7 +32,7 @@ def test_pipeline_runs_on_a_local_model_folder(tmp_path):
                                              registry={"model_name": "own-model-chat"},
                                              experiment="own-model"))
     out = pipeline(cfg)
-    assert [r["stage"] for r in out["stages"]] == stage_names(own_base=True)
+    assert [r["stage"] for r in out["stages"]] == stage_names()
 
     client = MlflowClient(tracking_uri())
     kids = children(client, out["mlflow_run_id"])

@@ -1,0 +1,28 @@
+"""What a stage declares beside its core (flows/stages.py): its name, one enum, and what its
+MLflow child run holds. Which stage is given which is said by the flows alone; the pipeline
+tests check the order they compute in (tests/_ops_config.py `stage_names`)."""
+
+from __future__ import annotations
+
+import pytest
+
+import flows.stages as stages
+from flows.caching import child_run_artifacts
+from tasks.runtime.results import StageName, StageResult
+
+
+def test_a_stage_name_read_back_is_the_enum_and_a_misspelt_one_fails():
+    assert StageResult("train", "/out/train/1", "1").stage is StageName.TRAIN
+    with pytest.raises(ValueError, match="'trian' is not a valid StageName"):
+        StageResult("trian", "/out/train/1", "1")
+
+
+def test_a_child_run_holds_the_folder_a_stage_declares_else_its_files():
+    result = StageResult("train", "/out/train/abc", "abc", files={"train_log": "/out/log.json"})
+    assert child_run_artifacts(stages.train_task, result) == {"adapter": "/out/train/abc"}
+    assert child_run_artifacts(stages.benchmark_task, result) == {"train_log": "/out/log.json"}
+    # the torchao int4 stage: quantize's task under its own name, and its own folder
+    assert stages.quantize_torchao_task.name == StageName.QUANTIZE_TORCHAO
+    assert child_run_artifacts(stages.quantize_torchao_task, result) == \
+        {"int4_torchao_model": "/out/train/abc"}
+    assert child_run_artifacts(stages.quantize_task, result) == {"int4_model": "/out/train/abc"}

@@ -11,7 +11,7 @@ bf16 autocast; `benchmarks/gpu_speed.py` has the anchor and the train stage side
 * no-ckpt+flat: and padding-free batches (transformers' DataCollatorWithFlattening);
 * no-upcast: no-ckpt, without `prepare_model_for_kbit_training`'s float32 copies of the
   non-quantized weights (norms, embeddings, head): input grads only;
-* no-upcast+no-cudnn: and SDPA without cuDNN attention (tasks/train/train.py `attention_kernels`);
+* no-upcast+no-cudnn: and SDPA without cuDNN attention (tasks/train/train_control.py `attention_kernels`);
 * no-upcast+compile: and the model under `torch.compile` (compile time in the first steps);
 * project, project-ckpt, project-no-ckpt: the train stage itself (tasks/train/train.py) with its
   default (auto) gradient checkpointing, forced on, forced off: its steady-state step.
@@ -35,7 +35,7 @@ import torch
 from benchmarks.gpu_speed import qlora_config, sample_split
 from benchmarks.models import build_random_model
 from tasks.model.modeling import bnb_config, load_model, load_tokenizer, release
-from tasks.train.train import attention_kernels
+from tasks.train.train_control import attention_kernels
 
 VARIANTS = {
     "anchor": {"checkpointing": True, "flat": False, "upcast": True},

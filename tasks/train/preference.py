@@ -19,7 +19,6 @@ outputs/preference/<digest>/, which the merge_preference stage folds into the su
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,13 @@ import torch
 from transformers import PrinterCallback
 
 from tasks.config import PreferenceConfig
-from tasks.model.compat import bnb_generic_cpu_path
-from tasks.model.modeling import bnb_config, load_model, load_tokenizer, pick_device, resolve_dtype
-from tasks.runtime.code_version import code_digest
-from tasks.runtime.files import atomic_write_json, digest_bytes, digest_path, publish_dir, \
-    read_json, staging_dir
-from tasks.runtime.paths import project_dir
+from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
+from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
 from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
-    ProgressLog, TrainProgress, in_loop_eval_seconds, last_checkpoint, list_checkpoints, \
-    resumed_step, rounded
+    ProgressLog, TrainProgress, attention_kernels, checkpoint_folder, evaluate_at_end, \
+    in_loop_eval_seconds, last_checkpoint, list_checkpoints, load_trainable, resumed_step, \
+    rounded
 
 #: what TRL logs per step that is kept as the stage's curves
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -47,13 +43,11 @@ NOT_IN_KEY = {"resume", "save_total_limit"}
 
 def checkpoint_dir(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
                    cfg: PreferenceConfig) -> Path:
-    """outputs/preference-checkpoints/<hash of model, pairs, config and code>: a re-run of the
-    same stage finds a killed run's checkpoints."""
-    key = {"model": digest_path(Path(model_dir)), "train": digest_path(Path(train_pairs)),
-           "dev": digest_path(Path(dev_pairs)), "code": code_digest("tasks.train.preference"),
-           "cfg": cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}
-    return project_dir() / "outputs" / "preference-checkpoints" / digest_bytes(
-        json.dumps(key, sort_keys=True).encode())
+    """outputs/preference-checkpoints/<hash> (tasks/train/train_control.py
+    `checkpoint_folder`)."""
+    return checkpoint_folder("preference", "tasks.train.preference",
+                             {"model": model_dir, "train": train_pairs, "dev": dev_pairs}, cfg,
+                             NOT_IN_KEY)
 
 
 def as_dataset(pairs_json: Path):
@@ -136,14 +130,7 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     device = pick_device("auto")
     ckpt = checkpoint_dir(model_dir, Path(train_pairs), Path(dev_pairs), cfg)
     tok = load_tokenizer(model_dir)
-    dtype = resolve_dtype("auto", device)
-    if cfg.quantized:
-        model = load_model(model_dir, device=device, dtype=dtype,
-                           quantization=bnb_config("nf4", True, dtype))
-        if not device.startswith("cuda"):    # the dev eval's repack would drop the gradients
-            bnb_generic_cpu_path(model, unpackable_only=False)
-    else:
-        model = load_model(model_dir, device=device, dtype=dtype)
+    model = load_trainable(model_dir, device, resolve_dtype("auto", device), nf4=cfg.quantized)
     model.config.use_cache = False
     train, dev = as_dataset(Path(train_pairs)), as_dataset(Path(dev_pairs))
     sigterm = DeferredSigterm()
@@ -155,13 +142,10 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    with sigterm:
+    with sigterm, attention_kernels(device):
         result = trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - start
-    evaluated_at_end = any("eval_loss" in h and h["step"] == trainer.state.global_step
-                           for h in trainer.state.log_history)
-    if not evaluated_at_end:
-        trainer.evaluate()
+    evaluated_at_end = evaluate_at_end(trainer, device)
     history = curves(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
     # TRL's cumulative non-padding tokens, less those of the run before a resume

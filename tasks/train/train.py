@@ -27,8 +27,6 @@ task) stays one process.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import math
 import os
@@ -44,21 +42,17 @@ import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PrinterCallback, \
     Trainer, TrainingArguments
 
-from tasks.runtime.code_version import code_digest
 from tasks.runtime.paths import REPO_DIR, project_dir
 from tasks.runtime.results import StageName, StageResult, file_key, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
-    digest_bytes,
-    digest_path,
     publish_dir,
     read_json,
     staging_dir,
 )
-from tasks.model.compat import bnb_generic_cpu_path
 from tasks.config import TrainConfig
 from tasks.config.methods import METHODS
-from tasks.model.modeling import bnb_config, load_model, load_tokenizer, pick_device
+from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
 from tasks.train.train_control import (
     CheckpointOnSigterm,
     DeferredSigterm,
@@ -66,9 +60,13 @@ from tasks.train.train_control import (
     ProgressLog,
     StepTimes,
     TrainProgress,
+    attention_kernels,
+    checkpoint_folder,
+    evaluate_at_end,
     in_loop_eval_seconds,
     last_checkpoint,
     list_checkpoints,
+    load_trainable,
     log_history,
     resumed_step,
 )
@@ -92,14 +90,10 @@ def learning_rate(cfg: TrainConfig) -> float:
 
 def checkpoint_dir(base_dir: str | Path, train_json: Path, dev_json: Path,
                    cfg: TrainConfig) -> Path:
-    """outputs/train-checkpoints/<hash>: deterministic in the base model, data, config and the
-    stage's code, so a re-run of the same stage finds the checkpoints of a killed run (and a
-    run of changed code does not resume from the old code's checkpoints)."""
-    key = {"base": digest_path(Path(base_dir)), "train": digest_path(Path(train_json)),
-           "dev": digest_path(Path(dev_json)), "code": code_digest("tasks.train.train"),
-           "cfg": cfg.model_dump(mode="json", exclude=NOT_IN_KEY)}
-    return project_dir() / "outputs" / "train-checkpoints" / digest_bytes(
-        json.dumps(key, sort_keys=True).encode())
+    """outputs/train-checkpoints/<hash> (tasks/train/train_control.py `checkpoint_folder`)."""
+    return checkpoint_folder("train", "tasks.train.train",
+                             {"base": base_dir, "train": train_json, "dev": dev_json}, cfg,
+                             NOT_IN_KEY)
 
 
 @torch.no_grad()
@@ -156,19 +150,6 @@ def checkpointing_needed(model_config: Any, tokens: int, free_bytes: int) -> boo
     return activation_bytes(model_config, tokens) > free_bytes / 2
 
 
-def attention_kernels(device: str):
-    """The SDPA kernels training may use: on CUDA, all but cuDNN attention, whose host-side
-    cost per call (a plan per sequence length) is paid on every packed batch; PyTorch picks
-    flash or memory-efficient attention instead (benchmarks/qlora_profile.py, docs/gpu.md "Fast
-    at real scale")."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if not device.startswith("cuda"):
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                        SDPBackend.MATH])
-
-
 def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
                        init_ids: list[int] | None = None) -> tuple[Any, bool]:
     """The base with the method's peft adapter attached (tasks/config/methods.py): LoRA, on a 4-bit
@@ -181,15 +162,9 @@ def _load_for_training(base_dir: str, cfg: TrainConfig, device: str,
     from peft import get_peft_model
 
     method = METHODS[cfg.method]
-    cuda = device.startswith("cuda")
-    if method.loads_4bit:
-        model = load_model(base_dir, device=device, dtype=cfg.compute_dtype,
-                           quantization=bnb_config("nf4", cfg.double_quant, cfg.compute_dtype))
-        if not cuda:             # the dev eval's repack would drop training's gradients
-            bnb_generic_cpu_path(model, unpackable_only=False)
-    else:
-        dtype = "bfloat16" if cuda and torch.cuda.is_bf16_supported() else "float32"
-        model = load_model(base_dir, device=device, dtype=dtype)
+    dtype = cfg.compute_dtype if method.loads_4bit else resolve_dtype("auto", device)
+    model = load_trainable(base_dir, device, dtype, nf4=method.loads_4bit,
+                           double_quant=cfg.double_quant)
     checkpointing = gradient_checkpointing(cfg, device, model)
     if checkpointing:                                   # non-reentrant: works under DDP
         model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -233,7 +208,7 @@ def _launch(gpus: int, base_dir, train_json, dev_json, cfg: TrainConfig, ckpt: P
     result.unlink(missing_ok=True)
     atomic_write_json(spec, {"base_dir": str(base_dir), "train_json": str(train_json),
                              "dev_json": str(dev_json), "cfg": cfg.model_dump(mode="json"),
-                             "result": str(result)})
+                             "checkpoints": str(ckpt), "result": str(result)})
     env = {**os.environ, "PIPELINE_HOME": str(project_dir()),
            "PYTHONPATH": os.pathsep.join([str(REPO_DIR), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -296,13 +271,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     with sigterm, attention_kernels(device):
         result = trainer.train(resume_from_checkpoint=last)
     train_seconds = time.perf_counter() - t0
-    # HF evaluates at the last step itself (transformers' DefaultFlowCallback); a run resumed
-    # from a checkpoint of a finished run has done so before it was saved
-    evaluated_at_end = any("eval_loss" in h and h["step"] == trainer.state.global_step
-                           for h in trainer.state.log_history)
-    if not evaluated_at_end:
-        with attention_kernels(device):
-            trainer.evaluate()
+    evaluated_at_end = evaluate_at_end(trainer, device)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     if rank != 0:
         return None
@@ -361,10 +330,8 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
 
 def _worker(spec_path: Path) -> None:
     spec = read_json(spec_path)
-    cfg = TrainConfig.model_validate(spec["cfg"])
-    ckpt = checkpoint_dir(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]),
-                          cfg)
-    res = _train(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]), cfg, ckpt)
+    res = _train(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]),
+                 TrainConfig.model_validate(spec["cfg"]), Path(spec["checkpoints"]))
     if res is not None:
         atomic_write_json(Path(spec["result"]), asdict(res))
 

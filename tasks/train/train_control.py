@@ -1,28 +1,88 @@
-"""Process control around the HF Trainer of the train stage: a progress line per logging step,
-SIGTERM turned into "checkpoint this step and stop", and the checkpoints on disk.
+"""Process control around the HF Trainer of the train and preference stages: a progress line
+per logging step, SIGTERM turned into "checkpoint this step and stop", the checkpoints on disk,
+the base loaded for training and the evaluation that closes a run.
 
-Kept apart from tasks/train/train.py, which says what is trained; this says how a run behaves when
-it is watched, stopped and resumed.
+Kept apart from tasks/train/train.py and tasks/train/preference.py, which say what is trained;
+this says how a run behaves when it is watched, stopped and resumed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import signal
 import statistics
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from pydantic import BaseModel
 from transformers import TrainerCallback
 
-from tasks.runtime.files import read_json
+from tasks.model.compat import bnb_generic_cpu_path
+from tasks.model.modeling import bnb_config, load_model
+from tasks.runtime.code_version import code_digest
+from tasks.runtime.files import digest_bytes, digest_path, read_json
+from tasks.runtime.paths import project_dir
 from tasks.runtime.pause import pause_point
 from tasks.runtime.progress import Progress
 
 log = logging.getLogger("tasks.train")      # the train stage's log (also under torchrun)
+
+
+def checkpoint_folder(stage: str, module: str, inputs: dict[str, str | Path], cfg: BaseModel,
+                      exclude: set[str]) -> Path:
+    """outputs/<stage>-checkpoints/<hash>: deterministic in the `inputs` files' content, the
+    config (less `exclude`: fields that do not change what is trained) and the code of the
+    stage's `module`, so a re-run of the same stage finds the checkpoints of a killed run (and a
+    run of changed code does not resume from the old code's checkpoints)."""
+    key = {name: digest_path(Path(path)) for name, path in inputs.items()}
+    key |= {"code": code_digest(module), "cfg": cfg.model_dump(mode="json", exclude=exclude)}
+    return project_dir() / "outputs" / f"{stage}-checkpoints" / digest_bytes(
+        json.dumps(key, sort_keys=True).encode())
+
+
+def load_trainable(model_dir: str | Path, device: str, dtype: str, *, nf4: bool = False,
+                   double_quant: bool = True) -> Any:
+    """The model at `model_dir` to put an adapter on, in `dtype`, or in 4 bits (`nf4`: QLoRA;
+    on a CPU through bitsandbytes' generic path, whose dev evaluation would otherwise repack the
+    weights and drop training's gradients, tasks/model/compat.py)."""
+    if not nf4:
+        return load_model(model_dir, device=device, dtype=dtype)
+    model = load_model(model_dir, device=device, dtype=dtype,
+                       quantization=bnb_config("nf4", double_quant, dtype))
+    if not device.startswith("cuda"):
+        bnb_generic_cpu_path(model, unpackable_only=False)
+    return model
+
+
+def attention_kernels(device: str):
+    """The SDPA kernels training may use: on CUDA, all but cuDNN attention, whose host-side
+    cost per call (a plan per sequence length) is paid on every packed batch; PyTorch picks
+    flash or memory-efficient attention instead (benchmarks/qlora_profile.py, docs/gpu.md "Fast
+    at real scale")."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
+
+
+def evaluate_at_end(trainer: Any, device: str) -> bool:
+    """Make sure the dev set was evaluated at the last step; whether the training loop did so
+    itself (HF evaluates at the last step on its own, transformers' DefaultFlowCallback, and a
+    run resumed from a checkpoint of a finished run has done so before it was saved), else
+    evaluate now."""
+    step = trainer.state.global_step
+    if any("eval_loss" in h and h["step"] == step for h in trainer.state.log_history):
+        return True
+    with attention_kernels(device):
+        trainer.evaluate()
+    return False
 
 
 def rounded(value: float) -> float:

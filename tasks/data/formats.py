@@ -50,7 +50,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 ROLES = ("system", "user", "assistant")
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     """A problem inside one record: kind, JSON path below the record, plain-words reason."""
 
     def __init__(self, kind: str, where: str, reason: str):
@@ -72,10 +72,10 @@ def _text(rec: dict, key: str, where: str = "", *, optional: bool = False) -> st
     if value is None and optional:
         return ""
     if key not in rec:
-        raise _Bad("missing-field", where, f"has no field {key!r}")
+        raise BadRecord("missing-field", where, f"has no field {key!r}")
     if not isinstance(value, str):
         shown = "" if value is None else f" ({orjson.dumps(value).decode()[:40]})"
-        raise _Bad("wrong-type", f"{where}.{key}", f"is {_type_name(value)}{shown}, expected a "
+        raise BadRecord("wrong-type", f"{where}.{key}", f"is {_type_name(value)}{shown}, expected a "
                                                    "string")
     return value
 
@@ -85,15 +85,15 @@ def _list(rec: dict, key: str, where: str = "", *, optional: bool = False) -> li
     if value is None and optional:
         return []
     if key not in rec:
-        raise _Bad("missing-field", where, f"has no field {key!r}")
+        raise BadRecord("missing-field", where, f"has no field {key!r}")
     if not isinstance(value, list):
-        raise _Bad("wrong-type", f"{where}.{key}", f"is {_type_name(value)}, expected an array")
+        raise BadRecord("wrong-type", f"{where}.{key}", f"is {_type_name(value)}, expected an array")
     return value
 
 
 def _object(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise _Bad("wrong-type", where, f"is {_type_name(value)}, expected an object")
+        raise BadRecord("wrong-type", where, f"is {_type_name(value)}, expected an object")
     return value
 
 
@@ -119,12 +119,12 @@ def _alpaca(r: dict) -> list[Turn]:
         out.append(("system", system, ".system", ""))
     for i, pair in enumerate(_list(r, "history", optional=True)):
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise _Bad("wrong-type", f".history[{i}]", f"is {_type_name(pair)}"
+            raise BadRecord("wrong-type", f".history[{i}]", f"is {_type_name(pair)}"
                        + (f" of {len(pair)} items" if isinstance(pair, list) else "")
                        + ", expected a [question, answer] pair")
         for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
             if not isinstance(text, str):
-                raise _Bad("wrong-type", f".history[{i}][{j}]",
+                raise BadRecord("wrong-type", f".history[{i}][{j}]",
                            f"is {_type_name(text)}, expected a string")
             out.append((role, text, f".history[{i}][{j}]", ""))
     prompt = _joined(_text(r, "instruction"), _text(r, "input", optional=True))
@@ -146,7 +146,7 @@ def _turn_list(r: dict, role_key: str, text_key: str, roles: dict[str, str]) -> 
         turn = _object(turn, where)
         role = _text(turn, role_key, where)
         if role not in roles:
-            raise _Bad("unknown-role", f"{where}.{role_key}", f"role {role!r} is unknown "
+            raise BadRecord("unknown-role", f"{where}.{role_key}", f"role {role!r} is unknown "
                        f"(known: {', '.join(roles)})")
         out.append((roles[role], _text(turn, text_key, where), f"{where}.{text_key}",
                     f"{where}.{role_key}"))
@@ -197,26 +197,40 @@ FORMATS = {f.name: f for f in [
 KNOWN = "; ".join(f"{f.name} {f.fields}" for f in FORMATS.values())
 
 
+def prompt_messages(record: dict, fmt: str) -> list[dict[str, str]]:
+    """The prompt of a ranking record, whose answers are not part of it, as messages: read by
+    the parser of the supervised format `fmt` (alpaca: its system, history, instruction and
+    input; sharegpt and conversation: its turns), every text non-empty. `BadRecord` names the
+    field (tasks/data/preferences.py)."""
+    turns = FORMATS[fmt].convert({**record, "output": ""} if fmt == "alpaca" else record)
+    if fmt == "alpaca":
+        turns = turns[:-1]                      # the placeholder answer
+    for _, text, where, _ in turns:
+        if not text.strip():
+            raise BadRecord("empty-text", where, "is empty (or only white space)")
+    return [{"role": role, "content": text} for role, text, _, _ in turns]
+
+
 def _check_turns(turns: list[Turn], max_chars: int) -> None:
     """Texts non-empty and not too long; optional system turn, then user/assistant
     alternating, ending on an assistant turn."""
     for role, text, where, _ in turns:
         if not text or text.isspace():
-            raise _Bad("empty-text", where, "is empty (or only white space)")
+            raise BadRecord("empty-text", where, "is empty (or only white space)")
         if len(text) > max_chars:
-            raise _Bad("too-long", where, f"is {len(text):,} characters long, more than "
+            raise BadRecord("too-long", where, f"is {len(text):,} characters long, more than "
                                           f"max_chars={max_chars:,}")
     body = turns[1:] if turns and turns[0][0] == "system" else turns
     if not body:
-        raise _Bad("no-turns", "", "has no user/assistant turns")
+        raise BadRecord("no-turns", "", "has no user/assistant turns")
     for i, (role, _, text_at, role_at) in enumerate(body):
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
-            raise _Bad("turn-order", role_at or text_at, f"is {_an(role)} turn where "
+            raise BadRecord("turn-order", role_at or text_at, f"is {_an(role)} turn where "
                        f"{_an(want)} turn is expected (an optional system turn first, then "
                        "user and assistant alternating)")
     if body[-1][0] != "assistant":
-        raise _Bad("ends-on-user", body[-1][2], "the conversation ends on a user turn "
+        raise BadRecord("ends-on-user", body[-1][2], "the conversation ends on a user turn "
                                                 "(there is no answer to learn from)")
 
 
@@ -296,7 +310,7 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
                 # no turn tells which: an empty list has no turns; else read it as ChatGLM3's
                 # format, whose checks then say what its turns lack
                 if rec["conversations"] == []:
-                    raise _Bad("no-turns", ".conversations", "is an empty list: the record "
+                    raise BadRecord("no-turns", ".conversations", "is an empty list: the record "
                                                              "has no turns")
                 candidates = ["conversation"]
             if fmt not in candidates:
@@ -316,12 +330,12 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
                                     "directory must hold one format", json_path=prefix,
                                     **here.fields())
                 else:
-                    raise _Bad("missing-field", "", f"is not a {fmt} record "
+                    raise BadRecord("missing-field", "", f"is not a {fmt} record "
                                f"{FORMATS[fmt].fields}: it has the fields "
                                f"{', '.join(rec) or 'none'}")
             turns = FORMATS[fmt].convert(rec)
             _check_turns(turns, max_chars)
-        except _Bad as bad:
+        except BadRecord as bad:
             issues.report(bad.kind, DataError(path, bad.reason, json_path=prefix + bad.where,
                                               **here.fields()))
             continue

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.data.conversations import split_indices
-from tasks.data.formats import SHAREGPT_ROLES
+from tasks.data.formats import SHAREGPT_ROLES, BadRecord, prompt_messages
 from tasks.data.sources import ArrayLines, Issues, discover, json_records, read_text_bytes
+from tasks.data.validate import load_schema
 from tasks.runtime.errors import DataError
 from tasks.runtime.files import atomic_write_json, atomic_write_text, publish_dir, \
     staging_dir
-from tasks.runtime.paths import DATA_DIR, SCHEMA_DIR
+from tasks.runtime.paths import DATA_DIR
 from tasks.runtime.results import StageName, StageResult, stage_root
 
 PreferenceFormat = Literal["auto", "trl", "alpaca_ranking", "sharegpt_ranking"]
@@ -85,22 +86,14 @@ def _text(value: Any, path: str) -> str:
     return value
 
 
-def _messages(turns: Any, path: str, sharegpt: bool = False) -> list[dict[str, str]]:
-    if not isinstance(turns, list):
-        raise Refused(f"is {type(turns).__name__}, expected a list of messages", path)
-    out = []
-    for i, turn in enumerate(turns):
-        where = f"{path}[{i}]"
-        if not isinstance(turn, dict):
-            raise Refused(f"is {type(turn).__name__}, expected a message object", where)
-        role = SHAREGPT_ROLES.get(str(turn.get("from"))) if sharegpt else turn.get("role")
-        content = turn.get("value" if sharegpt else "content")
-        if role not in ("system", "user", "assistant"):
-            raise Refused(f"role {turn.get('from' if sharegpt else 'role')!r} is unknown", where)
-        if not isinstance(content, str) or not content.strip():
-            raise Refused("has no text", where)
-        out.append({"role": role, "content": content})
-    return out
+def _prompt(record: dict, fmt: str, field: str) -> list[dict[str, str]]:
+    """The prompt of `record` as messages, read by the supervised format `fmt`'s parser
+    (tasks/data/formats.py `prompt_messages`); a problem is refused at `$.<field>...`."""
+    try:
+        return prompt_messages(record, fmt)
+    except BadRecord as e:
+        raise Refused(e.reason, "$" + e.where.replace(".conversations", f".{field}", 1)) \
+            from None
 
 
 def to_pair(record: Any, fmt: str) -> dict[str, Any]:
@@ -109,28 +102,14 @@ def to_pair(record: Any, fmt: str) -> dict[str, Any]:
     if not isinstance(record, dict) or not KEYS[fmt] <= record.keys():
         missing = sorted(KEYS[fmt] - set(record)) if isinstance(record, dict) else []
         raise Refused(f"lacks {', '.join(missing) or 'its fields'} (format {fmt})")
-    if fmt == "trl":
-        prompt = record["prompt"]
-        prompt = [{"role": "user", "content": _text_field(prompt, "$.prompt")}] \
-            if isinstance(prompt, str) else _messages(prompt, "$.prompt")
+    if fmt == "trl" and isinstance(record["prompt"], str):
+        prompt = [{"role": "user", "content": _text_field(record["prompt"], "$.prompt")}]
+    elif fmt == "trl":
+        prompt = _prompt({"conversations": record["prompt"]}, "conversation", "prompt")
     elif fmt == "alpaca_ranking":
-        question = _text_field(record["instruction"], "$.instruction")
-        extra = record.get("input") or ""
-        if not isinstance(extra, str):
-            raise Refused(f"is {type(extra).__name__}, expected a text", "$.input")
-        prompt = [{"role": "system", "content": _text_field(record["system"], "$.system")}] \
-            if record.get("system") else []
-        for i, pair in enumerate(record.get("history") or []):
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise Refused("expected a [question, answer] pair", f"$.history[{i}]")
-            prompt += [{"role": "user", "content": _text_field(pair[0], f"$.history[{i}][0]")},
-                       {"role": "assistant",
-                        "content": _text_field(pair[1], f"$.history[{i}][1]")}]
-        prompt.append({"role": "user", "content": f"{question}\n{extra}" if extra else question})
+        prompt = _prompt(record, "alpaca", "instruction")
     else:
-        prompt = ([{"role": "system", "content": _text_field(record["system"], "$.system")}]
-                  if record.get("system") else [])
-        prompt += _messages(record["conversations"], "$.conversations", sharegpt=True)
+        prompt = _prompt(record, "sharegpt", "conversations")
     if not prompt or prompt[-1]["role"] != "user":
         raise Refused("the prompt ends on " + (f"a {prompt[-1]['role']} turn" if prompt else
                                                "nothing") + ": the answers need a user turn "
@@ -215,9 +194,9 @@ def build_preferences(source: Path, fmt: PreferenceFormat = "auto", on_error: st
         raise DataError(source, str(e), hint="a train/dev split needs at least 2 distinct "
                                              "pairs") from None
     parts = {"train": [unique[i] for i in train_at], "dev": [unique[i] for i in dev_at]}
-    schema = json.loads((SCHEMA_DIR / "preference.schema.json").read_text(encoding="utf-8"))
+    validator = jsonschema.Draft202012Validator(load_schema("preference"))
     for name, part in parts.items():
-        error = next(jsonschema.Draft202012Validator(schema).iter_errors(part), None)
+        error = next(validator.iter_errors(part), None)
         if error is not None:                       # our own output broke its contract
             raise RuntimeError(f"{name} pairs fail schemas/preference.schema.json at "
                                f"{error.json_path}: {error.message}")

@@ -35,7 +35,8 @@ from tasks.runtime.files import read_json
 from tasks.data.dataset_io import arrow_schema_of, scan_json_records
 from tasks.runtime.progress import Progress
 
-SCHEMAS = {"qa": "qa.schema.json", "conversation": "conversation.schema.json"}
+SCHEMAS = {"qa": "qa.schema.json", "conversation": "conversation.schema.json",
+           "preference": "preference.schema.json"}
 Check = Callable[[pa.Array], np.ndarray]          # column -> ok per value
 _ANNOTATIONS = {"$schema", "$id", "title", "description"}
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DataCollatorForSeq2Seq
 
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import load_tokenizer, pick_device, release
@@ -32,25 +33,19 @@ def answer_logps(model: Any, tok: Any, pairs: list[dict], batch_size: int = 8,
                  device: str = "cpu") -> torch.Tensor:
     """(pairs, 2, 2): per pair, of the chosen and of the rejected answer, the summed
     log-probability and the answer's number of tokens."""
-    rows = []
-    for p in pairs:
-        for side in ("chosen", "rejected"):
-            enc = encode_conversation(tok, p["prompt"] + [{"role": "assistant",
-                                                           "content": p[side]}], MAX_LENGTH,
-                                      last_turn_only=True)     # the answer, not the history
-            rows.append((enc["input_ids"], enc["labels"]))
+    rows = [{k: v for k, v in encode_conversation(
+                tok, p["prompt"] + [{"role": "assistant", "content": p[side]}], MAX_LENGTH,
+                last_turn_only=True).items()                  # the answer, not the history
+             if k in ("input_ids", "labels")}
+            for p in pairs for side in ("chosen", "rejected")]
+    tok.padding_side = "right"                   # as trained (tasks/train/train.py)
+    collate = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=IGNORE)
     out = []
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in chunk], device=device)
-        labels = torch.tensor([y + [IGNORE] * (width - len(y)) for _, y in chunk],
-                              device=device)
-        mask = (torch.arange(width, device=device)[None, :]
-                < torch.tensor([len(x) for x, _ in chunk], device=device)[:, None]).long()
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
+        batch = collate(rows[i:i + batch_size]).to(device)
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        target = batch["labels"][:, 1:]
         logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
         scored = (target != IGNORE).float()
         out.append(torch.stack([(logp * scored).sum(-1), scored.sum(-1)], -1).cpu())

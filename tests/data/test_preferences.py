@@ -54,6 +54,17 @@ def test_three_formats_become_one(tmp_path):
          "rejected": "扔掉。"}]
 
 
+def good(i: int, like: dict) -> dict:
+    """A sound pair in the format of record `like`."""
+    if "instruction" in like:
+        return {"instruction": f"问题{i}？", "chosen": f"好{i}", "rejected": f"差{i}"}
+    if "conversations" in like:
+        return {"conversations": [{"from": "human", "value": f"问题{i}？"}],
+                "chosen": {"from": "gpt", "value": f"好{i}"},
+                "rejected": {"from": "gpt", "value": f"差{i}"}}
+    return trl(i)
+
+
 @pytest.mark.parametrize("record, where, reason", [
     (trl(2, rejected="好的回答2。"), "at $.rejected", "chosen and rejected are the same answer"),
     (trl(2, chosen="  "), "at $.chosen", "is empty"),
@@ -65,10 +76,17 @@ def test_three_formats_become_one(tmp_path):
     ({"prompt": Q, "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
      "at $.chosen[0]", "is a 'user' message, expected the assistant's answer"),
     ({"question": "x", "answer": "y"}, "", "lacks chosen, prompt, rejected (format trl)"),
+    # the other formats' prompts: read by the supervised formats' parsers (formats.py)
+    ({"instruction": "怎么浇水？", "history": [["你好"]], "chosen": "a", "rejected": "b"},
+     "at $.history[0]", "expected a [question, answer] pair"),
+    ({"instruction": " ", "chosen": "a", "rejected": "b"}, "at $.instruction", "is empty"),
+    ({"conversations": [{"from": "robot", "value": "x"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "gpt", "value": "b"}}, "at $.conversations[0].from",
+     "role 'robot' is unknown"),
 ])
 def test_a_bad_record_is_refused_naming_file_line_record_and_field(tmp_path, record, where,
                                                                    reason):
-    src = jsonl(tmp_path / "pairs.jsonl", [trl(1), record, trl(3)])
+    src = jsonl(tmp_path / "pairs.jsonl", [good(1, record), record, good(3, record)])
     with pytest.raises(DataError) as caught:
         read_pairs(src)                                      # the format: from record #0
     message = str(caught.value)

@@ -36,14 +36,14 @@ from tasks.runtime.results import StageName, StageResult
 from tasks.runtime.files import file_lock
 from tasks.runtime.digest_memo import memo_digest_path
 
-MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece",
-              "trl")
+#: the libraries every model stage's output depends on (a stage adds its own: `extra_libs`)
+MODEL_LIBS = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "sentencepiece")
 
 
 @lru_cache(maxsize=None)
-def _lib_versions() -> str:
+def _lib_versions(libs: tuple[str, ...]) -> str:
     out = []
-    for lib in MODEL_LIBS:
+    for lib in libs:
         try:
             out.append(f"{lib}=={importlib.metadata.version(lib)}")
         except importlib.metadata.PackageNotFoundError:
@@ -96,12 +96,14 @@ def inputs_lock(stage: str, parameters: dict[str, Any]):
 
 
 def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = False,
-              wrapper: str = "") -> str:
-    """The cache key of the stage whose core is `module`, on these task parameters; `wrapper`:
-    the digest of the task function's code (`wrapper_digest`)."""
+              extra_libs: tuple[str, ...] = (), wrapper: str = "") -> str:
+    """The cache key of the stage whose core is `module`, on these task parameters; the
+    versions of MODEL_LIBS (`model_libs`) and of `extra_libs`; `wrapper`: the digest of the task
+    function's code (`wrapper_digest`)."""
     payload = {"code": code_digest(module), "inputs": fingerprint(parameters)}
-    if model_libs:
-        payload["libs"] = _lib_versions()
+    libs = (MODEL_LIBS if model_libs else ()) + extra_libs
+    if libs:
+        payload["libs"] = _lib_versions(libs)
     if wrapper:
         payload["wrapper"] = wrapper
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
@@ -114,7 +116,7 @@ def wrapper_digest(fn: Callable) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def stage_cache_policy(module: str, *, model_libs: bool = False,
+def stage_cache_policy(module: str, *, model_libs: bool = False, extra_libs: tuple[str, ...] = (),
                        ignore: tuple[str, ...] = (), wrapper: str = "") -> CachePolicy:
     """Cache policy for a task wrapping the core of `module` (e.g. "tasks.data.ingest"), its
     records kept where only plain-JSON stage results are read back (flows/results.py).
@@ -122,20 +124,21 @@ def stage_cache_policy(module: str, *, model_libs: bool = False,
     return CacheKeyFnPolicy(
         cache_key_fn=lambda _ctx, parameters: stage_key(
             module, {k: v for k, v in parameters.items() if k not in ignore},
-            model_libs=model_libs, wrapper=wrapper)
+            model_libs=model_libs, extra_libs=extra_libs, wrapper=wrapper)
     ).configure(key_storage=cache_key_storage())
 
 
 def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
-                 ignore: tuple[str, ...] = (), log_prints: bool | None = None,
+                 extra_libs: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+                 log_prints: bool | None = None,
                  logged_as: str | None = None) -> Callable[[Callable], Task]:
     """Decorator: a cached Prefect task named `stage` over the stage core in `module`, keyed as
     this module's docstring says, its result persisted as JSON. `log_prints=False`: the core's
     libraries print where no one should read it (the flows' `log_prints` otherwise).
     `logged_as`: see `log_folder`."""
     def make(fn: Callable) -> Task:
-        policy = stage_cache_policy(module, model_libs=model_libs, ignore=ignore,
-                                    wrapper=wrapper_digest(fn))
+        policy = stage_cache_policy(module, model_libs=model_libs, extra_libs=extra_libs,
+                                    ignore=ignore, wrapper=wrapper_digest(fn))
         made = task(fn, name=stage.value, persist_result=True, log_prints=log_prints,
                     result_serializer=StageResultSerializer(), cache_policy=policy)
         return made if logged_as is None else log_folder(made, logged_as)

@@ -156,8 +156,8 @@ def preference_data_task(source: Path, fmt: str, on_error: str, train_ratio: flo
 #: globals, and dill reads them from `dis.dis` printed into a captured sys.stdout (dill
 #: detect.nestedglobals); under a flow's `log_prints` Prefect's print patch sends each line of
 #: that bytecode listing to the run log instead (prefect/logging/loggers.py print_as_log).
-@cached_stage(StageName.PREFERENCE, "tasks.train.preference", model_libs=True, log_prints=False,
-              logged_as="preference_adapter")
+@cached_stage(StageName.PREFERENCE, "tasks.train.preference", model_libs=True,
+              extra_libs=("trl",), log_prints=False, logged_as="preference_adapter")
 def preference_task(supervised: StageResult, pairs: StageResult, cfg: PreferenceConfig
                     ) -> StageResult:
     from tasks.train import preference

@@ -209,3 +209,25 @@ def test_the_benchmark_table_is_an_input_of_the_report_render_only():
     assert "tasks/evaluate/benchmark.py" not in {
         p.relative_to(code_version.REPO_DIR).as_posix()
         for p in code_closure("tasks.evaluate.generations")}
+
+
+def test_a_library_keys_only_the_stages_that_use_it(monkeypatch):
+    """A new trl re-keys the preference stage (extra_libs), not train or merge (MODEL_LIBS)."""
+    import importlib.metadata
+
+    import flows.caching as caching
+
+    def keys() -> tuple[str, str]:
+        caching._lib_versions.cache_clear()
+        return (stage_key("tasks.export.merge", {}, model_libs=True),
+                stage_key("tasks.train.preference", {}, model_libs=True, extra_libs=("trl",)))
+
+    merge, preference = keys()
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda lib: "999.0" if lib == "trl" else real(lib))
+    try:
+        after = keys()
+    finally:
+        caching._lib_versions.cache_clear()
+    assert after[0] == merge and after[1] != preference

@@ -12,7 +12,7 @@ from typing import Any
 from tasks.evaluate.benchmark_rows import read_rows
 from tasks.runtime.results import StageResult
 from tasks.runtime.files import read_json
-from tasks.evaluate.scoring import SCORES
+from tasks.evaluate.scoring import COLUMNS, SCORES
 
 #: the artifact the generations table is logged as (the MLflow UI's "Evaluation" tab and the
 #: artifact view read it)
@@ -31,7 +31,7 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
         if f"eval_loss_{when}" in adapter.metrics:
             m[f"dev_loss_{when}"] = adapter.metrics[f"eval_loss_{when}"]
     for key in SCORES:
-        for who, when in (("base", "before"), ("supervised", "supervised"), ("tuned", "after")):
+        for who, when in COLUMNS.items():
             if f"{who}_{key}" in generations.metrics:
                 m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
     rows = read_rows(bench.file("benchmark_json"))
@@ -54,20 +54,16 @@ def generations_table(generations: StageResult) -> dict[str, list[Any]]:
     supervised model (after preference tuning) and after, and each answer's scores: one row per
     prompt, columns as lists."""
     dev = read_json(generations.files["generations_json"])["dev"]
+    present = [(who, column) for who, column in COLUMNS.items() if dev and column in dev[0]]
     table: dict[str, list[Any]] = {
         "prompt": [e["prompt"][-1]["content"] if isinstance(e["prompt"], list) else e["prompt"]
                    for e in dev],
         "reference": [e["reference"] for e in dev],
-        "before": [e["before"] for e in dev]}
-    supervised = bool(dev) and "supervised" in dev[0]
-    if supervised:
-        table["supervised"] = [e["supervised"] for e in dev]
-    table |= {"after": [e["after"] for e in dev], "scored": [e["scored"] for e in dev]}
+        **{column: [e[column] for e in dev] for _, column in present},
+        "scored": [e["scored"] for e in dev]}
     for key in SCORES:
-        table[f"{key}_before"] = [e["scores"]["base"][key] for e in dev]
-        if supervised:
-            table[f"{key}_supervised"] = [e["scores"]["supervised"][key] for e in dev]
-        table[f"{key}_after"] = [e["scores"]["tuned"][key] for e in dev]
+        table |= {f"{key}_{column}": [e["scores"][who][key] for e in dev]
+                  for who, column in present}
     return table
 
 

@@ -17,7 +17,7 @@ if __name__ == "__main__":        # the command line: set up before Prefect is i
 
 import importlib.util
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -94,7 +94,7 @@ class Preference:
     pairs: StageResult                      # preference_data: train/dev pairs
     adapter: StageResult                    # the preference adapter
     supervised: StageResult                 # the merged supervised model it was tuned on
-    scores: StageResult | None = None       # preference_eval: base, supervised, tuned
+    scores: StageResult                     # preference_eval: base, supervised, tuned
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
         base = run.stage(base_model_task, data=data, cfg=cfg.base)
     adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train)
     device = pick_device(cfg.benchmark.device)
-    merged = int4 = fast_int4 = preference = None
+    merged = int4 = fast_int4 = supervised = tuned_adapter = None
     method = METHODS[cfg.train.method]
     if not method.mergeable:                # a prefix is not a weight delta: nothing to merge
         print("train.method=ptuning: the P-Tuning v2 prefix cannot be merged into the weights; "
@@ -142,11 +142,12 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
               "registered (the adapter folder; load it with peft on the base).")
     else:
         merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge)
-        if pairs is not None:
-            preference = tune_preferences(run, cfg, merged, pairs)
-            merged = run.stage(
-                merge_preference_task, supervised=merged, adapter=preference.adapter,
-                cfg=cfg.merge)
+        if pairs is not None:               # a preference adapter on the merged model, merged
+            supervised = merged
+            tuned_adapter = run.stage(preference_task, supervised=supervised, pairs=pairs,
+                                      cfg=cfg.preference.for_base(embedded=not cfg.base.path))
+            merged = run.stage(merge_preference_task, supervised=supervised,
+                               adapter=tuned_adapter, cfg=cfg.merge)
         int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
                          fmt="bnb")
         if torchao_int4(cfg, device):
@@ -165,23 +166,24 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
                       prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
                                [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
-    supervised = None if preference is None else \
-        ModelSpec(preference.supervised.path, dtype, digest=preference.supervised.digest)
+    supervised_spec = supervised and ModelSpec(supervised.path, dtype, digest=supervised.digest)
     generations = run.stage(generations_task, base=base_spec,
                             tuned=variants.get("merged", adapted), data=data,
                             probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
-                            supervised=supervised)
-    sections = {"Benchmark": bench.summary}
-    if preference is not None:
-        preference = score_preferences(run, preference, {
-            "base": base_spec, "supervised": supervised, "tuned": variants["merged"]})
-        sections["Preference"] = preference.scores.summary
+                            supervised=supervised_spec)
+    sections, preference = {"Benchmark": bench.summary}, None
+    if supervised is not None:              # each model's preference accuracy on dev pairs
+        scores = run.stage(preference_eval_task, models={
+            "base": base_spec, "supervised": supervised_spec, "tuned": variants["merged"]},
+            pairs=pairs)
+        preference = Preference(pairs, tuned_adapter, supervised, scores)
+        sections["Preference"] = scores.summary
     report = run.stage(report_task, generations=generations, extra_sections=sections)
     create_markdown_artifact(key="finetune-report", markdown=report.summary,
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
                  headline_metrics(data, adapter, generations, bench, int4,
-                                  preference and preference.scores),
+                                  preference.scores if preference else None),
                  generations_table(generations))
     return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report,
                  dtype, preference)
@@ -194,22 +196,6 @@ def preference_pairs(run: PipelineRun, cfg: PreferenceConfig) -> StageResult | N
     return run.stage(preference_data_task, source=Path(cfg.source), fmt=cfg.format,
                      on_error=cfg.on_error, train_ratio=cfg.train_ratio,
                      shuffle_seed=cfg.shuffle_seed)
-
-
-def tune_preferences(run: PipelineRun, cfg: PipelineConfig, supervised: StageResult,
-                     pairs: StageResult) -> Preference:
-    """A preference adapter (DPO / ORPO) trained on the merged supervised model."""
-    adapter = run.stage(preference_task, supervised=supervised, pairs=pairs,
-                        cfg=cfg.preference.for_base(embedded=not cfg.base.path))
-    return Preference(pairs, adapter, supervised)
-
-
-def score_preferences(run: PipelineRun, preference: Preference,
-                      models: dict[str, ModelSpec]) -> Preference:
-    """Preference accuracy of `models` (base, supervised, preference-tuned) on the dev
-    pairs."""
-    scores = run.stage(preference_eval_task, models=models, pairs=preference.pairs)
-    return replace(preference, scores=scores)
 
 
 def refuse_foreign_code(cfg: BaseModelConfig) -> None:
@@ -275,7 +261,7 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
     client = run.tracker.client
     preference = built.preference
     metrics = {**adapter.metrics, **scored.metrics,
-               **(preference.scores.metrics if preference and preference.scores else {})}
+               **(preference.scores.metrics if preference else {})}
     tags = {"data_digest": data.digest, "method": cfg.train.method,
             **{k: f"{v:.4f}" for k, v in metrics.items()
                if k.startswith(("eval_loss", "tuned_", "base_", "supervised_"))}}

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-#: families converted to a native folder (tasks/model/chatglm.py)
-CONVERTIBLE = ("chatglm2", "chatglm3", "glm4")
 #: a line of a tiktoken vocabulary: a base64 token, a space, its rank
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\r?\n")
 FORWARD = ("use ChatGLM2-6B, ChatGLM3-6B or GLM-4 in its original format (converted "

@@ -23,7 +23,9 @@ from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import Message, answer, load_tokenizer, pick_device, release
-from tasks.evaluate.scoring import SCORES, average, read_dev_prompts, read_probes, score_answer
+from tasks.evaluate.scoring import COLUMNS, SCORES, average, read_dev_prompts, read_probes, \
+    score_answer
+
 #: a CPU model below this size decodes faster on one thread: its per-token matmuls are too small
 #: to split, and on 2 busy cores intra-op threads made decoding ~8x slower (75 vs 9.6 ms/token)
 SMALL_MODEL_PARAMS = 50_000_000
@@ -130,14 +132,11 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
     for k, r in runs.items():
         metrics |= {f"{k}_{key}": v for key, v in r.metrics(prompts, cfg.max_new_tokens).items()}
 
-    middle = {"supervised"} & runs.keys()
-    examples = [{"prompt": p, "reference": ref, "before": runs["base"].dev[i],
-                 "after": runs["tuned"].dev[i], "scored": i < prompts.n_eval,
-                 **{k: runs[k].dev[i] for k in middle},
-                 "scores": {k: r.scores[i] for k, r in runs.items()}}
+    examples = [{"prompt": p, "reference": ref,
+                 **{COLUMNS[k]: r.dev[i] for k, r in runs.items()},
+                 "scored": i < prompts.n_eval, "scores": {k: r.scores[i] for k, r in runs.items()}}
                 for i, (p, ref) in enumerate(prompts.dev)]
-    probe_rows = [{"question": q, "before": runs["base"].probes[i],
-                   "after": runs["tuned"].probes[i], **{k: runs[k].probes[i] for k in middle}}
+    probe_rows = [{"question": q, **{COLUMNS[k]: r.probes[i] for k, r in runs.items()}}
                   for i, q in enumerate(prompts.probes)]
     root = stage_root(StageName.GENERATIONS)
     with staging_dir(root) as tmp:

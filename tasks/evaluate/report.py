@@ -15,7 +15,7 @@ from markupsafe import Markup
 
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.files import atomic_write_text, publish_dir, read_json, staging_dir
-from tasks.evaluate.scoring import SCORES
+from tasks.evaluate.scoring import COLUMNS, SCORES
 from tasks.model.modeling import Message
 
 
@@ -93,7 +93,7 @@ def render_report(generations_json: Path, extra_sections: dict[str, str] | None 
     `extra_sections` (title -> markdown) at the end -> outputs/report/<digest>/."""
     gen = read_json(Path(generations_json))
     m = gen["metrics"]
-    models = [k for k in ("base", "supervised", "tuned") if k in gen["labels"]]
+    models = [k for k in COLUMNS if k in gen["labels"]]
     rows = [{"name": name, **{k: m[f"{k}_{key}"] for k in models}}
             for key, name in SCORES.items()]
     rows += [{"name": "mean answer chars", **{k: m[f"{k}_mean_answer_chars"] for k in models}},

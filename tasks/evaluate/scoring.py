@@ -17,6 +17,10 @@ from tasks.runtime.errors import DataError
 from tasks.runtime.files import read_json
 
 SCORES = {"rouge_1": "ROUGE-1", "rouge_2": "ROUGE-2", "rouge_l": "ROUGE-L", "bleu_4": "BLEU-4"}
+#: the models generations.json compares, in order, and the column of each one's answers
+#: (tasks/evaluate/generations.py; their scores and metrics are under the model's name:
+#: `scores.base`, `tuned_rouge_l`)
+COLUMNS = {"base": "before", "supervised": "supervised", "tuned": "after"}
 
 
 @functools.cache

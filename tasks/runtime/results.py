@@ -80,9 +80,6 @@ class StageResult:
     def file(self, name: str) -> Path:
         return Path(self.files[name])
 
-    def exists(self) -> bool:
-        return Path(self.path).exists() and all(Path(p).exists() for p in self.files.values())
-
     def problem(self) -> str | None:
         """None if the outputs this result points at are there as published (docs/design.md
         "Failure modes"), else what is wrong with them."""

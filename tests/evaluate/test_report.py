@@ -103,10 +103,10 @@ def test_report_builds(inputs, home):
     extra = {"Benchmark": "| model | tok/s |\n|---|---:|\n| base | 1.0 |"}
     res = generate_answers(ModelSpec(inputs["base"]), ModelSpec(inputs["tuned"]), inputs["dev"],
                            inputs["probes"], cfg)
-    assert res.stage == "generations" and res.exists()
+    assert res.stage == "generations" and res.problem() is None
     assert Path(res.path).parent == home / "outputs" / "generations"
     report = render_report(res.file("generations_json"), extra, title="Tiny report")
-    assert report.stage == "report" and report.exists()
+    assert report.stage == "report" and report.problem() is None
     assert Path(report.path).parent == home / "outputs" / "report"
     md = Path(report.files["report_md"]).read_text(encoding="utf-8")
     page = Path(report.files["report_html"]).read_text(encoding="utf-8")

@@ -104,7 +104,7 @@ def test_build_tiny_base_model_loads_and_generates_chinese(split, tmp_path, home
     res = build_base_model(train_json, cfg)
     out = Path(res.path)
     assert res.stage == "base" and out.parent == home / "outputs" / "base"
-    assert res.digest == out.name == digest_path(out) and res.exists()
+    assert res.digest == out.name == digest_path(out) and res.problem() is None
     for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
                  "tokenizer_config.json"]:
         assert (out / name).is_file(), name

@@ -123,7 +123,8 @@ def test_train_adapter_lowers_dev_loss(data, home, method, packing, caplog):
     with caplog.at_level(logging.INFO, logger="tasks.train"):
         res = train_adapter(data["base"], data["train"], data["dev"], cfg)
     out = Path(res.path)
-    assert res.stage == "train" and out.parent == home / "outputs" / "train" and res.exists()
+    assert res.stage == "train" and out.parent == home / "outputs" / "train"
+    assert res.problem() is None
     for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json",
                  "chat_template.jinja", "train_log.json"]:
         assert (out / name).is_file(), name

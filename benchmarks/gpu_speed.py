@@ -174,6 +174,7 @@ def decode_plan(base_dir: Path, label: str, fmt: str | None, new_tokens: int,
 def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
     """Every plan in a fresh process (tasks/runtime/child_process.py); a plan or engine that
     fails is recorded under `errors` and the others keep their figures."""
+    from benchmarks.gpu_speed import decode_plan as by_name   # picklable: not __main__'s
     from tasks.runtime import child_process
 
     results, peaks, compile_s, agree, logit_diff, weights = {}, {}, {}, {}, {}, {}
@@ -182,7 +183,7 @@ def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
     reference_tokens = reference_logits = None
     for label, fmt in PLANS:
         try:
-            plan = child_process.call(decode_plan, base_dir, label, fmt, new_tokens,
+            plan = child_process.call(by_name, base_dir, label, fmt, new_tokens,
                                       compile_too, reference_logits)
         except Exception as error:
             errors[label] = f"{type(error).__name__}: {str(error).strip()[:500]}"

@@ -87,11 +87,23 @@ def gpu_flow(d: dict) -> list[str]:
 def gpu_speed(d: dict) -> list[str]:
     out = []
     if "copy_tb_s" in d:
-        out += [f"Copy bandwidth {fmt(d['copy_tb_s'])} TB/s.", ""]
-    if "decode" in d:
-        out += table(["engine", "batch", "tok/s"], [[engine, batch, tps] for engine, rows in
-                                                    d["decode"].items() for batch, tps in
-                                                    rows.items()])
+        out += [f"Copy bandwidth {fmt(d['copy_tb_s'])} TB/s: batch-1 roofline "
+                f"{fmt(d.get('roofline_bf16_tok_s'))} tok/s in bf16, "
+                f"{fmt(d.get('roofline_int4_tok_s'))} in int4.", ""]
+    if d.get("decode"):
+        def share(engine: str, batch: str, tps: float) -> str:
+            roof = d.get("roofline_bf16_tok_s" if engine.startswith("bf16")
+                         else "roofline_int4_tok_s")
+            return f"{100 * tps / roof:.0f} %" if roof and batch == "1" else "–"
+
+        out += table(["engine", "batch", "tok/s per sequence", "share of its roofline",
+                      "peak CUDA MiB", "compile/capture s"],
+                     [[engine, batch, tps, share(engine, batch, tps),
+                       d.get("peak_cuda_mib", {}).get(engine), d.get("compile_s", {}).get(engine)]
+                      for engine, rows in d["decode"].items() for batch, tps in rows.items()])
+    failed = {**d.get("decode_errors", {}), **d.get("graph_errors", {})}
+    if failed:
+        out += [f"- failed: {name}: {error}" for name, error in failed.items()] + [""]
     q = d.get("qlora")
     if q:
         out += table(["QLoRA", "value"], [[k, v] for k, v in q.items()

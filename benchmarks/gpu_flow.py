@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import page
+
 LIBS = ("torch", "transformers", "peft", "bitsandbytes", "prefect", "mlflow", "torchao")
 
 
@@ -147,21 +149,6 @@ def stage_table(out: dict) -> dict[str, dict]:
                                              round(b["peak_cuda_mib"] or 0.0, 1))
         stages[row["stage"]] = entry
     return stages
-
-
-def markdown(result: dict) -> str:
-    lines = ["| stage | seconds | device | peak CUDA MiB | peak host RSS MiB | cached |",
-             "|---|---:|---|---:|---:|---|"]
-    for name, s in result["stages"].items():
-        lines.append(f"| {name} | {s['seconds']:.1f} | {s['device']} | "
-                     f"{s['peak_cuda_mib']:,.0f} | {s['peak_rss_mib']:,.0f} | {s['cached']} |")
-    lines += ["", "| variant | engine | batch | decode tok/s per seq | aggregate tok/s | "
-                  "TTFT ms | peak CUDA MiB |", "|---|---|---:|---:|---:|---:|---:|"]
-    for b in result["benchmark"]:
-        lines.append(f"| {b['variant']} | {b['engine']} | {b['batch']} | "
-                     f"{b['decode_tok_s']:.1f} | {b['aggregate_tok_s']:.1f} | "
-                     f"{b['ttft_ms']:.1f} | {b['peak_cuda_mib'] or 0:,.0f} |")
-    return "\n".join(lines)
 
 
 def build_base(original: str | None, size: str, out: Path, device: str) -> int:
@@ -283,7 +270,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     target = args.out / f"gpu_flow_{args.preference + '_' if args.preference else ''}{name}.json"
     target.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    print(markdown(result))
+    print("\n".join(page.gpu_flow(result)))     # as docs/benchmarks.md shows it
     print(f"[gpu_flow] flow {flow_seconds:.1f} s; wrote {target}")
     return 0
 

@@ -14,9 +14,10 @@ whose compiled engine takes longest):
   agreement with eager `generate` and the first step's max logit difference. Each model in a
   process of its own; a model or engine that fails is recorded under `decode_errors` with its
   error, and the others keep their figures;
-* qlora: the train stage (tasks/train/train.py) against a bare HF + peft QLoRA loop on the same
-  model, data, batches (file order), LoRA and optimizer settings; useful (non-pad) tokens/s, peak CUDA
-  memory and the first 20 steps' losses of both.
+* qlora: the train stage (tasks/train/train.py) against two anchors on the same model, data,
+  batches (file order), LoRA and optimizer settings: a bare HF + peft QLoRA loop, and TRL's
+  `SFTTrainer` with padding-free batches and Liger kernels (`trl_liger_anchor`); useful (non-pad)
+  tokens/s, peak CUDA memory and the first 20 steps' losses of each.
 The model is a random-weight one of benchmarks/models.py: speed and memory, not quality.
 """
 
@@ -277,6 +278,52 @@ def anchor_loop(base_dir: Path, train_json: Path, cfg, steps: int) -> dict:
             "tokens_per_step": useful / steps}
 
 
+def trl_liger_anchor(base_dir: Path, train_json: Path, cfg, steps: int,
+                     liger: bool = True) -> dict:
+    """The strongest peer recipe: TRL's `SFTTrainer` with its fastest switches -- padding-free
+    batches, `use_liger_kernel=True` (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE), bf16,
+    gradient checkpointing off -- on the same nf4 model, LoRA, batches of 8 in file order,
+    learning rate and schedule; the loss on the answer only (prompt-completion pairs). Run in a
+    process of its own: Liger patches the model's classes for the whole process."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from trl import SFTConfig, SFTTrainer
+
+    gpu = torch.cuda.is_available()
+    convs = json.loads(train_json.read_text(encoding="utf-8"))
+    data = Dataset.from_list([{"prompt": c["conversations"][:-1],
+                               "completion": c["conversations"][-1:]} for c in convs])
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), device_map={"": "cuda" if gpu else "cpu"}, dtype=torch.bfloat16,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16))
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), max_steps=steps,
+                     per_device_train_batch_size=cfg.batch_size,
+                     learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
+                     warmup_steps=0.05, weight_decay=0.0, padding_free=True, max_length=None,
+                     use_liger_kernel=liger, bf16=gpu, use_cpu=not gpu,
+                     gradient_checkpointing=False, train_sampling_strategy="sequential",
+                     logging_steps=1, save_strategy="no", report_to="none", seed=cfg.seed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data,
+                         processing_class=load_tokenizer(base_dir),
+                         peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                lora_dropout=cfg.lora_dropout,
+                                                target_modules="all-linear",
+                                                task_type="CAUSAL_LM"))
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    history = trainer.state.log_history
+    tokens = [h["num_tokens"] for h in history if "num_tokens" in h][-1]
+    return {"useful_tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+            "losses": [h["loss"] for h in history if "loss" in h],
+            "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if gpu else 0.0}
+
+
 def qlora_config(train_json: Path, steps: int, checkpointing: bool | None = None):
     """The train stage's settings for the comparison: `steps` batches of 8 in file order, r=16
     all-linear LoRA on nf4, bf16 compute, packing; no eval or checkpoint inside the steps."""
@@ -312,6 +359,16 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
     steps_run = int(project.metrics["global_step"])
     anchor = anchor_loop(base_dir, train_json, cfg, steps_run)
     print(f"[qlora] anchor: {anchor['useful_tok_s']:.0f} useful tok/s", flush=True)
+    release("cuda")
+    from benchmarks.gpu_speed import trl_liger_anchor as by_name   # picklable: not __main__'s
+    from tasks.runtime import child_process
+
+    try:
+        trl = child_process.call(by_name, base_dir, train_json, cfg, steps_run)
+        print(f"[qlora] TRL + Liger: {trl['useful_tok_s']:.0f} useful tok/s", flush=True)
+    except Exception as error:             # a failed anchor is a figure missing, not a crash
+        trl = {"error": f"{type(error).__name__}: {str(error).strip()[:500]}"}
+        print(f"[qlora] TRL + Liger failed: {trl['error']}", flush=True)
     project_losses = [h["loss"] for h in project.history if "loss" in h]
     step_s = project.metrics["step_seconds_median"]
     return {"qlora": {
@@ -322,6 +379,11 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
         "speedup_steady_state": anchor["step_s_median"] / step_s,
         "peak_cuda_mib": project.metrics["peak_gpu_memory_gib"] * 1024,
         "anchor_peak_cuda_mib": anchor["peak_cuda_mib"],
+        **({"anchor_trl_liger_tok_s": trl["useful_tok_s"],
+            "speedup_vs_trl_liger": project.metrics["train_tokens_per_s"] / trl["useful_tok_s"],
+            "anchor_trl_liger_peak_cuda_mib": trl["peak_cuda_mib"],
+            "loss_first_20_trl_liger": trl["losses"][:20]} if "error" not in trl
+           else {"anchor_trl_liger_error": trl["error"]}),
         "steps": steps_run, "project_settings": {
             "gradient_checkpointing": project.info["gradient_checkpointing"],
             "packing": True, "batch_size": 8, "lora_r": cfg.lora_r},

@@ -42,7 +42,7 @@ from flows.stages import model_core
 from flows.pipeline import Built, build, finish, register
 from flows.running import PipelineRun, parent_run
 from flows.tracking import Tracker
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, StepName, stage_root
 from tasks.runtime.paths import project_dir
 from tasks.config import PipelineConfig, ReportConfig
 from tasks.config.methods import METHODS
@@ -148,7 +148,8 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         pref = run.stage(evaluate_preference_task, pairs=preference.pairs, spec=spec)
         cp_preference = 100 * pref.metrics["champion_preference_accuracy"]
     return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
-                                 ood_retention(probe_answers(cp.file("evaluation_json"))["answer"], base_answers),
+                                 ood_retention(probe_answers(cp.file("evaluation_json"))["answer"],
+                                               base_answers),
                                  cp_preference)
 
 
@@ -158,8 +159,8 @@ def record_decision(tracker: Tracker, parent_id: str, decision: GateDecision,
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     client = tracker.client
-    child = client.create_run(tracker.experiment_id, run_name="gate", tags={
-        MLFLOW_PARENT_RUN_ID: parent_id, "pipeline.stage": "gate",
+    child = client.create_run(tracker.experiment_id, run_name=StepName.GATE, tags={
+        MLFLOW_PARENT_RUN_ID: parent_id, "pipeline.stage": StepName.GATE,
         "gate.decision": decision.outcome, "gate.reason": decision.reason[:5000]}).info.run_id
     tracker._log(child, params=gate.model_dump(), metrics=decision.metrics())
     client.log_dict(child, decision.as_dict(), "gate_decision.json")

@@ -34,7 +34,7 @@ from flows.stages import base_model_task, benchmark_task, convert_base_task, \
     preference_eval_task, preference_task, quantize_task, quantize_torchao_task, report_task, \
     resolve_base_task, train_task
 from tasks.runtime.errors import ConfigError
-from tasks.runtime.results import StageResult
+from tasks.runtime.results import StageResult, StepName
 from tasks.runtime.paths import is_local_model_path
 from tasks.runtime.files import read_json
 from tasks.config import BaseModelConfig, PipelineConfig, PreferenceConfig
@@ -219,7 +219,7 @@ def user_base(run: PipelineRun, cfg: BaseModelConfig) -> StageResult:
 def register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
     """The registry versions of what `build` made (idempotent by digest), as the step
     "register"; each version's number goes on the parent run as a tag."""
-    versions = run.step("register", lambda: _register(run, cfg, built))
+    versions = run.step(StepName.REGISTER, lambda: _register(run, cfg, built))
     for v in versions:
         run.tracker.client.set_tag(run.parent_id, f"registered.{v.name}", v.version)
     return versions

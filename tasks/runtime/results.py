@@ -38,6 +38,14 @@ class StageName(StrEnum):
     EVALUATE_CHAMPION_PREFERENCE = "evaluate_champion_preference"
 
 
+class StepName(StrEnum):
+    """The flows' steps that are not cached stages (each is a row of the run's summary and an
+    MLflow run of its own)."""
+
+    REGISTER = "register"          # the pipeline: registry versions of what build made
+    GATE = "gate"                  # the nightly: champion against challenger
+
+
 def stage_root(stage: StageName) -> Path:
     """Where a stage keeps its content-addressed outputs: <project>/outputs/<stage>/."""
     return project_dir() / "outputs" / stage

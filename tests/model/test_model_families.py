@@ -59,8 +59,16 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+def family_method_cases():
+    """Every (family, method). The inner loop (`make test-fast`) runs a diagonal of them, every
+    family and every method at least once; `make test` runs the whole matrix."""
+    for i, family in enumerate(FAMILIES):
+        for j, method in enumerate(METHODS):
+            yield pytest.param(family, method, id=f"{family}-{method}",
+                               marks=() if j == i % len(METHODS) else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("family, method", list(family_method_cases()))
 def test_every_method_trains_and_answers_on_each_family(bases, data, family, method,
                                                          tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_HOME", str(tmp_path / "home"))

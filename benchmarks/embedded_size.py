@@ -137,11 +137,9 @@ def cpu() -> dict:
     import tasks.model.compat  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
     from bitsandbytes.functional import has_avx512bf16
 
-    info = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() \
-        else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                  if line.startswith("model name")), "")
-    return {"model": model, "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    from benchmarks.timed import cpu_model_name
+
+    return {"model": cpu_model_name(), "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "avx512_bf16": bool(has_avx512bf16())}
 
 

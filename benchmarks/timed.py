@@ -24,12 +24,21 @@ REPO = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"Pipeline finished|stages were cache hits|=+ .*(passed|failed).* =+|^real")
 
 
-def cpu_model() -> str:
-    text = Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() \
+def cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").is_file() \
         else ""
-    model = next((line.split(":", 1)[1].strip() for line in text.splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown")
-    return f"{model}, {os.cpu_count()} cores, AVX512-BF16 {'yes' if 'avx512_bf16' in text else 'no'}"
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what `platform` knows)."""
+    return next((line.split(":", 1)[1].strip() for line in cpuinfo().splitlines()
+                 if line.startswith("model name")), platform.processor() or "unknown")
+
+
+def cpu_model() -> str:
+    """The machine a figure comes from: model, cores and whether it has AVX512-BF16."""
+    bf16 = "yes" if "avx512_bf16" in cpuinfo().split() else "no"
+    return f"{cpu_model_name()}, {os.cpu_count()} cores, AVX512-BF16 {bf16}"
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """The full pipeline flow: `build` (data -> base -> train -> merge [-> preference -> merge it]
--> quantize -> benchmark -> generations [-> preference eval] -> report), then `register`; every stage a cached Prefect task and an MLflow child
-run of one parent run. flows/nightly.py composes the same two steps with its champion gate
-between them.
+-> quantize -> benchmark -> generations [-> preference eval] -> report), then `register`;
+every stage a cached Prefect task and an MLflow child run of one parent run. flows/nightly.py
+composes the same two steps with its champion gate between them.
 
     python -m flows.pipeline                                # embedded default, offline, CPU
     python -m flows.pipeline --set train.method=qlora --set base.path=/models/Qwen2.5-0.5B-Instruct

@@ -75,8 +75,8 @@ def _text(rec: dict, key: str, where: str = "", *, optional: bool = False) -> st
         raise BadRecord("missing-field", where, f"has no field {key!r}")
     if not isinstance(value, str):
         shown = "" if value is None else f" ({orjson.dumps(value).decode()[:40]})"
-        raise BadRecord("wrong-type", f"{where}.{key}", f"is {_type_name(value)}{shown}, expected a "
-                                                   "string")
+        raise BadRecord("wrong-type", f"{where}.{key}",
+                        f"is {_type_name(value)}{shown}, expected a string")
     return value
 
 
@@ -87,7 +87,8 @@ def _list(rec: dict, key: str, where: str = "", *, optional: bool = False) -> li
     if key not in rec:
         raise BadRecord("missing-field", where, f"has no field {key!r}")
     if not isinstance(value, list):
-        raise BadRecord("wrong-type", f"{where}.{key}", f"is {_type_name(value)}, expected an array")
+        raise BadRecord("wrong-type", f"{where}.{key}",
+                        f"is {_type_name(value)}, expected an array")
     return value
 
 
@@ -120,12 +121,12 @@ def _alpaca(r: dict) -> list[Turn]:
     for i, pair in enumerate(_list(r, "history", optional=True)):
         if not (isinstance(pair, list) and len(pair) == 2):
             raise BadRecord("wrong-type", f".history[{i}]", f"is {_type_name(pair)}"
-                       + (f" of {len(pair)} items" if isinstance(pair, list) else "")
-                       + ", expected a [question, answer] pair")
+                            + (f" of {len(pair)} items" if isinstance(pair, list) else "")
+                            + ", expected a [question, answer] pair")
         for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
             if not isinstance(text, str):
                 raise BadRecord("wrong-type", f".history[{i}][{j}]",
-                           f"is {_type_name(text)}, expected a string")
+                                f"is {_type_name(text)}, expected a string")
             out.append((role, text, f".history[{i}][{j}]", ""))
     prompt = _joined(_text(r, "instruction"), _text(r, "input", optional=True))
     return out + [("user", prompt, ".instruction", ""),
@@ -147,7 +148,7 @@ def _turn_list(r: dict, role_key: str, text_key: str, roles: dict[str, str]) -> 
         role = _text(turn, role_key, where)
         if role not in roles:
             raise BadRecord("unknown-role", f"{where}.{role_key}", f"role {role!r} is unknown "
-                       f"(known: {', '.join(roles)})")
+                            f"(known: {', '.join(roles)})")
         out.append((roles[role], _text(turn, text_key, where), f"{where}.{text_key}",
                     f"{where}.{role_key}"))
     return out
@@ -219,7 +220,7 @@ def _check_turns(turns: list[Turn], max_chars: int) -> None:
             raise BadRecord("empty-text", where, "is empty (or only white space)")
         if len(text) > max_chars:
             raise BadRecord("too-long", where, f"is {len(text):,} characters long, more than "
-                                          f"max_chars={max_chars:,}")
+                                               f"max_chars={max_chars:,}")
     body = turns[1:] if turns and turns[0][0] == "system" else turns
     if not body:
         raise BadRecord("no-turns", "", "has no user/assistant turns")
@@ -227,11 +228,11 @@ def _check_turns(turns: list[Turn], max_chars: int) -> None:
         want = "user" if i % 2 == 0 else "assistant"
         if role != want:
             raise BadRecord("turn-order", role_at or text_at, f"is {_an(role)} turn where "
-                       f"{_an(want)} turn is expected (an optional system turn first, then "
-                       "user and assistant alternating)")
+                            f"{_an(want)} turn is expected (an optional system turn first, then "
+                            "user and assistant alternating)")
     if body[-1][0] != "assistant":
         raise BadRecord("ends-on-user", body[-1][2], "the conversation ends on a user turn "
-                                                "(there is no answer to learn from)")
+                                                     "(there is no answer to learn from)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +311,8 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
                 # no turn tells which: an empty list has no turns; else read it as ChatGLM3's
                 # format, whose checks then say what its turns lack
                 if rec["conversations"] == []:
-                    raise BadRecord("no-turns", ".conversations", "is an empty list: the record "
-                                                             "has no turns")
+                    raise BadRecord("no-turns", ".conversations",
+                                    "is an empty list: the record has no turns")
                 candidates = ["conversation"]
             if fmt not in candidates:
                 if fmt == "auto" and len(candidates) == 1:
@@ -331,8 +332,8 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
                                     **here.fields())
                 else:
                     raise BadRecord("missing-field", "", f"is not a {fmt} record "
-                               f"{FORMATS[fmt].fields}: it has the fields "
-                               f"{', '.join(rec) or 'none'}")
+                                    f"{FORMATS[fmt].fields}: it has the fields "
+                                    f"{', '.join(rec) or 'none'}")
             turns = FORMATS[fmt].convert(rec)
             _check_turns(turns, max_chars)
         except BadRecord as bad:

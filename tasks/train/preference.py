@@ -19,21 +19,18 @@ outputs/preference/<digest>/, which the merge_preference stage folds into the su
 from __future__ import annotations
 
 import importlib.util
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback
 
 from tasks.config import PreferenceConfig
 from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
 from tasks.runtime.results import StageName, StageResult, file_key, stage_root
-from tasks.train.train_control import CheckpointOnSigterm, DeferredSigterm, PauseAfterSave, \
-    ProgressLog, TrainProgress, attention_kernels, checkpoint_folder, evaluate_at_end, \
+from tasks.train.train_control import DeferredSigterm, checkpoint_folder, control_callbacks, \
     in_loop_eval_seconds, last_checkpoint, list_checkpoints, load_trainable, resumed_step, \
-    rounded
+    rounded, train_and_evaluate
 
 #: what TRL logs per step that is kept as the stage's curves
 CURVES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -136,16 +133,9 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     sigterm = DeferredSigterm()
     last = last_checkpoint(ckpt) if cfg.resume else None
     trainer = _trainer(cfg.method, model, tok, cfg, ckpt, device, train, dev,
-                       [ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm),
-                        PauseAfterSave()], fresh=last is None)   # resumed: step 0 is logged
-    trainer.remove_callback(PrinterCallback)      # the curves are returned instead
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with sigterm, attention_kernels(device):
-        result = trainer.train(resume_from_checkpoint=last)
-    seconds = time.perf_counter() - start
-    evaluated_at_end = evaluate_at_end(trainer, device)
+                       control_callbacks(sigterm), fresh=last is None)  # resumed: step 0 logged
+    trained = train_and_evaluate(trainer, sigterm, last, device)
+    result, seconds = trained.output, trained.seconds
     history = curves(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
     # TRL's cumulative non-padding tokens, less those of the run before a resume
@@ -153,7 +143,7 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
                if "num_tokens" in h]
     tokens = (counted[-1][1] if counted else 0) - max(
         (n for step, n in counted if step <= resumed_step(last)), default=0)
-    evaluating = in_loop_eval_seconds(trainer.state.log_history, last, evaluated_at_end)
+    evaluating = in_loop_eval_seconds(trainer.state.log_history, last, trained.evaluated_at_end)
     with staging_dir(stage_root(StageName.PREFERENCE)) as tmp:
         trainer.model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

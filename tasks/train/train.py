@@ -33,14 +33,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, PrinterCallback, \
-    Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Trainer, \
+    TrainingArguments
 
 from tasks.runtime.paths import REPO_DIR, project_dir
 from tasks.runtime.results import StageName, StageResult, file_key, stage_root
@@ -54,21 +53,17 @@ from tasks.config import TrainConfig
 from tasks.config.methods import METHODS
 from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
 from tasks.train.train_control import (
-    CheckpointOnSigterm,
     DeferredSigterm,
-    PauseAfterSave,
-    ProgressLog,
     StepTimes,
-    TrainProgress,
-    attention_kernels,
     checkpoint_folder,
-    evaluate_at_end,
+    control_callbacks,
     in_loop_eval_seconds,
     last_checkpoint,
     list_checkpoints,
     load_trainable,
     log_history,
     resumed_step,
+    train_and_evaluate,
 )
 from tasks.train.train_data import (
     IGNORE,
@@ -262,16 +257,9 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     sigterm, step_times = DeferredSigterm(), StepTimes()
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                       data_collator=collator,
-                      callbacks=[ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm),
-                                 step_times, PauseAfterSave()])
-    trainer.remove_callback(PrinterCallback)      # the log history is returned instead
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with sigterm, attention_kernels(device):
-        result = trainer.train(resume_from_checkpoint=last)
-    train_seconds = time.perf_counter() - t0
-    evaluated_at_end = evaluate_at_end(trainer, device)
+                      callbacks=[*control_callbacks(sigterm), step_times])
+    trained = train_and_evaluate(trainer, sigterm, last, device)
+    result, train_seconds = trained.output, trained.seconds
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0
     if rank != 0:
         return None
@@ -281,7 +269,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     eval_before, eval_after = evals[0]["eval_loss"], evals[-1]["eval_loss"]
     resumed = resumed_step(last)
     done = (trainer.state.global_step - resumed) / max(trainer.state.global_step, 1)
-    eval_seconds = in_loop_eval_seconds(history, last, evaluated_at_end)
+    eval_seconds = in_loop_eval_seconds(history, last, trained.evaluated_at_end)
     useful = sum(len(e["input_ids"]) for e in train) * cfg.epochs    # the whole run, no pads
     seen = trainer.state.num_input_tokens_seen or useful             # ... and with its pads
     log = log_history(history)

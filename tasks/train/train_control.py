@@ -15,6 +15,7 @@ import signal
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,6 +84,40 @@ def evaluate_at_end(trainer: Any, device: str) -> bool:
     with attention_kernels(device):
         trainer.evaluate()
     return False
+
+
+@dataclass(frozen=True)
+class Trained:
+    """How `train_and_evaluate` went: the Trainer's output (`training_loss`), the seconds of
+    `train()`, and whether the loop itself evaluated at its last step."""
+
+    output: Any
+    seconds: float
+    evaluated_at_end: bool
+
+
+def control_callbacks(sigterm: "DeferredSigterm") -> list[TrainerCallback]:
+    """The callbacks every training here runs with: a progress line per logging step, progress
+    for slow work, a checkpoint on SIGTERM, and the test hook after a save."""
+    return [ProgressLog(), TrainProgress(), CheckpointOnSigterm(sigterm), PauseAfterSave()]
+
+
+def train_and_evaluate(trainer: Any, sigterm: "DeferredSigterm", last: str | None,
+                       device: str) -> Trained:
+    """`trainer.train()`, resumed from checkpoint `last`, under the SIGTERM handler and the
+    training attention kernels, timed, with the peak CUDA memory counted from its start; then
+    the closing evaluation (`evaluate_at_end`). Trainer's own printing is off: the stages
+    return their log history instead."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    with sigterm, attention_kernels(device):
+        output = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - start
+    return Trained(output, seconds, evaluate_at_end(trainer, device))
 
 
 def rounded(value: float) -> float:

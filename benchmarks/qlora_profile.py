@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_speed import qlora_config, sample_split
+from benchmarks.qlora_speed import qlora_config, sample_split
 from benchmarks.models import build_random_model
 from tasks.model.modeling import bnb_config, load_model, load_tokenizer, release
 from tasks.train.train_control import attention_kernels

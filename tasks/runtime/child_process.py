@@ -70,6 +70,10 @@ class ChildDied(ChildProcessError):
 def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)`, computed in a new process (see the module docstring)."""
     what = f"{fn.__module__}.{fn.__qualname__}"
+    if fn.__module__ == "__main__":          # the child starts without it (_main_module_left_out)
+        raise TypeError(f"{what}: a job for a child process must be a function of an importable "
+                        "module, not of the script being run; move it into a module and import "
+                        "it from there")
     with tempfile.TemporaryDirectory(prefix="child-") as tmp:
         job, answer = Path(tmp) / "job.pkl", Path(tmp) / "answer.pkl"
         job.write_bytes(pickle.dumps((fn, args, kwargs)))

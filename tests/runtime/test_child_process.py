@@ -78,3 +78,19 @@ def test_a_script_without_a_main_guard_is_not_run_again_in_the_child(tmp_path):
                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["child pid differs: True"], out.stdout
+
+
+def test_a_function_of_the_script_being_run_is_refused_at_once_naming_it(tmp_path):
+    """The child starts without the caller's __main__, so it could not load such a function:
+    one clear line before any process starts, not a child that dies unable to unpickle it."""
+    script = tmp_path / "job_in_main.py"
+    script.write_text("from tasks.runtime import child_process\n"
+                      "def job():\n    return 1\n"
+                      "if __name__ == '__main__':\n"
+                      "    try:\n        child_process.call(job)\n"
+                      "    except TypeError as e:\n        print(e)\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("__main__.job: a job for a child process must be a function of "
+                                 "an importable module"), out.stdout

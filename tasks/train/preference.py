@@ -138,11 +138,12 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     result, seconds = trained.output, trained.seconds
     history = curves(trainer.state.log_history)
     evals = [h for h in history if "eval_loss" in h]
-    # TRL's cumulative non-padding tokens, less those of the run before a resume
-    counted = [(h["step"], h["num_tokens"]) for h in trainer.state.log_history
-               if "num_tokens" in h]
-    tokens = (counted[-1][1] if counted else 0) - max(
-        (n for step, n in counted if step <= resumed_step(last)), default=0)
+    # TRL counts non-padding tokens from 0 in each process (DPOTrainer._total_train_tokens is
+    # not checkpointed); a resumed history also holds the killed run's counts: this run's own
+    # are its steps after the resume
+    counted = [h["num_tokens"] for h in trainer.state.log_history
+               if "num_tokens" in h and h["step"] > resumed_step(last)]
+    tokens = counted[-1] if counted else 0
     evaluating = in_loop_eval_seconds(trainer.state.log_history, last, trained.evaluated_at_end)
     with staging_dir(stage_root(StageName.PREFERENCE)) as tmp:
         trainer.model.save_pretrained(tmp)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.data.conversations import split_indices
-from tasks.data.formats import SHAREGPT_ROLES, BadRecord, prompt_messages
+from tasks.data.records import SHAREGPT_ROLES, BadRecord, prompt_messages
 from tasks.data.sources import ArrayLines, Issues, discover, json_records, read_text_bytes
 from tasks.data.validate import load_schema
 from tasks.runtime.errors import DataError

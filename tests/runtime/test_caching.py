@@ -22,7 +22,7 @@ def test_code_closure_follows_helper_modules():
     names = {p.name for p in code_closure("tasks.data.conversations")}
     assert names == {"conversations.py", "dataset_io.py"}
     assert {p.name for p in code_closure("tasks.data.ingest")} == {
-        "ingest.py", "formats.py", "qa_text.py", "sources.py", "dataset_io.py"}
+        "ingest.py", "formats.py", "records.py", "qa_text.py", "sources.py", "dataset_io.py"}
     assert "formats.py" not in {p.name for p in code_closure("tasks.data.validate")}
 
 

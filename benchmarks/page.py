@@ -92,9 +92,11 @@ def gpu_speed(d: dict) -> list[str]:
                 f"{fmt(d.get('roofline_int4_tok_s'))} in int4.", ""]
     if d.get("decode"):
         def share(engine: str, batch: str, tps: float) -> str:
-            roof = d.get("roofline_bf16_tok_s" if engine.startswith("bf16")
-                         else "roofline_int4_tok_s")
-            return f"{100 * tps / roof:.0f} %" if roof and batch == "1" else "–"
+            """Of the batch-1 roofline of the engine's own weights (each byte read per token)."""
+            gib = d.get("weights_gib", {}).get(engine.split()[0])
+            if not (gib and "copy_tb_s" in d and batch == "1"):
+                return "–"
+            return f"{100 * tps * gib * 2**30 / (d['copy_tb_s'] * 1e12):.0f} %"
 
         out += table(["engine", "batch", "tok/s per sequence", "share of its roofline",
                       "peak CUDA MiB", "compile/capture s"],

@@ -5,16 +5,15 @@ pins per kind and hold any other kind to what is portable (the direction and siz
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def cpu_kind() -> str:
     """torch's CPU capability (`torch.backends.cpu.get_cpu_capability()`: "avx512", "avx2",
-    "default", ...), plus "+bf16" where the CPU has AVX512-BF16 (bitsandbytes' 4-bit CPU
-    kernels take another path there)."""
+    "default", ...), plus "+bf16" where bitsandbytes' own check finds AVX512-BF16 (its 4-bit
+    CPU kernels take another path there)."""
     import torch
 
-    info = Path("/proc/cpuinfo")
-    flags = set(info.read_text().split()) if info.is_file() else set()
+    import tasks.model.compat  # noqa: F401  (first: it quiets bitsandbytes' notice about the Hub)
+    from bitsandbytes.functional import has_avx512bf16
+
     kind = torch.backends.cpu.get_cpu_capability().lower()
-    return f"{kind}+bf16" if "avx512_bf16" in flags else kind
+    return f"{kind}+bf16" if has_avx512bf16() else kind

@@ -59,12 +59,18 @@ def origin(d: dict) -> list[str]:
             f"- command: `{command}`" if command != UNKNOWN else f"- command: {UNKNOWN}", ""]
 
 
+def stage_table(stages: dict) -> list[str]:
+    return table(["stage", "seconds", "device", "peak CUDA MiB", "peak host RSS MiB", "cached"],
+                 [[n, s["seconds"], s["device"], s["peak_cuda_mib"], s["peak_rss_mib"],
+                   s["cached"]] for n, s in stages.items()])
+
+
 def gpu_flow(d: dict) -> list[str]:
+    if "killed" in d:              # a run that did not finish: the stages it completed
+        return [f"Killed {d['killed']}. Stages completed:", "", *stage_table(d["stages_done"])]
     out = [f"Whole flow: **{fmt(d['flow_seconds'])} s**, {d['params'] / 1e9:.2f} B parameters "
            f"(base built in {fmt(d.get('build_model_seconds'))} s, outside the flow).", ""]
-    out += table(["stage", "seconds", "device", "peak CUDA MiB", "peak host RSS MiB", "cached"],
-                 [[n, s["seconds"], s["device"], s["peak_cuda_mib"], s["peak_rss_mib"],
-                   s["cached"]] for n, s in d["stages"].items()])
+    out += stage_table(d["stages"])
     if "disk" in d:
         disk = d["disk"]
         out += [f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
@@ -78,9 +84,11 @@ def gpu_flow(d: dict) -> list[str]:
         out += [f"Conversion of the {c['family']} folder: {fmt(c['seconds'])} s, peak host RSS "
                 f"{fmt(c['peak_rss_mib'])} MiB, {c['tensors']} tensors, {c['shards']} shards.", ""]
     out += table(["variant", "engine", "batch", "decode tok/s per seq", "aggregate tok/s",
-                  "TTFT ms", "peak CUDA MiB"],
+                  "TTFT ms", "peak CUDA MiB", "compile s"],
                  [[b["variant"], b["engine"], b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
-                   b["ttft_ms"], b.get("peak_cuda_mib") or 0] for b in d["benchmark"]])
+                   b["ttft_ms"], b.get("peak_cuda_mib") or 0, b.get("compile_s")]
+                  for b in d["benchmark"]])
+    out += [f"- failed: {f['variant']}: {f.get('error', f)}" for f in d.get("benchmark_failed", [])]
     return out
 
 
@@ -171,10 +179,7 @@ def command_run(d: dict) -> list[str]:
 def generic(d: dict) -> list[str]:
     rows = [[k, v] for k, v in d.items() if k not in ("date", "command", "gpu", "device",
                                                        "machine", "cpu", "note")]
-    out = table(["field", "value"], rows[:20])
-    if d.get("note"):
-        out += [f"Note: {d['note']}", ""]
-    return out
+    return table(["field", "value"], rows[:20])
 
 
 RENDERERS: list[tuple[str, Callable[[dict], list[str]]]] = [
@@ -189,6 +194,8 @@ def render() -> str:
         render_one = next((r for prefix, r in RENDERERS if path.name.startswith(prefix)), generic)
         lines += [f"## {path.stem}", "", f"`benchmarks/results/{path.name}`", "",
                   *origin(data), *render_one(data)]
+        if data.get("note"):
+            lines += [f"Note: {data['note']}", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

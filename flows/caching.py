@@ -145,15 +145,25 @@ def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
     return make
 
 
+#: stage name -> the folder its MLflow child run holds (`log_folder`); by name, so that a copy
+#: of the task made by `Task.with_options` (same name) holds the same folder
+_LOGGED_AS: dict[str, str] = {}
+
+
 def log_folder(stage_task: Task, folder: str) -> Task:
     """`stage_task`, whose MLflow child run holds its output folder whole under `folder` (a
     model, an adapter: what the registry points at) rather than its result's files."""
-    stage_task.logged_as = folder          # a plain attribute, read by `child_run_artifacts`
+    _LOGGED_AS[stage_task.name] = folder
     return stage_task
+
+
+def logged_folder(stage_task: Task) -> str | None:
+    """The folder `stage_task`'s child run holds its output under, if it declares one."""
+    return _LOGGED_AS.get(stage_task.name)
 
 
 def child_run_artifacts(stage_task: Task, result: StageResult) -> dict[str, str]:
     """What the MLflow child run of `stage_task` holds: its output folder under the name the
     stage declares (`log_folder`), else its result's files."""
-    folder = getattr(stage_task, "logged_as", None)
+    folder = logged_folder(stage_task)
     return {folder: result.path} if folder else dict(result.files)

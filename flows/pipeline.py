@@ -25,6 +25,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.caching import logged_folder
 from flows.ops import cli, commands
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
@@ -278,7 +279,7 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
         entries = [(f"{cfg.registry.model_name}-prefix", adapter, train_task)]
     for name, result, stage in entries:
-        origin, folder = run.origins[stage.name], stage.logged_as   # (flows/caching.py)
+        origin, folder = run.origins[stage.name], logged_folder(stage)
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
         if stage in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
             source = partial(log_chat_model, result.path, origin,

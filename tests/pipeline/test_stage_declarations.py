@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import flows.stages as stages
-from flows.caching import child_run_artifacts
+from flows.caching import child_run_artifacts, logged_folder
 from tasks.runtime.results import StageName, StageResult
 
 
@@ -26,3 +26,7 @@ def test_a_child_run_holds_the_folder_a_stage_declares_else_its_files():
     assert child_run_artifacts(stages.quantize_torchao_task, result) == \
         {"int4_torchao_model": "/out/train/abc"}
     assert child_run_artifacts(stages.quantize_task, result) == {"int4_model": "/out/train/abc"}
+    # a copy with other options (retries, a timeout) is the same stage: the same folder
+    retried = stages.merge_task.with_options(retries=2, timeout_seconds=600)
+    assert logged_folder(retried) == "merged_model"
+    assert child_run_artifacts(retried, result) == {"merged_model": "/out/train/abc"}

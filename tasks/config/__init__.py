@@ -40,6 +40,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+#: what every training stage (train, preference) checkpoints and seeds the same way
+SaveSteps = Annotated[int, Field(ge=1, description="Checkpoint (adapter, optimizer, scheduler, "
+                                 "RNG) every N steps; a re-run of the same inputs resumes from "
+                                 "the last one.")]
+CheckpointsKept = Annotated[int, Field(ge=1, description="Checkpoints kept (older ones pruned).")]
+Resume = Annotated[bool, Field(description="Resume from the last checkpoint of the same inputs "
+                               "when one exists.")]
+Seed = Annotated[int, Field(description="Training seed.")]
+
+
 class DataConfig(_Section):
     source: UserPath = Field(default_factory=lambda: DATA_DIR / "sample" / "plant_care_qa.txt",
                              description="Input data: a file, or a directory whose .txt/.json/"
@@ -141,7 +151,7 @@ class TrainConfig(_Section):
                                                 "than half the free GPU memory; off on a CPU.")
     shuffle: bool = Field(True, description="Shuffle the training examples each epoch (seeded); "
                           "off: file order, e.g. to compare two training loops batch by batch.")
-    seed: int = Field(42, description="Training seed.")
+    seed: Seed = 42
     num_virtual_tokens: int = Field(16, ge=1, description="ptuning: prefix length (virtual "
                                     "tokens per layer).")
     prefix_projection: bool = Field(False, description="ptuning: reparameterize the prefix "
@@ -149,12 +159,9 @@ class TrainConfig(_Section):
     encoder_hidden_size: int | None = Field(None, ge=1, description="ptuning with "
                                             "prefix_projection: MLP width (empty: the model's "
                                             "hidden size).")
-    save_steps: int = Field(50, ge=1, description="Checkpoint (adapter, optimizer, scheduler, "
-                            "RNG) every N steps under outputs/train-checkpoints/<inputs hash>/; "
-                            "a re-run of the same inputs resumes from the last one.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (older ones pruned).")
-    resume: bool = Field(True, description="Resume from the last checkpoint of the same "
-                         "inputs when one exists.")
+    save_steps: SaveSteps = 50
+    save_total_limit: CheckpointsKept = 2
+    resume: Resume = True
     sanity_examples: int = Field(3, ge=0, description="Training examples dumped token by token "
                                  "with their labels (sanity_check.md) to show what is learned.")
     num_gpus: int = Field(0, ge=0, description="Data-parallel GPUs (torchrun DDP): 0 = all "
@@ -288,12 +295,10 @@ class PreferenceConfig(_Section):
     liger: bool | None = Field(None, description="Liger kernels (RMSNorm, RoPE, SwiGLU) in the "
                                "model. Empty: on a GPU where liger-kernel is installed.")
     eval_steps: int = Field(20, ge=1, description="Evaluate on the dev pairs every N steps.")
-    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps; a re-run of the "
-                            "same inputs resumes from the last one.")
-    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
-    resume: bool = Field(True, description="Resume from the last checkpoint of the same "
-                         "inputs when one exists.")
-    seed: int = Field(42, description="Training seed.")
+    save_steps: SaveSteps = 50
+    save_total_limit: CheckpointsKept = 2
+    resume: Resume = True
+    seed: Seed = 42
 
     def for_base(self, embedded: bool) -> "PreferenceConfig":
         """This config with the learning rate filled in for the base model."""

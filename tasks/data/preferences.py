@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tasks.data.conversations import split_indices
-from tasks.data.records import SHAREGPT_ROLES, BadRecord, prompt_messages
+from tasks.data.records import SHAREGPT_ROLES, BadRecord, prompt_messages, type_name
 from tasks.data.sources import ArrayLines, Issues, discover, json_records, read_text_bytes
 from tasks.data.validate import load_schema
 from tasks.runtime.errors import DataError
@@ -46,21 +46,13 @@ SKIP_HINT = ("fix the record, or set preference.on_error=skip to skip malformed 
              "counted and listed in the preference report)")
 
 
-class Refused(ValueError):
-    """What is wrong with one record: a reason and the JSON path it is at."""
-
-    def __init__(self, reason: str, json_path: str = ""):
-        super().__init__(reason)
-        self.reason, self.json_path = reason, json_path
-
-
 def detect(record: Any) -> str:
-    """The format whose keys a record has (`Refused` if none, or several, match)."""
+    """The format whose keys a record has (`BadRecord` if none, or several, match)."""
     if not isinstance(record, dict):
-        raise Refused(f"is {type(record).__name__}, expected an object")
+        raise BadRecord("wrong-type", "", f"is {type_name(record)}, expected an object")
     found = [name for name, keys in KEYS.items() if keys <= record.keys()]
     if len(found) != 1:
-        raise Refused(f"has the fields {sorted(record)}, which match "
+        raise BadRecord("unknown-format", "", f"has the fields {sorted(record)}, which match "
                       + ("no preference format: expected prompt/chosen/rejected (trl), "
                          "instruction/chosen/rejected (alpaca_ranking) or "
                          "conversations/chosen/rejected (sharegpt_ranking)" if not found else
@@ -76,34 +68,32 @@ def _text(value: Any, path: str) -> str:
     if isinstance(value, dict):
         role = value.get("role", value.get("from"))
         if SHAREGPT_ROLES.get(str(role)) != "assistant":
-            raise Refused(f"is a {role!r} message, expected the assistant's answer", path)
+            raise BadRecord("wrong-role", path,
+                            f"is a {role!r} message, expected the assistant's answer")
         key = "content" if "content" in value else "value"
         value, path = value.get(key), f"{path}.{key}"
-    if not isinstance(value, str):
-        raise Refused(f"is {type(value).__name__}, expected a text", path)
-    if not value.strip():
-        raise Refused("is empty", path)
-    return value
+    return _text_field(value, path)
 
 
 def _prompt(record: dict, fmt: str, field: str) -> list[dict[str, str]]:
     """The prompt of `record` as messages, read by the supervised format `fmt`'s parser
-    (tasks/data/formats.py `prompt_messages`); a problem is refused at `$.<field>...`."""
+    (tasks/data/formats.py `prompt_messages`); a problem is reported at `.<field>...`."""
     try:
         return prompt_messages(record, fmt)
     except BadRecord as e:
-        raise Refused(e.reason, "$" + e.where.replace(".conversations", f".{field}", 1)) \
+        raise BadRecord(e.kind, e.where.replace(".conversations", f".{field}", 1), e.reason) \
             from None
 
 
 def to_pair(record: Any, fmt: str) -> dict[str, Any]:
-    """One record as a pair (`Refused` naming the field when it cannot be one)."""
+    """One record as a pair (`BadRecord` naming the field when it cannot be one)."""
     fmt = detect(record) if fmt == "auto" else fmt
     if not isinstance(record, dict) or not KEYS[fmt] <= record.keys():
         missing = sorted(KEYS[fmt] - set(record)) if isinstance(record, dict) else []
-        raise Refused(f"lacks {', '.join(missing) or 'its fields'} (format {fmt})")
+        raise BadRecord("missing-field", "",
+                        f"lacks {', '.join(missing) or 'its fields'} (format {fmt})")
     if fmt == "trl" and isinstance(record["prompt"], str):
-        prompt = [{"role": "user", "content": _text_field(record["prompt"], "$.prompt")}]
+        prompt = [{"role": "user", "content": _text_field(record["prompt"], ".prompt")}]
     elif fmt == "trl":
         prompt = _prompt({"conversations": record["prompt"]}, "conversation", "prompt")
     elif fmt == "alpaca_ranking":
@@ -111,22 +101,22 @@ def to_pair(record: Any, fmt: str) -> dict[str, Any]:
     else:
         prompt = _prompt(record, "sharegpt", "conversations")
     if not prompt or prompt[-1]["role"] != "user":
-        raise Refused("the prompt ends on " + (f"a {prompt[-1]['role']} turn" if prompt else
-                                               "nothing") + ": the answers need a user turn "
-                      "to answer", "$.prompt" if fmt == "trl" else "$.conversations")
-    chosen, rejected = _text(record["chosen"], "$.chosen"), _text(record["rejected"],
-                                                                   "$.rejected")
+        raise BadRecord("no-user-turn", ".prompt" if fmt == "trl" else ".conversations",
+                        "the prompt ends on " + (f"a {prompt[-1]['role']} turn" if prompt else
+                                                 "nothing") + ": the answers need a user turn "
+                        "to answer")
+    chosen, rejected = _text(record["chosen"], ".chosen"), _text(record["rejected"], ".rejected")
     if chosen.strip() == rejected.strip():
-        raise Refused("chosen and rejected are the same answer: the pair teaches nothing",
-                      "$.rejected")
+        raise BadRecord("same-answer", ".rejected",
+                        "chosen and rejected are the same answer: the pair teaches nothing")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def _text_field(value: Any, path: str) -> str:
     if not isinstance(value, str):
-        raise Refused(f"is {type(value).__name__}, expected a text", path)
+        raise BadRecord("wrong-type", path, f"is {type_name(value)}, expected a text")
     if not value.strip():
-        raise Refused("is empty", path)
+        raise BadRecord("empty", path, "is empty")
     return value
 
 
@@ -144,11 +134,11 @@ def read_pairs(source: Path, fmt: PreferenceFormat = "auto", on_error: str = "fa
                 if found == "auto":
                     found = detect(record)
                 pairs.append(to_pair(record, found))
-            except Refused as e:
+            except BadRecord as e:
                 error = DataError(path, e.reason, line=line or lines.line_of(index),
-                                  record=index, json_path=e.json_path or None,
+                                  record=index, json_path="$" + e.where if e.where else None,
                                   hint=SKIP_HINT if on_error == "fail" else None)
-                issues.report("refused", error)
+                issues.report(e.kind, error)
     if not pairs:
         raise DataError(source, "holds no preference pair" + (
             f" ({issues.skipped} skipped)" if issues.skipped else ""))

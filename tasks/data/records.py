@@ -31,7 +31,8 @@ def an(word: str) -> str:
     return f"{'an' if word[:1] in 'aeio' else 'a'} {word}"
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How a JSON value is named in an error: "an object", "a string", ..."""
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), "?")
 
@@ -45,7 +46,7 @@ def _text(rec: dict, key: str, where: str = "", *, optional: bool = False) -> st
     if not isinstance(value, str):
         shown = "" if value is None else f" ({orjson.dumps(value).decode()[:40]})"
         raise BadRecord("wrong-type", f"{where}.{key}",
-                        f"is {_type_name(value)}{shown}, expected a string")
+                        f"is {type_name(value)}{shown}, expected a string")
     return value
 
 
@@ -57,13 +58,13 @@ def _list(rec: dict, key: str, where: str = "", *, optional: bool = False) -> li
         raise BadRecord("missing-field", where, f"has no field {key!r}")
     if not isinstance(value, list):
         raise BadRecord("wrong-type", f"{where}.{key}",
-                        f"is {_type_name(value)}, expected an array")
+                        f"is {type_name(value)}, expected an array")
     return value
 
 
 def object_at(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise BadRecord("wrong-type", where, f"is {_type_name(value)}, expected an object")
+        raise BadRecord("wrong-type", where, f"is {type_name(value)}, expected an object")
     return value
 
 
@@ -89,13 +90,13 @@ def _alpaca(r: dict) -> list[Turn]:
         out.append(("system", system, ".system", ""))
     for i, pair in enumerate(_list(r, "history", optional=True)):
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise BadRecord("wrong-type", f".history[{i}]", f"is {_type_name(pair)}"
+            raise BadRecord("wrong-type", f".history[{i}]", f"is {type_name(pair)}"
                             + (f" of {len(pair)} items" if isinstance(pair, list) else "")
                             + ", expected a [question, answer] pair")
         for j, (role, text) in enumerate(zip(("user", "assistant"), pair)):
             if not isinstance(text, str):
                 raise BadRecord("wrong-type", f".history[{i}][{j}]",
-                                f"is {_type_name(text)}, expected a string")
+                                f"is {type_name(text)}, expected a string")
             out.append((role, text, f".history[{i}][{j}]", ""))
     prompt = _joined(_text(r, "instruction"), _text(r, "input", optional=True))
     return out + [("user", prompt, ".instruction", ""),

@@ -68,7 +68,7 @@ def good(i: int, like: dict) -> dict:
 @pytest.mark.parametrize("record, where, reason", [
     (trl(2, rejected="好的回答2。"), "at $.rejected", "chosen and rejected are the same answer"),
     (trl(2, chosen="  "), "at $.chosen", "is empty"),
-    (trl(2, chosen=3), "at $.chosen", "is int, expected a text"),
+    (trl(2, chosen=3), "at $.chosen", "is a number, expected a text"),
     ({"prompt": Q + [{"role": "assistant", "content": "嗯"}], "chosen": "a", "rejected": "b"},
      "at $.prompt", "the prompt ends on a assistant turn"),
     ({"prompt": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"},
@@ -103,6 +103,7 @@ def test_skip_counts_and_lists_what_it_skipped(tmp_path, monkeypatch):
     report = read_json(Path(result.file("preference_report_json")))
     assert report["counts"] == {"read": 11, "skipped": 1, "duplicates": 1, "train": 7, "dev": 3}
     assert "record #10" in report["skipped_examples"][0]["message"]
+    assert report["skipped_by_kind"] == {"empty": 1}      # the records' kinds (BadRecord)
     train, dev = (read_json(Path(result.file(f"{n}_pairs_json"))) for n in ("train", "dev"))
     assert len(train) == 7 and len(dev) == 3
     assert {p["chosen"] for p in train} | {p["chosen"] for p in dev} == \

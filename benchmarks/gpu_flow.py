@@ -12,9 +12,10 @@ quality. With `--original chatglm3` it is a folder in ChatGLM3-6B's own format i
 published config, tensor names and a SentencePiece tokenizer), which the base stage converts.
 With `--preference dpo` the flow tunes the merged model on the sample's preference pairs with
 QLoRA-DPO (README "Preference tuning") before it quantizes.
-Writes benchmarks/results/gpu_flow_[<original>_|<preference>_]<size>.json (per stage: seconds, device, peak
-CUDA and host memory, cache hit; the benchmark rows; the disk: free space at the start, the
-peak used by the run, what the project home holds at the end) and prints the README table.
+Writes benchmarks/results/gpu_flow_[<original>_|<preference>_]<size>.json (per stage: seconds and
+where they went by phase, device, peak CUDA and host memory, cache hit; the benchmark rows; the
+disk: free space at the start, the peak used by the run, what the project home holds at the end
+and what each stage wrote) and prints the table docs/benchmarks.md shows.
 """
 
 from __future__ import annotations
@@ -121,15 +122,24 @@ def computed_figures(row: dict) -> dict:
     one that a device call's time limit ended; docs/design.md "Failure modes")."""
     if not row["cached"]:
         return {"seconds": row["seconds"], "peak_cuda_mib": row["peak_cuda_mib"] or 0.0,
-                "peak_rss_mib": row["peak_rss_mib"]}
+                "peak_rss_mib": row["peak_rss_mib"], "phases": row.get("phases", {})}
     from mlflow import MlflowClient
 
     from flows.tracking import tracking_uri
 
     m = MlflowClient(tracking_uri()).get_run(row["from_run"]).data.metrics
+    prefix = "stage_phase_seconds."
     return {"seconds": m["stage_seconds"], "peak_cuda_mib": m.get("stage_peak_cuda_mib", 0.0),
             "peak_rss_mib": m.get("stage_peak_rss_mib", 0.0), "computed_in_run": row["from_run"],
-            "hit_seconds": round(row["seconds"], 2)}
+            "hit_seconds": round(row["seconds"], 2),
+            "phases": {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}}
+
+
+def where_the_time_went(seconds: float, phases: dict[str, float]) -> dict[str, float]:
+    """A stage's seconds by phase (load, save, hash, process_start; a benchmark's or a
+    training's child processes summed), and `other`: the rest, the stage's own work."""
+    out = {k: round(v, 2) for k, v in sorted(phases.items())}
+    return out | {"other": round(max(seconds - sum(phases.values()), 0.0), 2)}
 
 
 def stage_table(out: dict) -> dict[str, dict]:
@@ -141,7 +151,8 @@ def stage_table(out: dict) -> dict[str, dict]:
         fig = computed_figures(row)
         entry = {**fig, "seconds": round(fig["seconds"], 2), "device": row["device"] or "cpu",
                  "peak_cuda_mib": round(fig["peak_cuda_mib"], 1),
-                 "peak_rss_mib": round(fig["peak_rss_mib"], 1), "cached": row["cached"]}
+                 "peak_rss_mib": round(fig["peak_rss_mib"], 1), "cached": row["cached"],
+                 "phases": where_the_time_went(fig["seconds"], fig.get("phases", {}))}
         if row["stage"] == "benchmark":
             for b in out["benchmark"]:
                 entry["peak_rss_mib"] = max(entry["peak_rss_mib"], round(b["peak_rss_mib"], 1))
@@ -260,7 +271,10 @@ def main() -> int:
         "registered": out["registered"], "mlflow_run_id": out["mlflow_run_id"],
         "disk": {**disk.figures(), "home_gb": {
             p.name: allocated_gb(p) for p in sorted(home.iterdir()) if p.is_dir()},
-            "home_total_gb": allocated_gb(home)},
+            "home_total_gb": allocated_gb(home),
+            # what each stage wrote (mlruns/ hard-links these files: not a second copy)
+            "outputs_gb": {p.name: allocated_gb(p) for p in sorted((home / "outputs").iterdir())
+                           if p.is_dir() and not p.name.endswith("-checkpoints")}},
     }
     if args.original:
         base = next(r for r in out["stages"] if r["stage"] == "base")

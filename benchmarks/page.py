@@ -60,8 +60,12 @@ def origin(d: dict) -> list[str]:
 
 
 def stage_table(stages: dict) -> list[str]:
-    return table(["stage", "seconds", "device", "peak CUDA MiB", "peak host RSS MiB", "cached"],
-                 [[n, s["seconds"], s["device"], s["peak_cuda_mib"], s["peak_rss_mib"],
+    def phases(s: dict) -> str:                     # where the seconds went, where recorded
+        return ", ".join(f"{k} {fmt(v)}" for k, v in s.get("phases", {}).items() if v) or "–"
+
+    return table(["stage", "seconds", "of which", "device", "peak CUDA MiB", "peak host RSS MiB",
+                  "cached"],
+                 [[n, s["seconds"], phases(s), s["device"], s["peak_cuda_mib"], s["peak_rss_mib"],
                    s["cached"]] for n, s in stages.items()])
 
 
@@ -76,7 +80,10 @@ def gpu_flow(d: dict) -> list[str]:
         out += [f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
                 f"**{fmt(disk['peak_used_gb'])} GB** used by the flow at its peak; the home holds "
                 f"{fmt(disk['home_total_gb'])} GB at the end (hard links counted once): "
-                + ", ".join(f"{k} {fmt(v)}" for k, v in disk["home_gb"].items() if v) + ".", ""]
+                + ", ".join(f"{k} {fmt(v)}" for k, v in disk["home_gb"].items() if v) + "."
+                + (" Written by each stage: " + ", ".join(written) + " GB."
+                   if (written := [f"{k} {fmt(v)}" for k, v in disk.get("outputs_gb", {}).items()
+                                   if v]) else ""), ""]
     if "preference" in d:
         out += preference(d["preference"])
     if "conversion" in d:

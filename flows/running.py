@@ -123,7 +123,8 @@ class PipelineRun:
         result = run.result
         if run.invalidated:
             self.recomputed |= {result.result_id: name, result.path: name}
-        usage = {"stage_peak_rss_mib": peaks.rss_mib}
+        usage = {"stage_peak_rss_mib": peaks.rss_mib,
+                 **{f"stage_phase_seconds.{k}": v for k, v in peaks.phases.items()}}
         if peaks.cuda_mib is not None:
             usage["stage_peak_cuda_mib"] = peaks.cuda_mib
         _, origin = self.tracker.log_stage(result, cached=run.cached, seconds=run.seconds,
@@ -135,7 +136,7 @@ class PipelineRun:
                           "from_run": origin, "invalidated": run.invalidated,
                           "device": result.device,
                           "peak_rss_mib": peaks.rss_mib, "peak_cuda_mib": peaks.cuda_mib,
-                          "total_seconds": time.perf_counter() - start})
+                          "phases": peaks.phases, "total_seconds": time.perf_counter() - start})
         how = f"recomputed ({run.invalidated})" if run.invalidated else \
             "cache hit" if run.cached else "computed"
         cuda = "" if peaks.cuda_mib is None else f", peak CUDA {peaks.cuda_mib:,.0f} MiB"

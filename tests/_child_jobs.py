@@ -27,3 +27,14 @@ class Unpicklable(Exception):
 
 def raise_unpicklable() -> None:
     raise Unpicklable(1, 2)
+
+
+def load_twice(seconds: float) -> None:
+    """Two timed 'loads' of `seconds` each (tasks.runtime.progress.step, phase "load")."""
+    import time
+
+    from tasks.runtime.progress import step
+
+    for _ in range(2):
+        with step("a load", phase="load"):
+            time.sleep(seconds)

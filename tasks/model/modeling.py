@@ -102,7 +102,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", device: str = "cpu",
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     how = "" if quantization is None else f" as {type(quantization).__name__}"
-    with step(f"loaded {path}{how} onto {device}"):
+    with step(f"loaded {path}{how} onto {device}", phase="load"):
         model = _from_pretrained(Path(path), stream=device != "cpu", **kwargs)
         if device == "cpu" and "bitsandbytes" in sys.modules:      # else no 4-bit layers
             bnb_generic_cpu_path(model, unpackable_only=True)
@@ -172,7 +172,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
                folder: Path) -> Path:
     """`save_pretrained` in shards of SHARD_SIZE: saving from a GPU copies one shard at a time
     to host memory (transformers' default is a single 50 GB shard, i.e. the whole model)."""
-    with step(f"saved the model to {folder}"):
+    with step(f"saved the model to {folder}", phase="save"):
         model.save_pretrained(folder, max_shard_size=SHARD_SIZE)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)             # with its chat template

@@ -18,8 +18,10 @@ starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on 
 * The child's `tasks.*` log records (progress lines) come back over a pipe and are re-emitted
   on the caller's loggers, in the calling thread, so Prefect's task-run log still gets them.
   Its stdout and stderr are the fork server's, i.e. the caller's when the server started.
-* The child's peak RSS (VmHWM) and peak CUDA memory come back with the answer and are added to
-  the caller's `tasks.runtime.resources.peak_memory()` block.
+* The child's peak RSS (VmHWM), peak CUDA memory and phase seconds come back with the answer and
+  are added to the caller's `tasks.runtime.resources.peak_memory()` block, with one phase more:
+  `process_start`, from the call to the moment the child has its job (fork, and the imports of
+  the job's module that the fork server had not done).
 * A child that died before it answered (killed by a signal: the OOM killer, a Ctrl-C) raises
   `ChildDied` (a `ChildProcessError`) naming the function and the signal; its exception, if it
   can be pickled, is re-raised as it was.
@@ -35,6 +37,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import time
 import traceback
 import types
 from contextlib import contextmanager
@@ -43,7 +46,8 @@ from multiprocessing.context import ForkServerContext
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from tasks.runtime.resources import Peaks, add_child_peaks, own_peak_rss_mib
+from tasks.runtime.resources import Peaks, add_child_peaks, add_phase, own_peak_rss_mib, \
+    phases_since
 
 #: what the fork server imports once, on every machine
 PRELOAD = ["torch", "transformers", "tasks.runtime.child_process", "tasks.model.model_spec",
@@ -74,6 +78,7 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         raise TypeError(f"{what}: a job for a child process must be a function of an importable "
                         "module, not of the script being run; move it into a module and import "
                         "it from there")
+    called = time.monotonic()         # CLOCK_MONOTONIC: one clock for every process on the host
     with tempfile.TemporaryDirectory(prefix="child-") as tmp:
         job, answer = Path(tmp) / "job.pkl", Path(tmp) / "answer.pkl"
         job.write_bytes(pickle.dumps((fn, args, kwargs)))
@@ -104,7 +109,8 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
             raise ChildDied(f"{what} ran in a process of its own, which {how} before it "
                             "answered (a SIGKILL is often the out-of-memory killer)",
                             -code if code < 0 else None)
-        ok, value, peaks = pickle.loads(answer.read_bytes())
+        ok, value, peaks, started = pickle.loads(answer.read_bytes())
+    add_phase("process_start", started - called)
     add_child_peaks(peaks)
     if not ok:
         raise value
@@ -172,7 +178,8 @@ def _child(job: str, answer: str, records: Connection, environ: dict[str, str], 
     for name in ("tasks", "flows"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
-    fn, args, kwargs = pickle.loads(Path(job).read_bytes())
+    fn, args, kwargs = pickle.loads(Path(job).read_bytes())     # imports fn's module
+    started = time.monotonic()
     try:
         ok, value = True, fn(*args, **kwargs)
     except BaseException as error:                      # noqa: BLE001 -- handed to the caller
@@ -182,6 +189,6 @@ def _child(job: str, answer: str, records: Connection, environ: dict[str, str], 
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() \
         else None
     tmp = Path(answer + ".tmp")
-    tmp.write_bytes(pickle.dumps((ok, value, Peaks(rss_mib=own_peak_rss_mib(),
-                                                    cuda_mib=cuda))))
+    peaks = Peaks(rss_mib=own_peak_rss_mib(), cuda_mib=cuda, phases=phases_since())
+    tmp.write_bytes(pickle.dumps((ok, value, peaks, started)))
     os.replace(tmp, answer)                       # no answer file: the child did not finish

@@ -173,7 +173,7 @@ def publish_dir(tmp: Path, parent: Path) -> tuple[Path, str]:
     """Rename a finished staging dir to `parent/<digest>` with a manifest of its files (size,
     mtime, content hash); return (path, digest). Idempotent: an existing copy that still
     matches its manifest is kept, a damaged one is replaced. Holds the stage's publish lock."""
-    with step(f"hashed the files of {Path(parent).name}'s output"):
+    with step(f"hashed the files of {Path(parent).name}'s output", phase="hash"):
         entries = build_manifest(tmp)
     digest = _tree_digest((name, e.size, e.mtime_ns, e.blake2b) for name, e in entries.items())
     write_manifest(tmp, entries, digest)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from tqdm.auto import tqdm
 
-from tasks.runtime.resources import own_peak_rss_mib, rss_mib
+from tasks.runtime.resources import add_phase, own_peak_rss_mib, rss_mib
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,16 @@ class Progress:
 
 
 @contextmanager
-def step(what: str) -> Iterator[None]:
+def step(what: str, phase: str | None = None) -> Iterator[None]:
     """Log `what` once it is done, if it took STEP_MIN_S or more, with its seconds and this
     process's host memory: a model stage's long steps (a 6 B load, save or hash) in Prefect's
-    task-run log, where a stage was otherwise silent for a minute."""
+    task-run log, where a stage was otherwise silent for a minute. `phase`: count its seconds
+    as that phase of the stage (`tasks.runtime.resources.add_phase`), however short."""
     start = time.monotonic()
     yield
     seconds = time.monotonic() - start
+    if phase is not None:
+        add_phase(phase, seconds)
     if seconds >= STEP_MIN_S:
         log.info("%s: %.1f s (host RSS %s MiB, peak so far %s MiB)", what, seconds,
                  f"{rss_mib():,.0f}", f"{own_peak_rss_mib():,.0f}")

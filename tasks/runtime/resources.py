@@ -1,11 +1,14 @@
-"""Peak memory of a stretch of work in this process: host RSS and CUDA memory.
+"""Peak memory of a stretch of work in this process: host RSS and CUDA memory; and where its
+time went, by phase (loading, saving, hashing a model; starting a child process).
 
 Host: Linux's high-water mark of the resident set (`VmHWM` in /proc/self/status), reset at the
 start through /proc/self/clear_refs ("5", Linux >= 4.0; where that is refused, the peak counts
 from the process start, and `Peaks.rss_since_start` says so). CUDA: the peak of torch's caching
 allocator, reset likewise; only when torch is already imported (the data-only flow never imports
 it) and has used the GPU (checking never creates a CUDA context). Work done in child processes
-(`tasks.runtime.child_process`) reports its own peaks, which count as the block's.
+(`tasks.runtime.child_process`) reports its own peaks, which count as the block's. Phases are
+added by whoever times them (`add_phase`; `tasks.runtime.progress.step`); a child's come back with
+its peaks.
 
 Each block starts with a full garbage collection, so that what earlier work left (a released model
 in a reference cycle) is not counted as this block's memory. What survives it is then set aside from
@@ -21,7 +24,7 @@ from __future__ import annotations
 import gc
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,10 +34,30 @@ class Peaks:
     rss_mib: float = 0.0
     cuda_mib: float | None = None
     rss_since_start: bool = False
+    #: seconds by phase ("load", "save", "hash", "process_start", ...), summed over the block
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 #: peaks of the child processes that finished since the innermost open `peak_memory()` began
 _children: list[Peaks] = []
+#: (phase, seconds) as timed in this process and its finished children, in order; kept while a
+#: block is open (an enclosing block counts what its inner ones did)
+_phase_log: list[tuple[str, float]] = []
+_open_blocks = 0
+
+
+def add_phase(phase: str, seconds: float) -> None:
+    """Count `seconds` of `phase` in the open `peak_memory()` block (in a child process: in what
+    it reports back)."""
+    _phase_log.append((phase, seconds))
+
+
+def phases_since(first: int = 0) -> dict[str, float]:
+    """The seconds by phase logged since entry `first` of this process's phase log."""
+    out: dict[str, float] = {}
+    for phase, seconds in _phase_log[first:]:
+        out[phase] = out.get(phase, 0.0) + seconds
+    return out
 
 
 def _status_mib(key: str) -> float:
@@ -69,8 +92,10 @@ def own_peak_rss_mib() -> float:
 
 
 def add_child_peaks(peaks: Peaks) -> None:
-    """Count a finished child process's peaks in the open `peak_memory()` block."""
+    """Count a finished child process's peaks in the open `peak_memory()` block, and its phases
+    in every open block."""
     _children.append(peaks)
+    _phase_log.extend(peaks.phases.items())
 
 
 def _cuda():
@@ -82,7 +107,9 @@ def _cuda():
 @contextmanager
 def peak_memory() -> Iterator[Peaks]:
     """`with peak_memory() as peaks: ...` fills `peaks` when the block ends (also on error)."""
-    peaks, first_child = Peaks(), len(_children)
+    global _open_blocks
+    peaks, first_child, first_phase = Peaks(), len(_children), len(_phase_log)
+    _open_blocks += 1
     gc.collect()                       # what an earlier stage left is not this block's memory
     gc.freeze()                        # and what survives is not walked again (module docstring)
     if (cuda := _cuda()) is not None:
@@ -102,11 +129,15 @@ def peak_memory() -> Iterator[Peaks]:
             pass
         if (cuda := _cuda()) is not None:
             peaks.cuda_mib = cuda.max_memory_allocated() / 2**20
+        peaks.phases = phases_since(first_phase)
         for child in _children[first_child:]:
             peaks.rss_mib = max(peaks.rss_mib, child.rss_mib)
             if child.cuda_mib is not None:
                 peaks.cuda_mib = max(peaks.cuda_mib or 0.0, child.cuda_mib)
         del _children[first_child:]
+        _open_blocks -= 1
+        if not _open_blocks:
+            _phase_log.clear()
 
 
 def thaw() -> None:

@@ -147,6 +147,19 @@ def test_every_artifact_is_in_mlflow(first, client, tmp_path):
         assert all(key == file_key(Path(path).name) for key, path in files.items()), (stage, files)
 
 
+def test_each_stage_run_says_where_its_seconds_went(first, client):
+    """Per stage, the seconds of its phases (loading, saving and hashing models, starting the
+    benchmark's processes) as metrics of its MLflow run; the rest is its own work."""
+    kids = {name: run.data.metrics for name, run in child_runs(
+        client, first["mlflow_run_id"]).items()}
+    assert {"stage_phase_seconds.save", "stage_phase_seconds.hash"} <= set(kids["merge"])
+    assert {"stage_phase_seconds.load", "stage_phase_seconds.process_start"} <= \
+        set(kids["benchmark"])          # each variant is measured in a process of its own
+    assert "stage_phase_seconds.save" not in kids["benchmark"]
+    row = next(r for r in first["stages"] if r["stage"] == "merge")
+    assert 0 < sum(row["phases"].values()) <= row["seconds"]
+
+
 def test_training_lowers_dev_loss_and_raises_dev_rouge(first, client):
     kids = child_runs(client, first["mlflow_run_id"])
     train, report = kids["train"].data.metrics, kids["generations"].data.metrics

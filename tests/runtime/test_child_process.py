@@ -41,6 +41,19 @@ def test_the_childs_peak_memory_and_progress_lines_come_back(caplog):
     assert lines[0] != f"held 700 MiB in pid {os.getpid()}"
 
 
+def test_the_childs_phases_come_back_with_the_time_it_took_to_start():
+    with peak_memory() as outer:
+        with peak_memory() as peaks:
+            child_process.call(_child_jobs.load_twice, 0.2)
+        child_process.call(_child_jobs.load_twice, 0.1)
+    assert peaks.phases["load"] >= 0.4                    # both of the child's loads
+    assert peaks.phases["process_start"] > 0
+    assert set(peaks.phases) == {"load", "process_start"}
+    # an enclosing block counts what happened in the blocks inside it too
+    assert outer.phases["load"] >= peaks.phases["load"] + 0.2
+    assert outer.phases["process_start"] > peaks.phases["process_start"]
+
+
 def test_a_data_error_comes_back_as_itself(tmp_path):
     bad = tmp_path / "qa.txt"
     bad.write_text("绿萝怎么养？\n绿萝喜散射光。\n\n只有问题没有答案？\n",

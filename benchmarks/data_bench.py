@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             "qa": (qa.file("qa_json"), "qa"), "train": (data.file("train_json"), "conversation"),
             "dev": (data.file("dev_json"), "conversation")}), rows)
         if args.report:
-            timed("data_report", lambda: build_data_report(qa, data), rows)
+            timed("data_report", lambda: build_data_report(qa.out, data.out), rows)
         wall, cpu = sum(r[1] for r in rows[:3]), sum(r[4] for r in rows[:3])
         peak = max(r[3] for r in rows)
         print(f"{'chain (3)':<14} {wall:6.2f} s wall {cpu:6.2f} s CPU   peak RSS {peak:.0f} MiB "

@@ -72,7 +72,7 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
     timed("validate", lambda: validate({
         "qa": (qa.file("qa_json"), "qa"), "train": (data.file("train_json"), "conversation"),
         "dev": (data.file("dev_json"), "conversation")}), rows)
-    timed("data_report", lambda: build_data_report(qa, data), rows)
+    timed("data_report", lambda: build_data_report(qa.out, data.out), rows)
     return {name: seconds for name, seconds, *_ in rows} | {
         "cpu": sum(cpu for *_, cpu in rows)}
 

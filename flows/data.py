@@ -41,22 +41,22 @@ def _with_raw(source: Path, result: StageResult) -> dict[str, str]:
 
 def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageResult]:
     """ingest -> conversations -> validate -> data report; returns (ingest result, conversations
-    result). The conversations result's files include train_json and dev_json."""
+    result: its output holds train_json and dev_json)."""
     source = Path(cfg.source)
     qa = run.stage(ingest_task, source=source, fmt=cfg.format, on_error=cfg.on_error,
                    max_chars=cfg.max_chars,
                    artifacts=lambda r: _with_raw(source, r),
-                   datasets=lambda r: {"qa": DatasetFile(r.file("qa_json"), QA, int(
-                       r.metrics["qa_pairs"]))} if "qa_json" in r.files else {})
-    if qa.metrics.get("skipped_records"):
+                   datasets=lambda r: {"qa": DatasetFile(r.out.qa_json, QA, r.out.qa_pairs)}
+                   if r.out.qa_json else {})
+    if qa.out.skipped_records:
         get_run_logger().warning(
             "skipped %d malformed record(s) of %s (%s); see skipped.json and the data report",
-            qa.metrics["skipped_records"], source, qa.info.get("skipped"))
+            qa.out.skipped_records, source, qa.out.skipped)
     data = run.stage(conversations_task, qa=qa, system_prompt=cfg.system_prompt,
                      train_ratio=cfg.train_ratio, shuffle_seed=cfg.shuffle_seed,
                      split_by=cfg.split_by, duplicates=cfg.duplicates, source=str(source),
-                     datasets=lambda r: {"training": r.file("train_parquet"),
-                                         "evaluation": r.file("dev_parquet")})
+                     datasets=lambda r: {"training": r.out.train_parquet,
+                                         "evaluation": r.out.dev_parquet})
     run.stage(validate_task, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
     run.stage(data_report_task, qa=qa, data=data,
               tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None)
@@ -71,8 +71,8 @@ def data_pipeline(config: DataConfig = DataConfig(),
     report; tracked in MLflow."""
     with parent_run(experiment, "data", config.model_dump(mode="json")) as run:
         _, data = data_stages(run, config)
-        print(f"train.json: {data.files['train_json']} ({data.metrics['train_records']:.0f})\n"
-              f"dev.json:   {data.files['dev_json']} ({data.metrics['dev_records']:.0f})")
+        print(f"train.json: {data.out.train_json} ({data.out.train_records})\n"
+              f"dev.json:   {data.out.dev_json} ({data.out.dev_records})")
         return {"mlflow_run_id": run.parent_id, "files": data.files, "stages": run.rows}
 
 

@@ -25,16 +25,16 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
     """Record counts, dev loss and scores before/after, decode speed and memory per variant
     (the benchmark's first engine and smallest batch), the int4 size ratio and, with preference
     tuning, each model's preference accuracy and margin on the dev pairs."""
-    m: dict[str, float] = {k: data.metrics[k] for k in ("train_records", "dev_records")
-                           if k in data.metrics}
-    for when in ("before", "after"):
-        if f"eval_loss_{when}" in adapter.metrics:
-            m[f"dev_loss_{when}"] = adapter.metrics[f"eval_loss_{when}"]
+    m: dict[str, float] = {"train_records": data.out.train_records,
+                           "dev_records": data.out.dev_records,
+                           "dev_loss_before": adapter.out.eval_loss_before,
+                           "dev_loss_after": adapter.out.eval_loss_after}
+    scores = generations.out.scores
     for key in SCORES:
         for who, when in COLUMNS.items():
-            if f"{who}_{key}" in generations.metrics:
-                m[f"dev_{key}_{when}"] = generations.metrics[f"{who}_{key}"]
-    rows = read_rows(bench.file("benchmark_json"))
+            if f"{who}_{key}" in scores:               # supervised: with preference tuning
+                m[f"dev_{key}_{when}"] = scores[f"{who}_{key}"]
+    rows = read_rows(bench.out.benchmark_json)
     if rows:
         engine, batch = rows[0].engine, min(r.batch for r in rows)
         for r in rows:
@@ -42,10 +42,10 @@ def headline_metrics(data: StageResult, adapter: StageResult, generations: Stage
                 name = r.variant.replace("+", "_")
                 m[f"decode_tok_s.{name}"] = r.decode_tok_s
                 m[f"peak_memory_mib.{name}"] = r.peak_cuda_mib or r.peak_rss_mib
-    if int4 is not None and "size_ratio_vs_merged" in int4.metrics:
-        m["int4_size_ratio"] = int4.metrics["size_ratio_vs_merged"]
+    if int4 is not None:
+        m["int4_size_ratio"] = int4.out.size_ratio_vs_merged
     if preference is not None:
-        m |= {f"dev_{k}": v for k, v in preference.metrics.items()}
+        m |= {f"dev_{k}": v for k, v in preference.out.scores.items()}
     return m
 
 
@@ -53,7 +53,7 @@ def generations_table(generations: StageResult) -> dict[str, list[Any]]:
     """The generations stage's dev prompts with their reference, the answers before, of the
     supervised model (after preference tuning) and after, and each answer's scores: one row per
     prompt, columns as lists."""
-    dev = read_json(generations.files["generations_json"])["dev"]
+    dev = read_json(generations.out.generations_json)["dev"]
     present = [(who, column) for who, column in COLUMNS.items() if dev and column in dev[0]]
     table: dict[str, list[Any]] = {
         "prompt": [e["prompt"][-1]["content"] if isinstance(e["prompt"], list) else e["prompt"]

@@ -64,7 +64,7 @@ def evaluate_champion_task(spec: ModelSpec, data: StageResult, probes_file: Path
     """The champion's answers and dev scores, as the generations stage's models'."""
     from tasks.evaluate.gate import evaluate_champion
 
-    return model_core(evaluate_champion, spec, data.file("dev_json"), probes_file, cfg)
+    return model_core(evaluate_champion, spec, data.out.dev_json, probes_file, cfg)
 
 
 @cached_stage(StageName.EVALUATE_CHAMPION_PREFERENCE, "tasks.evaluate.preference_eval",
@@ -74,7 +74,7 @@ def evaluate_preference_task(spec: ModelSpec, pairs: StageResult) -> StageResult
     pipeline's preference_eval stage)."""
     from tasks.evaluate.preference_eval import evaluate_preferences
 
-    return model_core(evaluate_preferences, {"champion": spec}, pairs.file("dev_pairs_json"),
+    return model_core(evaluate_preferences, {"champion": spec}, pairs.out.dev_pairs_json,
                       stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
 
 
@@ -130,13 +130,13 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         return replace(same, version=None), same          # unchanged: nothing to evaluate
 
     scored = built.generations                # base ("before") and challenger ("after")
-    columns = probe_answers(scored.file("generations_json"))
+    columns = probe_answers(scored.out.generations_json)
     base_answers = columns["before"]
     preference = built.preference if gate.max_preference_drop is not None else None
-    challenger = Candidate(None, merged.digest, scored.metrics[f"tuned_{gate.metric}"],
+    challenger = Candidate(None, merged.digest, scored.out.scores[f"tuned_{gate.metric}"],
                            ood_retention(columns["after"], base_answers),
                            None if preference is None else
-                           100 * preference.scores.metrics["tuned_preference_accuracy"])
+                           100 * preference.scores.out.scores["tuned_preference_accuracy"])
     if champ is None:
         return challenger, None
     digest, folder = champ.tags.get("model_digest", ""), local_model(champ, run.tracker.uri)
@@ -146,9 +146,9 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
     cp_preference = None
     if preference is not None:
         pref = run.stage(evaluate_preference_task, pairs=preference.pairs, spec=spec)
-        cp_preference = 100 * pref.metrics["champion_preference_accuracy"]
-    return challenger, Candidate(str(champ.version), digest, cp.metrics[gate.metric],
-                                 ood_retention(probe_answers(cp.file("evaluation_json"))["answer"],
+        cp_preference = 100 * pref.out.scores["champion_preference_accuracy"]
+    return challenger, Candidate(str(champ.version), digest, cp.out.scores[gate.metric],
+                                 ood_retention(probe_answers(cp.out.evaluation_json)["answer"],
                                                base_answers),
                                  cp_preference)
 

@@ -164,7 +164,7 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
         if result is not None:
             variants[name] = ModelSpec(result.path, result.dtype, digest=result.digest)
     bench = run.stage(benchmark_task, variants=variants,
-                      prompts=[p for p, _ in read_dev_prompts(data.file("dev_json"))
+                      prompts=[p for p, _ in read_dev_prompts(data.out.dev_json)
                                [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
     supervised_spec = supervised and ModelSpec(supervised.path, dtype, digest=supervised.digest)
@@ -233,8 +233,8 @@ def finish(run: PipelineRun, built: Built, versions: list[RegisteredVersion],
     print(text)
     return {"mlflow_run_id": run.parent_id, "stages": run.rows, "steps": run.steps,
             "generations": built.generations.files, "report": built.report.files,
-            "benchmark": read_json(built.benchmark.file("benchmark_json")),
-            "benchmark_failed": read_json(built.benchmark.file("failed_json")),
+            "benchmark": read_json(built.benchmark.out.benchmark_json),
+            "benchmark_failed": read_json(built.benchmark.out.failed_json),
             "registered": [v.__dict__ for v in versions],
             "crowned": [v.__dict__ for v in crowned], "summary": text}
 
@@ -261,11 +261,11 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
     data, adapter, merged, scored = built.data, built.adapter, built.merged, built.generations
     client = run.tracker.client
     preference = built.preference
-    metrics = {**adapter.metrics, **scored.metrics,
-               **(preference.scores.metrics if preference else {})}
+    metrics = {"eval_loss_before": adapter.out.eval_loss_before,
+               "eval_loss_after": adapter.out.eval_loss_after, **scored.out.scores,
+               **(preference.scores.out.scores if preference else {})}
     tags = {"data_digest": data.digest, "method": cfg.train.method,
-            **{k: f"{v:.4f}" for k, v in metrics.items()
-               if k.startswith(("eval_loss", "tuned_", "base_", "supervised_"))}}
+            **{k: f"{v:.4f}" for k, v in metrics.items()}}
     if preference is not None:
         tags |= {"preference_method": cfg.preference.method,
                  "preference_data_digest": preference.pairs.digest}
@@ -304,7 +304,7 @@ def _summary(run: PipelineRun, report: StageResult, bench: StageResult,
         cuda = "–" if r["peak_cuda_mib"] is None else f"{r['peak_cuda_mib']:,.0f}"
         lines.append(f"| {r['stage']} | {status} | {r['seconds']:.1f} | {r['device'] or '–'} | "
                      f"{r['peak_rss_mib']:,.0f} | {cuda} |")
-    lines += ["", f"Report:      {report.files.get('report_html', report.path)}",
+    lines += ["", f"Report:      {report.out.report_html}",
               f"MLflow run:  {run.parent_id}  (tracking: {run.tracker.uri})",
               f"             {run.tracker.url(run.parent_id)}  (in the MLflow UI)"]
     lines += [f"Registered:  {v.name} version {v.version}"

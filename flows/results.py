@@ -1,6 +1,6 @@
 """Prefect's stage results as plain JSON, never pickles (docs/design.md "Failure modes").
 
-A cache hit needs nothing but the stage's `StageResult` record (paths, digests, metrics): the
+A cache hit needs nothing but the stage's `StageResult` record (paths, digests, the typed output): the
 files themselves stay in outputs/. Prefect persists task results with cloudpickle by default, and
 its result records name their own serializer, so whoever can write to the result storage could
 make every later run unpickle (execute) what they wrote -- whatever serializer the task asks for.
@@ -58,17 +58,15 @@ def stage_result_from_json(data: Any) -> StageResult:
         raise UntrustedRecord(f"the record has the fields {sorted(data)}")
     for key in ("stage", "path", "digest", "result_id"):
         _expect(data[key], str, key)
-    for key, value in _expect(data["files"], dict, "files").items():
-        _expect(value, str, f"files[{key!r}]")
-    for key, value in _expect(data["metrics"], dict, "metrics").items():
-        _expect(value, (int, float), f"metrics[{key!r}]")
-    _expect(data["info"], dict, "info")
     _expect(data["summary"], str, "summary")
     for entry in _expect(data["history"], list, "history"):
         _expect(entry, dict, "history[]")
     for key in ("device", "dtype"):
         _expect(data[key], (str, type(None)), key)
-    return StageResult(**data)
+    try:                            # the stage's output: its class and every field's type
+        return StageResult.from_json(data)
+    except (ValueError, TypeError, ImportError) as e:
+        raise UntrustedRecord(f"out: {e}") from None
 
 
 class StageResultSerializer(Serializer):
@@ -78,7 +76,7 @@ class StageResultSerializer(Serializer):
 
     def dumps(self, obj: Any) -> bytes:
         if isinstance(obj, StageResult):
-            body: Any = {"stage_result": dataclasses.asdict(obj)}
+            body: Any = {"stage_result": obj.to_json()}
         elif isinstance(obj, BaseException):
             body = {"exception": type(obj).__name__, "message": str(obj)}
         else:

@@ -51,17 +51,17 @@ def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: 
     from tasks.data import conversations
 
     return conversations.build_conversations(
-        qa.file("records_arrow"), system_prompt, train_ratio, shuffle_seed, split_by,
-        duplicates, source=source, skipped=int(qa.metrics.get("skipped_records", 0)))
+        qa.out.records_arrow, system_prompt, train_ratio, shuffle_seed, split_by, duplicates,
+        source=source, skipped=qa.out.skipped_records)
 
 
 @cached_stage(StageName.VALIDATE, "tasks.data.validate")
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
     from tasks.data import validate
 
-    files = {"qa": (qa.file("qa_json"), "qa")} if "qa_json" in qa.files else {}
-    return validate.validate({**files, "train": (data.file("train_json"), "conversation"),
-                              "dev": (data.file("dev_json"), "conversation")})
+    files = {"qa": (qa.out.qa_json, "qa")} if qa.out.qa_json else {}
+    return validate.validate({**files, "train": (data.out.train_json, "conversation"),
+                              "dev": (data.out.dev_json, "conversation")})
 
 
 @cached_stage(StageName.DATA_REPORT, "tasks.data.data_report")
@@ -73,7 +73,8 @@ def data_report_task(qa: StageResult, data: StageResult, tokenizer: Path | None 
     from tasks.model.tokenizer import data_tokenizer
 
     tok = data_tokenizer(tokenizer) if tokenizer else None
-    return data_report.build_data_report(qa, data, tok, str(tokenizer) if tokenizer else None)
+    return data_report.build_data_report(qa.out, data.out, tok,
+                                         str(tokenizer) if tokenizer else None)
 
 
 @task(name=StageName.BASE.value, cache_policy=NO_CACHE)
@@ -96,15 +97,15 @@ def convert_base_task(source: Path) -> StageResult:
 def base_model_task(data: StageResult, cfg: BaseModelConfig) -> StageResult:
     from tasks.model import base_model
 
-    return base_model.build_base_model(data.file("train_json"), cfg)
+    return base_model.build_base_model(data.out.train_json, cfg)
 
 
 @cached_stage(StageName.TRAIN, "tasks.train.train", model_libs=True, logged_as="adapter")
 def train_task(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
     from tasks.train import train
 
-    return model_core(train.train_adapter, base.path, data.file("train_json"),
-                       data.file("dev_json"), cfg)
+    return model_core(train.train_adapter, base.path, data.out.train_json, data.out.dev_json,
+                       cfg)
 
 
 @cached_stage(StageName.MERGE, "tasks.export.merge", model_libs=True, logged_as="merged_model")
@@ -140,7 +141,7 @@ def generations_task(base: ModelSpec, tuned: ModelSpec, data: StageResult, probe
                      cfg: ReportConfig, supervised: ModelSpec | None = None) -> StageResult:
     from tasks.evaluate import generations
 
-    return model_core(generations.generate_answers, base, tuned, data.file("dev_json"),
+    return model_core(generations.generate_answers, base, tuned, data.out.dev_json,
                        probes_file, cfg, supervised)
 
 
@@ -162,8 +163,8 @@ def preference_task(supervised: StageResult, pairs: StageResult, cfg: Preference
                     ) -> StageResult:
     from tasks.train import preference
 
-    return model_core(preference.tune_preferences, supervised.path,
-                       pairs.file("train_pairs_json"), pairs.file("dev_pairs_json"), cfg)
+    return model_core(preference.tune_preferences, supervised.path, pairs.out.train_pairs_json,
+                       pairs.out.dev_pairs_json, cfg)
 
 
 @cached_stage(StageName.MERGE_PREFERENCE, "tasks.export.merge", model_libs=True,
@@ -180,12 +181,11 @@ def merge_preference_task(supervised: StageResult, adapter: StageResult, cfg: Me
 def preference_eval_task(models: dict[str, ModelSpec], pairs: StageResult) -> StageResult:
     from tasks.evaluate import preference_eval
 
-    return model_core(preference_eval.evaluate_preferences, models,
-                       pairs.file("dev_pairs_json"))
+    return model_core(preference_eval.evaluate_preferences, models, pairs.out.dev_pairs_json)
 
 
 @cached_stage(StageName.REPORT, "tasks.evaluate.report")
 def report_task(generations: StageResult, extra_sections: dict[str, str]) -> StageResult:
     from tasks.evaluate import report
 
-    return report.render_report(generations.file("generations_json"), extra_sections)
+    return report.render_report(generations.out.generations_json, extra_sections)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.data.dataset_io import (
     CONVERSATIONS,
@@ -45,6 +45,29 @@ Duplicates = Literal["drop", "keep", "fail"]
 SplitBy = Literal["record", "question"]
 ROLES = ("system", "user", "assistant")
 log = logging.getLogger(__name__)
+
+
+@stage_output
+class Conversations:
+    """The train/dev split as ChatGLM3 conversations (JSON and Parquet), its counts, and how it
+    was made."""
+
+    train_json: Path
+    dev_json: Path
+    train_parquet: Path
+    dev_parquet: Path
+    duplicates_json: Path | None            # what was dropped as a duplicate, if anything
+    train_records: int
+    dev_records: int
+    duplicates: int
+    duplicates_dropped: int
+    question_groups: int | None             # split_by="question"
+    train_ratio: Info[float]
+    shuffle_seed: Info[int | None]
+    split_by: str
+    duplicates_policy: str
+    system_prompt: str | None
+    duplicate_examples: list[dict]
 
 
 def qa_to_conversation(q: str, a: str, system_prompt: str | None = None) -> Conversation:
@@ -234,17 +257,14 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
             atomic_write_json(tmp / "duplicates.json", {"dropped": dropped,
                                                         "examples": examples})
         out, digest = publish_dir(tmp, stage_root(StageName.CONVERSATIONS))
-    files = {f"{name}_{ext}": str(out / f"{name}.{ext}") for name in parts
-             for ext in ("json", "parquet")}
-    if dropped:
-        files["duplicates_json"] = str(out / "duplicates.json")
-    metrics = {"train_records": float(len(train_at)), "dev_records": float(len(dev_at)),
-               "duplicates": float(len(dup_rows)), "duplicates_dropped": float(dropped)}
-    if groups is not None:
-        metrics["question_groups"] = float(groups.max() + 1)
-    return StageResult(stage=StageName.CONVERSATIONS, path=str(out), digest=digest, files=files,
-                       metrics=metrics,
-                       info={"train_ratio": train_ratio, "shuffle_seed": shuffle_seed,
-                             "split_by": split_by, "duplicates": duplicates,
-                             "system_prompt": system_prompt,
-                             "duplicate_examples": examples[:20]})
+    return StageResult(stage=StageName.CONVERSATIONS, path=str(out), digest=digest,
+                       out=Conversations(
+        train_json=out / "train.json", dev_json=out / "dev.json",
+        train_parquet=out / "train.parquet", dev_parquet=out / "dev.parquet",
+        duplicates_json=out / "duplicates.json" if dropped else None,
+        train_records=len(train_at), dev_records=len(dev_at), duplicates=len(dup_rows),
+        duplicates_dropped=dropped,
+        question_groups=int(groups.max() + 1) if groups is not None else None,
+        train_ratio=train_ratio, shuffle_seed=shuffle_seed, split_by=split_by,
+        duplicates_policy=duplicates, system_prompt=system_prompt,
+        duplicate_examples=examples[:20]))

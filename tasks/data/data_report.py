@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.runtime.results import StageName, StageResult, file_key, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -30,6 +30,10 @@ from tasks.runtime.files import (
     staging_dir,
 )
 from tasks.data.dataset_io import read_parquet, single, turns
+
+if TYPE_CHECKING:       # the outputs this stage reads (not part of its cache key's code)
+    from tasks.data.conversations import Conversations
+    from tasks.data.ingest import Ingested
 
 TOKEN_SAMPLE = 5000
 ROLES = ("user", "assistant")
@@ -151,7 +155,22 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_data_report(ingest: StageResult, data: StageResult, tokenizer: Any | None = None,
+@stage_output
+class DataReport:
+    """The report's files; its counts and the train split's lengths per role (mean, p95) as
+    metrics ("<count>_records", "train_<role>_<chars|tokens>_<mean|p95>")."""
+
+    data_report_md: Path
+    data_report_json: Path
+    chars_hist_png: Path
+    tokens_hist_png: Path
+    turns_hist_png: Path
+    figures: Metrics
+    token_unit: str
+    counts: dict[str, int]
+
+
+def build_data_report(ingest: Ingested, data: Conversations, tokenizer: Any | None = None,
                       tokenizer_source: str | None = None) -> StageResult:
     """Report on the ingested and split data set (see the module docstring); token lengths in
     `tokenizer`'s tokens (a loaded tokenizer, from the folder `tokenizer_source`) if given."""
@@ -159,7 +178,8 @@ def build_data_report(ingest: StageResult, data: StageResult, tokenizer: Any | N
     chars, tokens, turn_counts, sample, notes = {}, {}, {}, [], []
     char_series, token_series = {}, {}
     for split in ("train", "dev"):
-        convs = single(read_parquet(data.file(f"{split}_parquet")).column("conversations"))
+        parquet = data.train_parquet if split == "train" else data.dev_parquet
+        convs = single(read_parquet(parquet).column("conversations"))
         if split == "train":
             sample = [{"conversations": c} for c in convs.slice(0, 3).to_pylist()]
         by_role = _texts_by_role(convs)
@@ -178,25 +198,20 @@ def build_data_report(ingest: StageResult, data: StageResult, tokenizer: Any | N
         sizes, n = np.unique(pc.list_value_length(convs).to_numpy(zero_copy_only=False),
                              return_counts=True)
         turn_counts[split] = dict(zip(sizes.tolist(), n.tolist()))
-    skipped = ingest.info.get("skipped", {})
-    dup_examples = read_json(data.file("duplicates_json"))["examples"] \
-        if "duplicates_json" in data.files else []
     report = {
-        "source": ingest.info.get("source"), "format": ingest.info.get("format"),
-        "counts": {"files": int(ingest.metrics.get("files", 1)),
-                   "read": int(ingest.metrics["records"] + ingest.metrics.get(
-                       "skipped_records", 0)),
-                   "skipped": int(ingest.metrics.get("skipped_records", 0)),
-                   "duplicates_dropped": int(data.metrics.get("duplicates_dropped", 0)),
-                   "train": int(data.metrics["train_records"]),
-                   "dev": int(data.metrics["dev_records"])},
-        "skipped": skipped,
-        "skipped_examples": read_json(ingest.file("skipped_json"))["examples"]
-        if "skipped_json" in ingest.files else [],
-        "duplicate_examples": dup_examples,
-        "ignored_fields": ingest.info.get("ignored_fields", {}),
-        "ignored_files": ingest.info.get("ignored_files", []),
-        "split": {k: data.info.get(k) for k in ("train_ratio", "shuffle_seed", "split_by")},
+        "source": ingest.source, "format": ingest.format,
+        "counts": {"files": ingest.files, "read": ingest.records + ingest.skipped_records,
+                   "skipped": ingest.skipped_records,
+                   "duplicates_dropped": data.duplicates_dropped,
+                   "train": data.train_records, "dev": data.dev_records},
+        "skipped": ingest.skipped,
+        "skipped_examples": read_json(ingest.skipped_json)["examples"]
+        if ingest.skipped_json else [],
+        "duplicate_examples": read_json(data.duplicates_json)["examples"]
+        if data.duplicates_json else [],
+        "ignored_fields": ingest.ignored_fields, "ignored_files": ingest.ignored_files,
+        "split": {"train_ratio": data.train_ratio, "shuffle_seed": data.shuffle_seed,
+                  "split_by": data.split_by},
         "chars": chars, "tokens": tokens, "token_unit": unit,
         "token_sample": ("Tokens counted on evenly spaced samples: " + "; ".join(notes) + ".")
         if notes else "Tokens counted on every message.",
@@ -210,15 +225,15 @@ def build_data_report(ingest: StageResult, data: StageResult, tokenizer: Any | N
         atomic_write_json(tmp / "data_report.json", report)
         atomic_write_text(tmp / "data_report.md", _markdown(report))
         out, digest = publish_dir(tmp, stage_root(StageName.DATA_REPORT))
-    files = {file_key(name): str(out / name) for name in (
-        "data_report.md", "data_report.json", "chars_hist.png", "tokens_hist.png",
-        "turns_hist.png")}
-    metrics = {f"{k}_records": float(v) for k, v in report["counts"].items() if k != "files"}
+    figures = {f"{k}_records": float(v) for k, v in report["counts"].items() if k != "files"}
     for key, stats in (("chars", chars), ("tokens", tokens)):
         for role in ROLES:
             s = stats["train"][role]
             if s.get("n"):
-                metrics[f"train_{role}_{key}_mean"] = float(s["mean"])
-                metrics[f"train_{role}_{key}_p95"] = float(s["p95"])
-    return StageResult(stage=StageName.DATA_REPORT, path=str(out), digest=digest, files=files,
-                       metrics=metrics, info={"token_unit": unit, "counts": report["counts"]})
+                figures[f"train_{role}_{key}_mean"] = float(s["mean"])
+                figures[f"train_{role}_{key}_p95"] = float(s["p95"])
+    return StageResult(stage=StageName.DATA_REPORT, path=str(out), digest=digest, out=DataReport(
+        data_report_md=out / "data_report.md", data_report_json=out / "data_report.json",
+        chars_hist_png=out / "chars_hist.png", tokens_hist_png=out / "tokens_hist.png",
+        turns_hist_png=out / "turns_hist.png", figures=figures, token_unit=unit,
+        counts=report["counts"]))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.data.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
 from tasks.data.formats import Format, Loaded, read_source
@@ -24,6 +24,30 @@ from tasks.runtime.progress import Progress
 from tasks.data.sources import Issues, OnError
 
 log = logging.getLogger(__name__)
+
+
+@stage_output
+class Ingested:
+    """What ingest made of the user's data: the files above, how many records, turns and input
+    files it read, what it skipped and why, and what it ignored."""
+
+    records_arrow: Path
+    qa_json: Path | None
+    skipped_json: Path | None
+    records: int
+    turns: int
+    files: int                              # input files read
+    skipped_records: int
+    qa_pairs: int | None                    # = records where every record is one Q/A pair
+    skipped_by_kind: Metrics                # "skipped.<kind>"
+    source: str
+    format: str
+    file_names: list[str]
+    ignored_files: list[str]
+    ignored_fields: dict[str, int]
+    on_error: str
+    skipped: dict[str, int]
+    skipped_examples: list[dict]
 
 
 def _relative_names(loaded: Loaded, source: Path) -> list[str]:
@@ -66,21 +90,13 @@ def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
             atomic_write_json(tmp / "skipped.json", {"counts": dict(issues.counts),
                                                      "examples": issues.examples})
         out, digest = publish_dir(tmp, stage_root(StageName.INGEST))
-    files = {"records_arrow": str(out / "records.arrow")}
-    if qa:
-        files["qa_json"] = str(out / "qa.json")
-    if issues.skipped:
-        files["skipped_json"] = str(out / "skipped.json")
     turns = pc.list_value_length(table.column("conversations"))
-    metrics = {"records": float(table.num_rows), "turns": float(pc.sum(turns).as_py()),
-               "files": float(len(loaded.files)), "skipped_records": float(issues.skipped),
-               **{f"skipped.{kind}": float(n) for kind, n in issues.counts.items()}}
-    if qa:
-        metrics["qa_pairs"] = float(table.num_rows)
-    return StageResult(stage=StageName.INGEST, path=str(out), digest=digest, files=files,
-                       metrics=metrics,
-                       info={"source": str(source), "format": loaded.format, "files": names,
-                             "ignored_files": loaded.ignored_files,
-                             "ignored_fields": loaded.ignored_fields, "on_error": on_error,
-                             "skipped": dict(issues.counts),
-                             "skipped_examples": issues.examples[:20]})
+    return StageResult(stage=StageName.INGEST, path=str(out), digest=digest, out=Ingested(
+        records_arrow=out / "records.arrow", qa_json=out / "qa.json" if qa else None,
+        skipped_json=out / "skipped.json" if issues.skipped else None,
+        records=table.num_rows, turns=pc.sum(turns).as_py(), files=len(loaded.files),
+        skipped_records=issues.skipped, qa_pairs=table.num_rows if qa else None,
+        skipped_by_kind={f"skipped.{kind}": float(n) for kind, n in issues.counts.items()},
+        source=str(source), format=loaded.format, file_names=names,
+        ignored_files=loaded.ignored_files, ignored_fields=loaded.ignored_fields,
+        on_error=on_error, skipped=dict(issues.counts), skipped_examples=issues.examples[:20]))

@@ -35,7 +35,7 @@ from tasks.runtime.errors import DataError
 from tasks.runtime.files import atomic_write_json, atomic_write_text, publish_dir, \
     staging_dir
 from tasks.runtime.paths import DATA_DIR
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 
 PreferenceFormat = Literal["auto", "trl", "alpaca_ranking", "sharegpt_ranking"]
 KEYS = {"trl": {"prompt", "chosen", "rejected"},
@@ -44,6 +44,18 @@ KEYS = {"trl": {"prompt", "chosen", "rejected"},
 SAMPLE = DATA_DIR / "sample" / "plant_care_preferences.jsonl"
 SKIP_HINT = ("fix the record, or set preference.on_error=skip to skip malformed pairs (they are "
              "counted and listed in the preference report)")
+
+
+@stage_output
+class PreferencePairs:
+    """The train/dev preference pairs, their report, and its counts as "<count>_pairs"."""
+
+    train_pairs_json: Path
+    dev_pairs_json: Path
+    preference_report_json: Path
+    preference_report_md: Path
+    counts: Metrics
+    source: str
 
 
 def detect(record: Any) -> str:
@@ -204,13 +216,13 @@ def build_preferences(source: Path, fmt: PreferenceFormat = "auto", on_error: st
         atomic_write_json(tmp / "preference_report.json", report)
         atomic_write_text(tmp / "preference_report.md", _markdown(report))
         out, digest = publish_dir(tmp, root)
-    files = {f"{n}_pairs_json": str(out / f"{n}_pairs.json") for n in parts}
-    files |= {"preference_report_json": str(out / "preference_report.json"),
-              "preference_report_md": str(out / "preference_report.md")}
     return StageResult(stage=StageName.PREFERENCE_DATA, path=str(out), digest=digest,
-                       files=files, metrics={f"{k}_pairs": float(v)
-                                             for k, v in report["counts"].items()},
-                       info={"source": str(source)})
+                       out=PreferencePairs(
+        train_pairs_json=out / "train_pairs.json", dev_pairs_json=out / "dev_pairs.json",
+        preference_report_json=out / "preference_report.json",
+        preference_report_md=out / "preference_report.md",
+        counts={f"{k}_pairs": float(v) for k, v in report["counts"].items()},
+        source=str(source)))
 
 
 #: what the sample's chosen answers add: a closing line inviting a follow-up question

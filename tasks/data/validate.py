@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 
 from tasks.runtime.paths import SCHEMA_DIR
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output
 from tasks.runtime.files import read_json
 from tasks.data.dataset_io import arrow_schema_of, scan_json_records
 from tasks.runtime.progress import Progress
@@ -215,6 +215,15 @@ def _exact(path: Path, kind: str, first_suspect: int = 0) -> int:
     return len(records)
 
 
+@stage_output
+class Validated:
+    """Each file's valid records ("<name>_valid_records"), the schema it was held to and how."""
+
+    valid_records: Metrics
+    schemas: dict[str, str]
+    validated_by: dict[str, str]
+
+
 def validate_file(path: Path, kind: str) -> int:
     """Validate one JSON file against schema `kind` ("qa" | "conversation"); return #records."""
     return check_file(path, kind)[0]
@@ -246,10 +255,10 @@ def validate(files: dict[str, tuple[Path, str]]) -> StageResult:
     counts = {name: n for name, (n, _) in checked.items()}
     paths = {name: how for name, (_, how) in checked.items()}
     folder = Path(next(iter(files.values()))[0]).parent
-    return StageResult(stage=StageName.VALIDATE, path=str(folder), digest="",
-                       metrics={f"{name}_valid_records": float(n) for name, n in counts.items()},
-                       info={"schemas": {name: SCHEMAS[kind] for name, (_, kind) in
-                                         files.items()}, "validated_by": paths})
+    return StageResult(stage=StageName.VALIDATE, path=str(folder), digest="", out=Validated(
+        valid_records={f"{name}_valid_records": float(n) for name, n in counts.items()},
+        schemas={name: SCHEMAS[kind] for name, (_, kind) in files.items()},
+        validated_by=paths))
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:

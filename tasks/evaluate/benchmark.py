@@ -34,12 +34,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tasks.runtime import child_process
 from tasks.evaluate.benchmark_rows import BenchmarkRow, FailedVariant, markdown_table, metrics, \
     summarise
-from tasks.runtime.results import StageName, StageResult, file_key, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -59,6 +59,21 @@ CANCELLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
+@stage_output
+class Benchmark:
+    """The measured rows (`benchmark.json`, read by `tasks.evaluate.benchmark_rows`), the
+    variants that failed (`failed.json`), the table (`benchmark.md`), each variant's figures as
+    metrics, and what was measured."""
+
+    benchmark_json: Path
+    failed_json: Path
+    benchmark_md: Path
+    figures: Metrics
+    failed_variant_runs: int
+    variants: dict[str, dict[str, Any]]      # name -> ModelSpec.describe()
+    prompts: list
+
+
 def batches(prompts: list, batch: int) -> list[list]:
     """The prompts, cycled to fill whole batches: every prompt is measured at least once."""
     rounds = -(-len(prompts) // batch)
@@ -218,12 +233,12 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
         atomic_write_json(tmp / "failed.json", [vars(f) for f in failed])
         atomic_write_text(tmp / "benchmark.md", table)
         out, digest = publish_dir(tmp, stage_root(StageName.BENCHMARK))
-    return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest,
-                       files={file_key(name): str(out / name)
-                              for name in ("benchmark.json", "failed.json", "benchmark.md")},
-                       metrics={**metrics(rows), "failed_variant_runs": float(len(failed))},
-                       summary=table, device=device,
-                       info={"variants": specs, "prompts": prompts})
+    return StageResult(stage=StageName.BENCHMARK, path=str(out), digest=digest, summary=table,
+                       device=device, out=Benchmark(
+        benchmark_json=out / "benchmark.json", failed_json=out / "failed.json",
+        benchmark_md=out / "benchmark.md", figures=metrics(rows),
+        failed_variant_runs=len(failed),
+        variants={name: spec.describe() for name, spec in specs.items()}, prompts=prompts))
 
 
 def main(argv: list[str] | None = None) -> None:

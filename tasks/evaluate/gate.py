@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
 from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
@@ -54,6 +54,16 @@ class GateConfig(BaseModel):
                        "production.")
 
 
+@stage_output
+class ChampionEvaluation:
+    """The champion's answers, scored as the generations stage scores (`scores`: score name ->
+    value, tasks/evaluate/scoring.py)."""
+
+    evaluation_json: Path
+    eval_examples: int
+    scores: Metrics
+
+
 def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: ReportConfig
                       ) -> StageResult:
     """The champion answers what the generations stage's models answered, as they did (the same
@@ -63,7 +73,8 @@ def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: R
 
     prompts = Prompts.read(dev_json, probes_file, cfg)
     run = answer_and_score(spec, prompts, cfg)
-    metrics = {**run.metrics(prompts, cfg.max_new_tokens), "eval_examples": float(prompts.n_eval)}
+    scores = run.metrics(prompts, cfg.max_new_tokens)
+    metrics = {**scores, "eval_examples": float(prompts.n_eval)}
     root = stage_root(StageName.EVALUATE_CHAMPION)
     with staging_dir(root) as tmp:
         atomic_write_json(tmp / "evaluation.json", {
@@ -75,7 +86,8 @@ def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: R
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
     return StageResult(stage=StageName.EVALUATE_CHAMPION, path=str(out), digest=digest,
-                       files={"evaluation_json": str(out / "evaluation.json")}, metrics=metrics)
+                       out=ChampionEvaluation(evaluation_json=out / "evaluation.json",
+                                              eval_examples=prompts.n_eval, scores=scores))
 
 
 def probe_answers(path: Path) -> dict[str, list[str]]:

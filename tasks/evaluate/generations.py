@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
@@ -34,6 +34,18 @@ SMALL_MODEL_PARAMS = 50_000_000
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
+@stage_output
+class Generations:
+    """The answers of base, tuned (and supervised) to the dev prompts and probes, scored:
+    `scores` holds "<role>_<score>" (role base, supervised or tuned; tasks/evaluate/scoring.py)."""
+
+    generations_json: Path
+    dev_examples: int
+    eval_examples: int
+    probe_count: int
+    scores: Metrics
+
+
 def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens: int,
                    batch_size: int = 1) -> dict[str, Any]:
     """Load one model from its spec (on the GPU where there is one), answer every prompt
@@ -126,11 +138,10 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
               "tuned": tuned}
     runs = {role: answer_and_score(spec, prompts, cfg) for role, spec in models.items()}
 
-    metrics: dict[str, float] = {"dev_examples": float(prompts.n_show),
-                                 "eval_examples": float(prompts.n_eval),
-                                 "probe_count": float(len(prompts.probes))}
-    for k, r in runs.items():
-        metrics |= {f"{k}_{key}": v for key, v in r.metrics(prompts, cfg.max_new_tokens).items()}
+    scores = {f"{k}_{key}": v for k, r in runs.items()
+              for key, v in r.metrics(prompts, cfg.max_new_tokens).items()}
+    metrics = {"dev_examples": float(prompts.n_show), "eval_examples": float(prompts.n_eval),
+               "probe_count": float(len(prompts.probes)), **scores}
 
     examples = [{"prompt": p, "reference": ref,
                  **{COLUMNS[k]: r.dev[i] for k, r in runs.items()},
@@ -150,6 +161,7 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
             "metrics": metrics})
         out, digest = publish_dir(tmp, root)
     return StageResult(stage=StageName.GENERATIONS, path=str(out), digest=digest,
-                       files={"generations_json": str(out / "generations.json")},
-                       metrics=metrics, device=pick_device())
+                       device=pick_device(), out=Generations(
+        generations_json=out / "generations.json", dev_examples=prompts.n_show,
+        eval_examples=prompts.n_eval, probe_count=len(prompts.probes), scores=scores))
 

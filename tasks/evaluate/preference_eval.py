@@ -22,13 +22,22 @@ from transformers import DataCollatorForSeq2Seq
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import load_tokenizer, pick_device, release
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.train.train_data import IGNORE, encode_conversation
 
 MAX_LENGTH = 1024
 
 
 @torch.inference_mode()
+@stage_output
+class PreferenceScores:
+    """Each model's preference accuracy and margin on the dev pairs: `scores` holds
+    "<model>_preference_accuracy", "_margin" and "_accuracy_sum"."""
+
+    preference_eval_json: Path
+    scores: Metrics
+
+
 def answer_logps(model: Any, tok: Any, pairs: list[dict], batch_size: int = 8,
                  device: str = "cpu") -> torch.Tensor:
     """(pairs, 2, 2): per pair, of the chosen and of the rejected answer, the summed
@@ -87,10 +96,9 @@ def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path, batch_si
             "pairs": len(pairs), "models": {n: m.describe() for n, m in models.items()},
             "scores": scores})
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage=stage, path=str(out), digest=digest,
-                       files={"preference_eval_json": str(out / "preference_eval.json")},
-                       metrics=metrics, device=pick_device("auto"),
-                       summary=summary(scores, len(pairs)))
+    return StageResult(stage=stage, path=str(out), digest=digest, device=pick_device("auto"),
+                       summary=summary(scores, len(pairs)), out=PreferenceScores(
+        preference_eval_json=out / "preference_eval.json", scores=metrics))
 
 
 def summary(scores: dict[str, dict[str, Any]], pairs: int) -> str:

@@ -13,7 +13,7 @@ from jinja2 import Environment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_text, publish_dir, read_json, staging_dir
 from tasks.evaluate.scoring import COLUMNS, SCORES
 from tasks.model.modeling import Message
@@ -22,6 +22,14 @@ from tasks.model.modeling import Message
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
+@stage_output
+class Report:
+    """The report, as Markdown and as a self-contained HTML page."""
+
+    report_md: Path
+    report_html: Path
+
+
 def _fence(text: str) -> str:
     """A fenced text block that survives backticks inside `text`."""
     run = longest = 0
@@ -110,10 +118,8 @@ def render_report(generations_json: Path, extra_sections: dict[str, str] | None 
         atomic_write_text(tmp / "report.md", markdown)
         atomic_write_text(tmp / "report.html", _html(ctx))
         out, digest = publish_dir(tmp, root)
-    return StageResult(stage=StageName.REPORT, path=str(out), digest=digest,
-                       files={"report_md": str(out / "report.md"),
-                              "report_html": str(out / "report.html")},
-                       summary=markdown)
+    return StageResult(stage=StageName.REPORT, path=str(out), digest=digest, summary=markdown,
+                       out=Report(report_md=out / "report.md", report_html=out / "report.html"))
 
 
 HTML_TEMPLATE = """<!doctype html>

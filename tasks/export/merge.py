@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import publish_dir, read_json, require_free_space, staging_dir
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import (
@@ -30,6 +30,23 @@ from tasks.model.modeling import (
 )
 
 #: a short chat used to compare merged vs base+adapter logits
+@stage_output
+class MergedModel:
+    """The merged model folder, how closely it follows base + adapter on a probe prompt, its
+    size and parameters, and what it was merged from."""
+
+    config_json: Path
+    merge_max_abs_logit_diff: float
+    merge_relative_logit_error: float
+    merge_top1_agreement: float
+    size_mb: float
+    params: int
+    base: str
+    adapter: str
+    probe_tokens: Info[int]
+    tokenizer_from: str                     # "adapter" | "base"
+
+
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
          {"role": "assistant", "content": "多半是浇水过多，先检查盆土是否积水。"}]
 #: largest relative error ||merged - base+adapter|| / ||base+adapter|| of the probe's logits.
@@ -110,12 +127,9 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
         save_model(merged, tokenizer, tmp)       # safetensors shards, config, chat template
         size = weights_mib(tmp)
         out, digest = publish_dir(tmp, stage_root(stage))
-    return StageResult(
-        stage=stage, path=str(out), digest=digest,
-        files={"config_json": str(out / "config.json")},
-        metrics={"merge_max_abs_logit_diff": diff, "merge_relative_logit_error": relative,
-                 "merge_top1_agreement": agree, "size_mb": size, "params": float(params)},
-        device=device, dtype=dtype,
-        info={"base": str(base_dir), "adapter": str(adapter_dir),
-              "probe_tokens": ids.shape[1],
-              "tokenizer_from": "adapter" if tokenizer_dir == str(adapter_dir) else "base"})
+    return StageResult(stage=stage, path=str(out), digest=digest, device=device, dtype=dtype,
+                       out=MergedModel(
+        config_json=out / "config.json", merge_max_abs_logit_diff=diff,
+        merge_relative_logit_error=relative, merge_top1_agreement=agree, size_mb=size,
+        params=params, base=str(base_dir), adapter=str(adapter_dir), probe_tokens=ids.shape[1],
+        tokenizer_from="adapter" if tokenizer_dir == str(adapter_dir) else "base"))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import publish_dir, require_free_space, staging_dir
 from tasks.export.merge import PROBE, probe_ids, weights_mib
 from tasks.model.modeling import (
@@ -46,6 +46,27 @@ if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydant
 Format = Literal["bnb", "torchao"]
 #: each format's stage: its outputs live under outputs/<stage>/
 STAGES: dict[str, StageName] = {"bnb": StageName.QUANTIZE, "torchao": StageName.QUANTIZE_TORCHAO}
+@stage_output
+class Int4Model:
+    """An int4 model folder (bitsandbytes or torchao), its size against the merged model's, how
+    closely it follows it (top-1 agreement, largest logit difference) and a sample answer."""
+
+    config_json: Path
+    size_mb: float
+    size_ratio_vs_merged: float
+    reload_ok: float                        # 1: reloaded from disk, finite logits, generated
+    int4_top1_agreement: float
+    int4_max_abs_logit_diff: float
+    format: str                             # "bnb" | "torchao"
+    description: str
+    sample_prompt: list[dict[str, str]]
+    sample: str
+    merged: str
+    quant_type: str
+    double_quant: bool
+    group_size: Info[int]
+
+
 SAMPLE_PROMPT = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"}]
 
 
@@ -125,15 +146,11 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         release(device)
         size, merged_size = weights_mib(tmp), weights_mib(merged_dir)
         out, digest = publish_dir(tmp, stage_root(STAGES[fmt]))
-    return StageResult(
-        stage=STAGES[fmt], path=str(out), digest=digest,
-        files={"config_json": str(out / "config.json")},
-        metrics={"size_mb": size, "size_ratio_vs_merged": size / merged_size,
-                 "reload_ok": 1.0, "int4_top1_agreement": agree,
-                 "int4_max_abs_logit_diff": logit_diff},
-        device=device, dtype=dtype,
-        info={"format": fmt, "description": describe(fmt, cfg),
-              "sample_prompt": sample_prompt or SAMPLE_PROMPT, "sample": sample,
-              "merged": str(merged_dir),
-              "quant_type": cfg.quant_type if fmt == "bnb" else "int4",
-              "double_quant": cfg.double_quant, "group_size": cfg.group_size})
+    return StageResult(stage=STAGES[fmt], path=str(out), digest=digest, device=device,
+                       dtype=dtype, out=Int4Model(
+        config_json=out / "config.json", size_mb=size, size_ratio_vs_merged=size / merged_size,
+        reload_ok=1.0, int4_top1_agreement=agree, int4_max_abs_logit_diff=logit_diff,
+        format=fmt, description=describe(fmt, cfg),
+        sample_prompt=sample_prompt or SAMPLE_PROMPT, sample=sample, merged=str(merged_dir),
+        quant_type=cfg.quant_type if fmt == "bnb" else "int4", double_quant=cfg.double_quant,
+        group_size=cfg.group_size))

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, file_key, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -49,6 +49,36 @@ REQUIRED_CHARS = "▁" + string.ascii_letters + string.digits + string.punctuati
 
 CHAT_TEMPLATE = DEFAULT_CHAT_TEMPLATE          # the embedded default's, saved with it
 PRETRAIN_BATCH = 4
+
+
+@stage_output
+class BuiltBase:
+    """The embedded default base model: its folder's files and how its pretraining went."""
+
+    config_json: Path
+    model_safetensors: Path
+    tokenizer_json: Path
+    sentencepiece_model: Path
+    pretrain_log_json: Path
+    params: int
+    vocab_size: int
+    pretrain_loss_first: float
+    pretrain_loss_last: float
+    pretrain_seconds: float
+    pretrain_tokens: int
+    build_seconds: float
+    source: str = "embedded"
+    train_json: str
+    documents: Info[int]
+    blocks: list[int]
+    architecture: str = "LlamaForCausalLM"
+
+
+@stage_output
+class UserBase:
+    """The user's base model, used where it is: `source` "local" (a folder) or "hub" (an id)."""
+
+    source: str
 
 
 def train_sentencepiece(texts: list[str], vocab_size: int) -> tuple[bytes, int]:
@@ -190,20 +220,15 @@ def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
         atomic_write_json(tmp / "pretrain_log.json", curve)
         out, digest = publish_dir(tmp, stage_root(StageName.BASE))
     params = sum(p.numel() for p in model.parameters())
-    return StageResult(
-        stage=StageName.BASE, path=str(out), digest=digest,
-        files={file_key(name): str(out / name) for name in (
-            "config.json", "model.safetensors", "tokenizer.json", "sentencepiece.model",
-            "pretrain_log.json")},
-        metrics={"params": float(params), "vocab_size": float(vocab_size),
-                 "pretrain_loss_first": curve[0]["loss"], "pretrain_loss_last": curve[-1]["loss"],
-                 "pretrain_seconds": round(pretrain_seconds, 2),
-                 "pretrain_tokens": float(blocks.numel()),
-                 "build_seconds": round(time.perf_counter() - start, 2)},
-        history=curve,
-        info={"source": "embedded", "train_json": str(train_json),
-              "documents": len(docs), "blocks": list(blocks.shape),
-              "architecture": "LlamaForCausalLM"})
+    return StageResult(stage=StageName.BASE, path=str(out), digest=digest, history=curve,
+                       out=BuiltBase(
+        config_json=out / "config.json", model_safetensors=out / "model.safetensors",
+        tokenizer_json=out / "tokenizer.json", sentencepiece_model=out / "sentencepiece.model",
+        pretrain_log_json=out / "pretrain_log.json", params=params, vocab_size=vocab_size,
+        pretrain_loss_first=curve[0]["loss"], pretrain_loss_last=curve[-1]["loss"],
+        pretrain_seconds=round(pretrain_seconds, 2), pretrain_tokens=blocks.numel(),
+        build_seconds=round(time.perf_counter() - start, 2), train_json=str(train_json),
+        documents=len(docs), blocks=list(blocks.shape)))
 
 
 def resolve_base_model(cfg: BaseModelConfig) -> StageResult | None:
@@ -221,6 +246,6 @@ def resolve_base_model(cfg: BaseModelConfig) -> StageResult | None:
             raise DataError(local, "base.path: the folder has no config.json; it is not a "
                                    "Hugging Face model folder")
         return StageResult(stage=StageName.BASE, path=str(local.resolve()),
-                           digest=digest_path(local), info={"source": "local"})
+                           digest=digest_path(local), out=UserBase(source="local"))
     return StageResult(stage=StageName.BASE, path=raw, digest=digest_bytes(f"hub:{raw}".encode()),
-                       info={"source": "hub"})
+                       out=UserBase(source="hub"))

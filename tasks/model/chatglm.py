@@ -34,7 +34,7 @@ import torch
 
 from tasks.model.chatglm_tokenizer import save_tokenizer
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_root
+from tasks.runtime.results import StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, require_free_space, staging_dir
 from tasks.model.mapped_weights import mapped_state_dict
 from tasks.config.model_folder import classify, read_config
@@ -63,6 +63,22 @@ class Shape:
     heads: int
     groups: int
     head_dim: int
+
+
+@stage_output
+class ConvertedBase:
+    """A ChatGLM2/3 or GLM-4 folder converted to a native one: conversion.json, the size of the
+    model and what the conversion cost."""
+
+    conversion_json: Path
+    params: int
+    conversion_seconds: float
+    conversion_peak_rss_mib: float
+    converted_bytes: int
+    source: str = "converted"
+    family: str
+    original: str
+    architecture: str = "GlmForCausalLM"
 
 
 def native_config(original: dict, folder: Path) -> dict:
@@ -216,13 +232,8 @@ def convert_folder(folder: Path) -> StageResult:
                   "peak_rss_mib": round(peaks.rss_mib, 1)}
         atomic_write_json(tmp / "conversion.json", report)
         out, digest = publish_dir(tmp, stage_root(StageName.BASE))
-    return StageResult(
-        stage=StageName.BASE, path=str(out), digest=digest,
-        files={"conversion_json": str(out / "conversion.json")},
-        metrics={"params": float(written["params"]),
-                 "conversion_seconds": report["seconds"],
-                 "conversion_peak_rss_mib": report["peak_rss_mib"],
-                 "converted_bytes": float(written["bytes"])},
-        info={"source": "converted", "family": kind.family, "original": str(folder),
-              "architecture": "GlmForCausalLM"})
+    return StageResult(stage=StageName.BASE, path=str(out), digest=digest, out=ConvertedBase(
+        conversion_json=out / "conversion.json", params=written["params"],
+        conversion_seconds=report["seconds"], conversion_peak_rss_mib=report["peak_rss_mib"],
+        converted_bytes=written["bytes"], family=kind.family, original=str(folder)))
 

@@ -16,6 +16,7 @@ import ast
 import functools
 import hashlib
 from pathlib import Path
+from typing import Iterator
 
 from tasks.runtime.paths import REPO_DIR
 
@@ -36,13 +37,27 @@ def _module_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def _executed(tree: ast.AST) -> Iterator[ast.AST]:
+    """Every node of `tree` except what sits under `if TYPE_CHECKING:`: an import there names a
+    type for the reader and the type checker (e.g. the stage output a core reads) and never
+    runs, so it does not make that module part of the code's closure."""
+    for node in ast.iter_child_nodes(tree):
+        test = node.test if isinstance(node, ast.If) else None
+        if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
+                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
+            yield from (n for child in node.orelse for n in [child, *_executed(child)])
+            continue
+        yield node
+        yield from _executed(node)
+
+
 @functools.lru_cache(maxsize=512)
 def _parsed(source: str) -> tuple[frozenset[str], str]:
     """(every module name a source imports, its `code_text`): parsed once per distinct source
     text: the files are still read on every call, but a stage's cache key no longer parses
     its whole code closure again (0.2-0.3 s per stage on the 2-core machine)."""
     found: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in _executed(ast.parse(source)):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -1,17 +1,29 @@
-"""What a stage is called and what it returns (a `StageResult`: small, JSON-able, cached by
-Prefect; the files stay on disk). Part of the runtime: no stage's cache key covers it, so adding
-a stage re-keys no other stage."""
+"""What a stage is called and what it returns: a `StageResult` (small, JSON-able, cached by
+Prefect; the files stay on disk) holding the stage's typed output (`stage_output`). Part of the
+runtime: no stage's cache key covers it, so adding a stage re-keys no other stage."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
+import json
+import types
+import typing
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
 from tasks.runtime.files import verify_outputs
 from tasks.runtime.paths import project_dir
+
+T = TypeVar("T")
+#: a field of a stage output kept as detail (the record's `info`), even where it is a number
+Info = Annotated[T, "info"]
+#: metrics under their own names, for the ones a stage names at run time (a score per model)
+Metrics = dict[str, float]
 
 
 class StageName(StrEnum):
@@ -52,9 +64,99 @@ def stage_root(stage: StageName) -> Path:
 
 
 def file_key(name: str) -> str:
-    """The key of output file `name` in a result's `files`: its name with dots as underscores
-    (`benchmark.json` -> `benchmark_json`), one style for every stage."""
+    """The name of output file `name` as a field of a stage output (and a key of
+    `StageResult.files`): its name with dots as underscores (`benchmark.json` ->
+    `benchmark_json`), one style for every stage."""
     return name.replace(".", "_")
+
+
+def stage_output(cls: type[T]) -> type[T]:
+    """Class decorator: `cls` is what a stage returns, typed: a frozen keyword-only dataclass
+    whose fields later stages read by name. For MLflow its fields are sorted by type: a `Path`
+    is a file worth browsing (`StageResult.files`), a number a metric, a `Metrics` dict metrics
+    under their own names, anything else -- or an `Info[...]` -- detail (`StageResult.info`)."""
+    made = dataclass(frozen=True, kw_only=True)(cls)
+    made.__stage_output__ = True
+    return made
+
+
+def _union_args(hint: Any) -> set[Any]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set(typing.get_args(hint)) - {type(None)}
+    return {hint}
+
+
+@functools.cache
+def _kinds(cls: type) -> dict[str, str]:
+    """Each field of output class `cls`: "file", "metric", "metrics" or "info"."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    kinds = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if typing.get_origin(hint) is Annotated and "info" in hint.__metadata__:
+            kinds[f.name] = "info"
+            continue
+        args = _union_args(hint)
+        kinds[f.name] = ("file" if args == {Path} else
+                         "metric" if args and args <= {int, float} else
+                         "metrics" if args == {Metrics} else "info")
+    return kinds
+
+
+def output_to_json(out: Any) -> dict[str, Any] | None:
+    """A stage output as JSON: its class (by module and name) and its fields."""
+    if out is None:
+        return None
+    fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+    return {"type": f"{type(out).__module__}:{type(out).__qualname__}",
+            "fields": {k: _plain(v) for k, v in fields.items()}}
+
+
+def _plain(value: Any) -> Any:
+    """A field value as JSON writes it: a path as its text, a numpy or torch scalar as a number."""
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (dict, list)):
+        return value.item()
+    return value
+
+
+def output_from_json(data: Any) -> Any:
+    """The stage output `output_to_json` wrote, refusing anything else: the class must be a
+    `stage_output` of a `tasks.` module and every file, metric and metrics field of its type."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or sorted(data) != ["fields", "type"]:
+        raise ValueError("an output is an object of type and fields")
+    module, _, name = str(data["type"]).partition(":")
+    if not module.startswith("tasks.") or not name.isidentifier():
+        raise ValueError(f"{data['type']!r} is not a stage output of this project")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not getattr(cls, "__stage_output__", False):
+        raise ValueError(f"{data['type']!r} is not a stage output")
+    fields = data["fields"]
+    if not isinstance(fields, dict) or set(fields) != set(_kinds(cls)):
+        raise ValueError(f"{name} has other fields than {sorted(_kinds(cls))}")
+    values = {}
+    for key, kind in _kinds(cls).items():
+        value = fields[key]
+        if kind == "file":
+            _check(value, str, key)
+            value = None if value is None else Path(value)
+        elif kind == "metric":
+            _check(value, (int, float), key)
+        elif kind == "metrics":
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} is {type(value).__name__}, not an object")
+            for k, v in value.items():
+                _check(v, (int, float), f"{key}[{k!r}]")
+        values[key] = value
+    return cls(**values)
+
+
+def _check(value: Any, kind: type | tuple[type, ...], what: str) -> None:
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise ValueError(f"{what} is {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -62,20 +164,18 @@ class StageResult:
     """The small, picklable record a stage returns (Prefect caches this; files stay on disk).
 
     `path` is the stage's main output (a file or a directory), `digest` its content digest, which
-    is what downstream cache keys see. `files` names the individual artifacts worth browsing,
-    `metrics` are numbers for MLflow, `summary` is markdown a person reads (the benchmark
-    table, the report), `history` the step metrics of a training (one dict per logged step:
-    its `step` and values, e.g. `loss`), `device` where a model stage computed, `dtype` the
-    dtype a model output loads in (merge: its weights'; int4: its compute dtype), and `info` any
-    other JSON-able detail a later stage reads. `result_id` is minted when the stage really
-    executes, so a cache hit can be traced back to the run that computed it."""
+    is what downstream cache keys see. `out` is the stage's typed output (`stage_output`: the
+    files, figures and details later stages read), `summary` markdown a person reads (the
+    benchmark table, the report), `history` the step metrics of a training (one dict per logged
+    step: its `step` and values, e.g. `loss`), `device` where a model stage computed, `dtype`
+    the dtype a model output loads in (merge: its weights'; int4: its compute dtype).
+    `result_id` is minted when the stage really executes, so a cache hit can be traced back to
+    the run that computed it."""
 
     stage: StageName
     path: str
     digest: str
-    files: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
+    out: Any = None
     summary: str = ""
     history: list[dict[str, float]] = field(default_factory=list)
     device: str | None = None
@@ -84,6 +184,37 @@ class StageResult:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stage", StageName(self.stage))   # a typo fails here, loudly
+        if self.out is not None and not getattr(type(self.out), "__stage_output__", False):
+            raise TypeError(f"{type(self.out).__name__} is not a stage output (stage_output)")
+        for name, value in (output_to_json(self.out) or {"fields": {}})["fields"].items():
+            try:                            # what the cache cannot store fails here, not later
+                json.dumps(value)
+            except (TypeError, ValueError) as e:
+                raise TypeError(f"{self.stage}: output field {name!r} is not JSON ({e})") from None
+
+    def _of_kind(self, *kinds: str) -> dict[str, Any]:
+        if self.out is None:
+            return {}
+        return {k: getattr(self.out, k) for k, kind in _kinds(type(self.out)).items()
+                if kind in kinds}
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The output's files, by field name (what the MLflow child run holds)."""
+        return {k: str(v) for k, v in self._of_kind("file").items() if v is not None}
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The output's numbers, by field name, and its `Metrics` under their own names."""
+        out = {k: float(v) for k, v in self._of_kind("metric").items() if v is not None}
+        for values in self._of_kind("metrics").values():
+            out |= {k: float(v) for k, v in values.items()}
+        return out
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The output's other details."""
+        return self._of_kind("info")
 
     def file(self, name: str) -> Path:
         return Path(self.files[name])
@@ -92,3 +223,11 @@ class StageResult:
         """None if the outputs this result points at are there as published (docs/design.md
         "Failure modes"), else what is wrong with them."""
         return verify_outputs([self.path, *self.files.values()])
+
+    def to_json(self) -> dict[str, Any]:
+        return {**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                "out": output_to_json(self.out)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "StageResult":
+        return cls(**{**data, "out": output_from_json(data.get("out"))})

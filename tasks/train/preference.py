@@ -27,7 +27,7 @@ import torch
 from tasks.config import PreferenceConfig
 from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
-from tasks.runtime.results import StageName, StageResult, file_key, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.train.train_control import DeferredSigterm, checkpoint_folder, control_callbacks, \
     in_loop_eval_seconds, last_checkpoint, list_checkpoints, load_trainable, resumed_step, \
     rounded, train_and_evaluate
@@ -68,6 +68,22 @@ def use_liger(cfg: PreferenceConfig, device: str) -> bool:
     if cfg.liger is not None:
         return cfg.liger
     return device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None
+
+
+@stage_output
+class PreferenceAdapter:
+    """The preference adapter's folder, what its training measured (`measured`: losses,
+    rewards, accuracy before and after, tokens/s, steps) and how it was trained."""
+
+    adapter_config_json: Path
+    preference_log_json: Path
+    measured: Metrics
+    method: str                             # "dpo" | "orpo"
+    model_dir: str
+    quantized: bool
+    checkpoint_dir: str
+    checkpoints: list[dict]
+    resumed_from: str | None
 
 
 def _trainer(method: str, model: Any, tok: Any, cfg: PreferenceConfig, ckpt: Path, device: str,
@@ -164,13 +180,10 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
     if tokens:        # the training loop's throughput: evaluation time left out
         metrics["train_tokens"] = float(tokens)
         metrics["train_tokens_per_s"] = tokens / max(seconds - evaluating, 1e-9)
-    return StageResult(
-        stage=StageName.PREFERENCE, path=str(out), digest=digest,
-        files={file_key(name): str(out / name)
-               for name in ("adapter_config.json", "preference_log.json")},
-        metrics=metrics, history=[{k.replace("/", "_"): v for k, v in h.items()}
-                                  for h in history],
-        device=device,
-        info={"method": cfg.method, "model_dir": str(model_dir), "quantized": cfg.quantized,
-              "checkpoint_dir": str(ckpt), "checkpoints": list_checkpoints(ckpt),
-              "resumed_from": last})
+    return StageResult(stage=StageName.PREFERENCE, path=str(out), digest=digest, device=device,
+                       history=[{k.replace("/", "_"): v for k, v in h.items()} for h in history],
+                       out=PreferenceAdapter(
+        adapter_config_json=out / "adapter_config.json",
+        preference_log_json=out / "preference_log.json", measured=metrics, method=cfg.method,
+        model_dir=str(model_dir), quantized=cfg.quantized, checkpoint_dir=str(ckpt),
+        checkpoints=list_checkpoints(ckpt), resumed_from=last))

@@ -33,7 +33,6 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tra
     TrainingArguments
 
 from tasks.runtime.paths import REPO_DIR, project_dir
-from tasks.runtime.results import StageName, StageResult, file_key, stage_root
+from tasks.runtime.results import Info, Metrics, StageName, StageResult, stage_output, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     publish_dir,
@@ -77,6 +76,31 @@ __all__ = ["IGNORE", "encode_conversation", "train_adapter", "checkpoint_dir", "
            "learning_rate"]
 #: config fields that do not change what is trained (left out of the checkpoint key)
 NOT_IN_KEY = {"resume", "save_total_limit", "sanity_examples"}
+
+
+@stage_output
+class Adapter:
+    """The trained adapter (or prefix) folder's files, its dev loss before and after, the rest of
+    what training measured (`measured`: tokens/s, steps, truncation, peak memory, ...) and how it
+    was trained."""
+
+    adapter_model_safetensors: Path
+    adapter_config_json: Path
+    train_log_json: Path
+    loss_curve_png: Path
+    sanity_check_md: Path | None            # train.sanity_examples > 0
+    sanity_check_tsv: Path | None
+    eval_loss_before: float
+    eval_loss_after: float
+    measured: Metrics
+    method: str
+    base_dir: str
+    gradient_checkpointing: bool
+    learning_rate: Info[float]
+    checkpoint_dir: str
+    checkpoints: list[dict]
+    resumed_from: str | None
+    target_modules: list[str]
 
 
 def learning_rate(cfg: TrainConfig) -> float:
@@ -215,7 +239,7 @@ def _launch(gpus: int, base_dir, train_json, dev_json, cfg: TrainConfig, ckpt: P
         returncode = proc.wait()
     if returncode != 0 or not result.is_file():
         raise RuntimeError(f"multi-GPU training failed (exit {returncode}): {' '.join(cmd)}")
-    return StageResult(**read_json(result))
+    return StageResult.from_json(read_json(result))
 
 
 def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ckpt: Path
@@ -301,19 +325,22 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
     }
     if (step_s := step_times.median()) is not None:     # steady state, evals left out
         metrics["step_seconds_median"] = step_s
-    names = ["adapter_model.safetensors", "adapter_config.json", "train_log.json",
-             "loss_curve.png"] + (["sanity_check.md", "sanity_check.tsv"] if cfg.sanity_examples
-                                  else [])
-    files = {file_key(name): str(out / name) for name in names}
+    sanity = cfg.sanity_examples > 0
     peft_cfg = model.peft_config["default"]
-    return StageResult(
-        stage=StageName.TRAIN, path=str(out), digest=digest, files=files,
-        metrics={k: float(v) for k, v in metrics.items()},
-        history=log, device=device,
-        info={"method": cfg.method, "base_dir": base_dir, "gradient_checkpointing": checkpointing,
-              "learning_rate": learning_rate(cfg), "checkpoint_dir": str(ckpt),
-              "checkpoints": checkpoints, "resumed_from": last,
-              "target_modules": sorted(getattr(peft_cfg, "target_modules", None) or [])})
+    return StageResult(stage=StageName.TRAIN, path=str(out), digest=digest, history=log,
+                       device=device, out=Adapter(
+        adapter_model_safetensors=out / "adapter_model.safetensors",
+        adapter_config_json=out / "adapter_config.json", train_log_json=out / "train_log.json",
+        loss_curve_png=out / "loss_curve.png",
+        sanity_check_md=out / "sanity_check.md" if sanity else None,
+        sanity_check_tsv=out / "sanity_check.tsv" if sanity else None,
+        eval_loss_before=eval_before, eval_loss_after=eval_after,
+        measured={k: float(v) for k, v in metrics.items()
+                  if k not in ("eval_loss_before", "eval_loss_after")},
+        method=cfg.method, base_dir=str(base_dir), gradient_checkpointing=checkpointing,
+        learning_rate=learning_rate(cfg), checkpoint_dir=str(ckpt), checkpoints=checkpoints,
+        resumed_from=last,
+        target_modules=sorted(getattr(peft_cfg, "target_modules", None) or [])))
 
 
 def _worker(spec_path: Path) -> None:
@@ -321,7 +348,7 @@ def _worker(spec_path: Path) -> None:
     res = _train(spec["base_dir"], Path(spec["train_json"]), Path(spec["dev_json"]),
                  TrainConfig.model_validate(spec["cfg"]), Path(spec["checkpoints"]))
     if res is not None:
-        atomic_write_json(Path(spec["result"]), asdict(res))
+        atomic_write_json(Path(spec["result"]), res.to_json())
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ def test_data_report_counts_histograms_and_sample(tmp_path):
     src.write_text(SAMPLE.read_text(encoding="utf-8") + "\n孤零零的问题？\n", encoding="utf-8")
     qa = ingest(src, on_error="skip")
     data = build_conversations(qa.file("records_arrow"))
-    report = build_data_report(qa, data)
+    report = build_data_report(qa.out, data.out)
     body = json.loads(report.file("data_report_json").read_text(encoding="utf-8"))
     assert body["counts"] == {"files": 1, "read": 343, "skipped": 1, "duplicates_dropped": 0,
                               "train": 239, "dev": 103}
@@ -330,7 +330,7 @@ def test_data_report_counts_tokens_with_a_configured_tokenizer(tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     qa = ingest(SAMPLE)
     data = build_conversations(qa.file("records_arrow"))
-    report = build_data_report(qa, data, data_tokenizer(folder), str(folder))
+    report = build_data_report(qa.out, data.out, data_tokenizer(folder), str(folder))
     body = json.loads(report.file("data_report_json").read_text(encoding="utf-8"))
     assert body["token_unit"].startswith("tokens of ") and str(folder) in body["token_unit"]
     train = json.loads(data.file("train_json").read_text(encoding="utf-8"))

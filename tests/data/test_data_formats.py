@@ -100,7 +100,7 @@ def test_ignored_fields_are_reported():
 def test_directory_of_one_format_is_one_data_set_in_natural_order():
     info, records = run_stages(FORMATS / "jsonl_dir")
     assert info["format"] == "qa"
-    assert info["files"] == ["part-1.jsonl", "part-2.jsonl", "part-10.jsonl"]
+    assert info["file_names"] == ["part-1.jsonl", "part-2.jsonl", "part-10.jsonl"]
     assert info["ignored_files"][0].endswith("README.md")
     assert [r[0]["content"] for r in records] == [
         "绿萝叶子发黄怎么办？", "多肉多久浇一次水？", "月季怎么修剪？", "文竹怎么养？", "茉莉怎么施肥？"]

@@ -4,10 +4,13 @@ tests check the order they compute in (tests/_ops_config.py `stage_names`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import flows.stages as stages
 from flows.caching import child_run_artifacts, logged_folder
+from tasks.evaluate.report import Report
 from tasks.runtime.results import StageName, StageResult
 
 
@@ -18,9 +21,11 @@ def test_a_stage_name_read_back_is_the_enum_and_a_misspelt_one_fails():
 
 
 def test_a_child_run_holds_the_folder_a_stage_declares_else_its_files():
-    result = StageResult("train", "/out/train/abc", "abc", files={"train_log": "/out/log.json"})
+    result = StageResult("report", "/out/train/abc", "abc", out=Report(
+        report_md=Path("/out/report.md"), report_html=Path("/out/report.html")))
     assert child_run_artifacts(stages.train_task, result) == {"adapter": "/out/train/abc"}
-    assert child_run_artifacts(stages.benchmark_task, result) == {"train_log": "/out/log.json"}
+    assert child_run_artifacts(stages.report_task, result) == \
+        {"report_md": "/out/report.md", "report_html": "/out/report.html"}
     # the torchao int4 stage: quantize's task under its own name, and its own folder
     assert stages.quantize_torchao_task.name == StageName.QUANTIZE_TORCHAO
     assert child_run_artifacts(stages.quantize_torchao_task, result) == \

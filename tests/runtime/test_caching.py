@@ -24,6 +24,10 @@ def test_code_closure_follows_helper_modules():
     assert {p.name for p in code_closure("tasks.data.ingest")} == {
         "ingest.py", "formats.py", "records.py", "qa_text.py", "sources.py", "dataset_io.py"}
     assert "formats.py" not in {p.name for p in code_closure("tasks.data.validate")}
+    # the data report reads ingest's and conversations' outputs: their classes are imported
+    # for the type checker only (`if TYPE_CHECKING:`), so their code is not the report's
+    assert {p.name for p in code_closure("tasks.data.data_report")} == {
+        "data_report.py", "dataset_io.py"}
 
 
 def test_key_follows_file_content_not_path_or_mtime(tmp_path):

@@ -16,6 +16,8 @@ import pytest
 
 from flows.results import CacheKeyStorage, StageResultSerializer, UntrustedRecord
 from tasks.runtime.errors import ConfigError, DataError
+from tasks.data.validate import Validated
+from tasks.evaluate.report import Report
 from tasks.runtime.results import StageName, StageResult, stage_root
 from tasks.runtime.files import owner_tag, publish_dir, staging_dir, sweep_leftovers
 from tasks.config.load import load_config, load_model
@@ -78,7 +80,8 @@ def test_publishing_again_replaces_a_damaged_copy_and_keeps_a_good_one():
 
 def test_stage_result_problem_names_the_file():
     out = publish({"train.json": "[]\n"})
-    result = StageResult(StageName.INGEST, str(out), out.name, files={"train": str(out / "train.json")})
+    result = StageResult(StageName.REPORT, str(out), out.name,
+                         out=Report(report_md=out / "train.json", report_html=out / "train.json"))
     assert result.problem() is None
     (out / "train.json").write_text("[1, 2]\n", encoding="utf-8")
     assert str(out / "train.json") in result.problem()
@@ -127,12 +130,31 @@ def _record(folder: Path, key: str, serializer: dict, result: bytes) -> Path:
 
 
 def test_stage_results_round_trip_as_json_and_nothing_else_is_read(tmp_path):
-    result = StageResult("ingest", "/p", "d", {"a": "/p/a"}, {"records": 3.0}, {"x": [1]})
+    result = StageResult("validate", "/p", "", out=Validated(
+        valid_records={"train_valid_records": 3.0}, schemas={"train": "conversation.schema.json"},
+        validated_by={"train": "jsonschema"}))
     blob = StageResultSerializer().dumps(result)
-    assert StageResultSerializer().loads(blob) == result and b"ingest" in blob
-    with pytest.raises(UntrustedRecord):
-        StageResultSerializer().loads(json.dumps({"stage_result": {
-            **json.loads(blob)["stage_result"], "extra": 1}}).encode())
+    assert StageResultSerializer().loads(blob) == result and b"validate" in blob
+    record = json.loads(blob)["stage_result"]
+    assert result.metrics == {"train_valid_records": 3.0}     # what MLflow logs, by field type
+    assert result.info == {"schemas": {"train": "conversation.schema.json"},
+                           "validated_by": {"train": "jsonschema"}}
+
+    def refused(**changed):
+        with pytest.raises(UntrustedRecord):
+            StageResultSerializer().loads(json.dumps({"stage_result": {**record, **changed}})
+                                          .encode())
+
+    refused(extra=1)
+    # the output's class must be a stage output of this project, its fields of their types
+    refused(out={**record["out"], "type": "os:system"})
+    refused(out={**record["out"], "type": "tasks.runtime.files:Path"})
+    refused(out={**record["out"], "fields": {**record["out"]["fields"],
+                                             "valid_records": {"train": "3"}}})
+    refused(out={**record["out"], "fields": {"valid_records": {}}})
+    # an output the cache could not store is refused where it is made, naming the field
+    with pytest.raises(TypeError, match="report: output field 'report_md' is not JSON"):
+        StageResult("report", "/p", "d", out=Report(report_md=object(), report_html=Path("/p")))
     with pytest.raises(TypeError):
         StageResultSerializer().dumps({"not": "a stage result"})
 

@@ -28,7 +28,6 @@ from tasks.train.train_data import IGNORE, encode_conversation
 MAX_LENGTH = 1024
 
 
-@torch.inference_mode()
 @stage_output
 class PreferenceScores:
     """Each model's preference accuracy and margin on the dev pairs: `scores` holds
@@ -38,6 +37,7 @@ class PreferenceScores:
     scores: Metrics
 
 
+@torch.inference_mode()
 def answer_logps(model: Any, tok: Any, pairs: list[dict], batch_size: int = 8,
                  device: str = "cpu") -> torch.Tensor:
     """(pairs, 2, 2): per pair, of the chosen and of the rejected answer, the summed

@@ -207,8 +207,10 @@ def test_an_answer_scored_after_a_history_counts_only_its_own_tokens(data):
                {"role": "assistant", "content": "你好，请问有什么可以帮你？"}]
     pairs = [{"prompt": p, "chosen": "少浇水。", "rejected": "多晒太阳，别浇太多水。"}
              for p in (question, history + question)]
-    counts = answer_logps(load_model(data["base"]), load_tokenizer(data["base"]), pairs)[..., 1]
+    logps = answer_logps(load_model(data["base"]), load_tokenizer(data["base"]), pairs)
+    counts = logps[..., 1]
     assert torch.equal(counts[0], counts[1]) and counts[0, 0] < counts[0, 1], counts
+    assert not logps.requires_grad          # scored without autograd (torch.inference_mode)
 
 
 def test_qlora_gradients_survive_an_eval_pass(data):

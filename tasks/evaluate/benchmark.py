@@ -59,6 +59,8 @@ CANCELLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 log = logging.getLogger(__name__)
 DEFAULT_PROMPTS = ["绿萝叶子发黄是什么原因？", "多肉植物多久浇一次水？", "月季开花后要怎么修剪？",
                    "冬天室内的植物要注意什么？"]
+
+
 @stage_output
 class Benchmark:
     """The measured rows (`benchmark.json`, read by `tasks.evaluate.benchmark_rows`), the

@@ -31,9 +31,6 @@ from tasks.evaluate.scoring import COLUMNS, SCORES, average, read_dev_prompts, r
 SMALL_MODEL_PARAMS = 50_000_000
 
 
-# ---------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------
 @stage_output
 class Generations:
     """The answers of base, tuned (and supervised) to the dev prompts and probes, scored:
@@ -46,6 +43,9 @@ class Generations:
     scores: Metrics
 
 
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
 def answer_prompts(spec: ModelSpec, prompts: list[list[Message]], max_new_tokens: int,
                    batch_size: int = 1) -> dict[str, Any]:
     """Load one model from its spec (on the GPU where there is one), answer every prompt

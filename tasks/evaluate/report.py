@@ -19,9 +19,6 @@ from tasks.evaluate.scoring import COLUMNS, SCORES
 from tasks.model.modeling import Message
 
 
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
 @stage_output
 class Report:
     """The report, as Markdown and as a self-contained HTML page."""
@@ -30,6 +27,9 @@ class Report:
     report_html: Path
 
 
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
 def _fence(text: str) -> str:
     """A fenced text block that survives backticks inside `text`."""
     run = longest = 0

@@ -29,7 +29,7 @@ from tasks.model.modeling import (
     save_model,
 )
 
-#: a short chat used to compare merged vs base+adapter logits
+
 @stage_output
 class MergedModel:
     """The merged model folder, how closely it follows base + adapter on a probe prompt, its
@@ -47,6 +47,7 @@ class MergedModel:
     tokenizer_from: str                     # "adapter" | "base"
 
 
+#: a short chat used to compare merged vs base+adapter logits
 PROBE = [{"role": "user", "content": "绿萝叶子发黄是什么原因？"},
          {"role": "assistant", "content": "多半是浇水过多，先检查盆土是否积水。"}]
 #: largest relative error ||merged - base+adapter|| / ||base+adapter|| of the probe's logits.

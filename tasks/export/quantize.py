@@ -46,6 +46,8 @@ if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydant
 Format = Literal["bnb", "torchao"]
 #: each format's stage: its outputs live under outputs/<stage>/
 STAGES: dict[str, StageName] = {"bnb": StageName.QUANTIZE, "torchao": StageName.QUANTIZE_TORCHAO}
+
+
 @stage_output
 class Int4Model:
     """An int4 model folder (bitsandbytes or torchao), its size against the merged model's, how

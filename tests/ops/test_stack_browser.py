@@ -345,8 +345,12 @@ def test_nightly_deployment_shows_its_schedule(stack, deployments, page):
     page.wait_for_url(re.compile(r"/deployments/deployment/"))
     page.get_by_text(re.compile(r"At 02:00 AM", re.I)).first.wait_for()   # the schedule card
     shot(page, "prefect-4-nightly-schedule")
-    # its menu -> Edit shows the cron expression and the time zone it is evaluated in
-    page.get_by_role("button", name="Open menu").last.click()
+    # its menu -> Edit shows the cron expression and the time zone it is evaluated in. The
+    # card's own menu: the page header has one too (its Edit opens the deployment's edit page),
+    # and the card's may render after the card's text
+    card = page.locator("div").filter(has_text=re.compile(r"^\s*At 02:00 AM", re.I)) \
+        .filter(has=page.get_by_role("button", name="Open menu"))
+    card.first.get_by_role("button", name="Open menu").click()
     page.locator("[role=menu]").get_by_text("Edit", exact=True).click()
     dialog = page.get_by_role("dialog")
     dialog.wait_for()

@@ -38,3 +38,16 @@ def load_twice(seconds: float) -> None:
     for _ in range(2):
         with step("a load", phase="load"):
             time.sleep(seconds)
+
+
+def load_then_save_in_a_block() -> None:
+    """A 'load', then a 'save' inside a peak_memory() block of its own (as the ChatGLM
+    conversion measures itself): the child reports both."""
+    from tasks.runtime.progress import step
+    from tasks.runtime.resources import peak_memory
+
+    with step("a load", phase="load"):
+        pass
+    with peak_memory():
+        with step("a save", phase="save"):
+            pass

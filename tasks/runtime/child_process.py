@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from tasks.runtime.resources import Peaks, add_child_peaks, add_phase, own_peak_rss_mib, \
-    phases_since
+    phases_since, report_phases
 
 #: what the fork server imports once, on every machine
 PRELOAD = ["torch", "transformers", "tasks.runtime.child_process", "tasks.model.model_spec",
@@ -178,6 +178,7 @@ def _child(job: str, answer: str, records: Connection, environ: dict[str, str], 
     for name in ("tasks", "flows"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
+    report_phases()
     fn, args, kwargs = pickle.loads(Path(job).read_bytes())     # imports fn's module
     started = time.monotonic()
     try:

@@ -47,9 +47,17 @@ _open_blocks = 0
 
 
 def add_phase(phase: str, seconds: float) -> None:
-    """Count `seconds` of `phase` in the open `peak_memory()` block (in a child process: in what
-    it reports back)."""
-    _phase_log.append((phase, seconds))
+    """Count `seconds` of `phase` in every open `peak_memory()` block (and, in a child process,
+    in what it reports back, `report_phases`); with none open nobody reads it."""
+    if _open_blocks:
+        _phase_log.append((phase, seconds))
+
+
+def report_phases() -> None:
+    """This process reports its phases when it ends (a child process): keep every one from now
+    on, whatever blocks open and close inside it."""
+    global _open_blocks
+    _open_blocks += 1
 
 
 def phases_since(first: int = 0) -> dict[str, float]:
@@ -95,7 +103,8 @@ def add_child_peaks(peaks: Peaks) -> None:
     """Count a finished child process's peaks in the open `peak_memory()` block, and its phases
     in every open block."""
     _children.append(peaks)
-    _phase_log.extend(peaks.phases.items())
+    for phase, seconds in peaks.phases.items():
+        add_phase(phase, seconds)
 
 
 def _cuda():

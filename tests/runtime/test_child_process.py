@@ -52,6 +52,10 @@ def test_the_childs_phases_come_back_with_the_time_it_took_to_start():
     # an enclosing block counts what happened in the blocks inside it too
     assert outer.phases["load"] >= peaks.phases["load"] + 0.2
     assert outer.phases["process_start"] > peaks.phases["process_start"]
+    # a block the child opens and closes itself does not drop what it timed before
+    with peak_memory() as peaks:
+        child_process.call(_child_jobs.load_then_save_in_a_block)
+    assert {"load", "save", "process_start"} <= set(peaks.phases)
 
 
 def test_a_data_error_comes_back_as_itself(tmp_path):

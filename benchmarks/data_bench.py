@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.data.conversations import build_conversations
     from tasks.data.data_report import build_data_report
     from tasks.data.ingest import ingest
-    from tasks.data.validate import validate
+    from tasks.data.validate import validate_data
 
     try:
         corpus = home / "corpus.txt"
@@ -107,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         rows: list = []
         qa = timed("ingest", lambda: ingest(corpus), rows)
         data = timed("conversations",
-                     lambda: build_conversations(qa.file("records_arrow")), rows)
-        checked = timed("validate", lambda: validate({
-            "qa": (qa.file("qa_json"), "qa"), "train": (data.file("train_json"), "conversation"),
-            "dev": (data.file("dev_json"), "conversation")}), rows)
+                     lambda: build_conversations(qa.out.records_arrow), rows)
+        checked = timed("validate", lambda: validate_data(qa.out, data.out), rows)
         if args.report:
             timed("data_report", lambda: build_data_report(qa.out, data.out), rows)
         wall, cpu = sum(r[1] for r in rows[:3]), sum(r[4] for r in rows[:3])
@@ -118,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'chain (3)':<14} {wall:6.2f} s wall {cpu:6.2f} s CPU   peak RSS {peak:.0f} MiB "
               f"= {peak * 2**20 / size:.1f} x the input; load average now "
               f"{os.getloadavg()[0]:.1f}")
-        assert data.metrics["train_records"] == round(args.pairs * 0.7)
-        assert checked.info["validated_by"] == {"qa": "fast", "train": "fast", "dev": "fast"}
-        print("records:", {k: int(v) for k, v in {**qa.metrics, **data.metrics}.items()
-                           if k in ("qa_pairs", "train_records", "dev_records")},
-              "validated by:", checked.info["validated_by"])
+        assert data.out.train_records == round(args.pairs * 0.7)
+        assert checked.out.validated_by == {"qa": "fast", "train": "fast", "dev": "fast"}
+        print("records:", {"qa_pairs": qa.out.qa_pairs, "train_records": data.out.train_records,
+                           "dev_records": data.out.dev_records},
+              "validated by:", checked.out.validated_by)
     finally:
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)

@@ -63,15 +63,13 @@ def run_cores(corpus: Path, home: Path) -> dict[str, float]:
     from tasks.data.conversations import build_conversations
     from tasks.data.data_report import build_data_report
     from tasks.data.ingest import ingest
-    from tasks.data.validate import validate
+    from tasks.data.validate import validate_data
 
     home.mkdir()
     rows: list = []
     qa = timed("ingest", lambda: ingest(corpus), rows)
-    data = timed("conversations", lambda: build_conversations(qa.file("records_arrow")), rows)
-    timed("validate", lambda: validate({
-        "qa": (qa.file("qa_json"), "qa"), "train": (data.file("train_json"), "conversation"),
-        "dev": (data.file("dev_json"), "conversation")}), rows)
+    data = timed("conversations", lambda: build_conversations(qa.out.records_arrow), rows)
+    timed("validate", lambda: validate_data(qa.out, data.out), rows)
     timed("data_report", lambda: build_data_report(qa.out, data.out), rows)
     return {name: seconds for name, seconds, *_ in rows} | {
         "cpu": sum(cpu for *_, cpu in rows)}

@@ -59,9 +59,7 @@ def conversations_task(qa: StageResult, system_prompt: str | None, train_ratio: 
 def validate_task(qa: StageResult, data: StageResult) -> StageResult:
     from tasks.data import validate
 
-    files = {"qa": (qa.out.qa_json, "qa")} if qa.out.qa_json else {}
-    return validate.validate({**files, "train": (data.out.train_json, "conversation"),
-                              "dev": (data.out.dev_json, "conversation")})
+    return validate.validate_data(qa.out, data.out)
 
 
 @cached_stage(StageName.DATA_REPORT, "tasks.data.data_report")

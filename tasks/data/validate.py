@@ -20,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import orjson
@@ -34,6 +34,10 @@ from tasks.runtime.results import Metrics, StageName, StageResult, stage_output
 from tasks.runtime.files import read_json
 from tasks.data.dataset_io import arrow_schema_of, scan_json_records
 from tasks.runtime.progress import Progress
+
+if TYPE_CHECKING:       # the outputs this stage reads (not part of its cache key's code)
+    from tasks.data.conversations import Conversations
+    from tasks.data.ingest import Ingested
 
 SCHEMAS = {"qa": "qa.schema.json", "conversation": "conversation.schema.json",
            "preference": "preference.schema.json"}
@@ -259,6 +263,14 @@ def validate(files: dict[str, tuple[Path, str]]) -> StageResult:
         valid_records={f"{name}_valid_records": float(n) for name, n in counts.items()},
         schemas={name: SCHEMAS[kind] for name, (_, kind) in files.items()},
         validated_by=paths))
+
+
+def validate_data(ingested: Ingested, data: Conversations) -> StageResult:
+    """The stage on what ingest and conversations made: qa.json (when every record was one Q/A
+    pair), train.json and dev.json, each against its schema."""
+    qa = {"qa": (ingested.qa_json, "qa")} if ingested.qa_json else {}
+    return validate({**qa, "train": (data.train_json, "conversation"),
+                     "dev": (data.dev_json, "conversation")})
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:

@@ -84,7 +84,7 @@ def main() -> None:
         if saved else None,
         "resumed_from_step": res.metrics["resumed_from_step"],
         "global_step_after_resume": res.metrics["global_step"],
-        "eval_loss": [res.metrics["eval_loss_before"], res.metrics["eval_loss_after"]]}
+        "eval_loss": [res.out.eval_loss_before, res.out.eval_loss_after]}
     summary["ok"] = (proc.returncode == -signal.SIGTERM and not left and stopped_at is not None
                      and seen <= stopped_at < total and len(acks) == summary["gpus"]
                      and summary["resumed_from_step"] == stopped_at

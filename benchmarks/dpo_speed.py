@@ -124,7 +124,7 @@ def write(args: argparse.Namespace, gpu: bool, pairs, rows: dict[str, dict]) -> 
               "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)",
               "command": "PYTHONPATH=. python " + " ".join(map(shlex.quote, sys.argv)),
               "size": args.size, "train_pairs": len(json.loads(
-                  Path(pairs.file("train_pairs_json")).read_text(encoding="utf-8"))),
+                  pairs.out.train_pairs_json.read_text(encoding="utf-8"))),
               "settings": {"lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "batch": BATCH,
                            "max_length": MAX_LENGTH, "learning_rate": LEARNING_RATE,
                            "beta": BETA, "epochs": args.epochs, "quantization": "nf4, double "
@@ -174,7 +174,7 @@ def main() -> int:
     rows: dict[str, dict] = {}
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--variant", variant, "--model", str(model_dir),
-               "--train", pairs.file("train_pairs_json"), "--dev", pairs.file("dev_pairs_json"),
+               "--train", str(pairs.out.train_pairs_json), "--dev", str(pairs.out.dev_pairs_json),
                "--epochs", str(args.epochs)]
         start = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)

@@ -87,9 +87,9 @@ def one(fields: dict, train_json: Path, dev_json: Path) -> dict:
     default = PipelineConfig()
     cpu0 = time.process_time()
     base = build_base_model(train_json, default.base.model_copy(update=fields))
-    out = {"fields": fields, "params": base.metrics["params"],
+    out = {"fields": fields, "params": base.out.params,
            "pretrain_cpu_s": round(time.process_time() - cpu0, 1),
-           "pretrain_loss_last": base.metrics["pretrain_loss_last"],
+           "pretrain_loss_last": base.out.pretrain_loss_last,
            "base_rouge_l": round(rouge(ModelSpec(base.path), dev_json)["rouge_l"], 2)}
     for method in METHOD_NAMES:
         cfg = default.train.model_copy(update={"method": method})
@@ -102,8 +102,8 @@ def one(fields: dict, train_json: Path, dev_json: Path) -> dict:
         train_cpu = time.process_time() - cpu0
         tuned = ModelSpec(base.path, adapter=res.path,
                           quantization=METHODS[method].serving_quantization(cfg))
-        out[method] = {"dev_loss_before": round(res.metrics["eval_loss_before"], 3),
-                       "dev_loss_after": round(res.metrics["eval_loss_after"], 3),
+        out[method] = {"dev_loss_before": round(res.out.eval_loss_before, 3),
+                       "dev_loss_after": round(res.out.eval_loss_after, 3),
                        "rouge_l": round(rouge(tuned, dev_json)["rouge_l"], 2),
                        "train_cpu_s": round(train_cpu, 1)}
     out["cpu_s"] = round(time.process_time(), 1)

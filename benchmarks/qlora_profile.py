@@ -160,7 +160,7 @@ def run_project(base_dir: Path, train_json: Path, dev_json: Path, steps: int,
             "useful_tok_s_whole_run": r.metrics["train_tokens_per_s"],
             "peak_cuda_mib": r.metrics["peak_gpu_memory_gib"] * 1024,
             "losses": [h["loss"] for h in r.history if "loss" in h][:steps],
-            "checkpointing": r.info["gradient_checkpointing"], "flat": True, "upcast": False}
+            "checkpointing": r.out.gradient_checkpointing, "flat": True, "upcast": False}
 
 
 def main() -> None:

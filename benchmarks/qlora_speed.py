@@ -192,7 +192,7 @@ def run_qlora(base_dir: Path, work: Path, steps: int = 20) -> dict:
             "loss_first_20_trl_liger": trl["losses"][:20]} if "error" not in trl
            else {"anchor_trl_liger_error": trl["error"]}),
         "steps": steps_run, "project_settings": {
-            "gradient_checkpointing": project.info["gradient_checkpointing"],
+            "gradient_checkpointing": project.out.gradient_checkpointing,
             "packing": True, "batch_size": 8, "lora_r": cfg.lora_r},
         "loss_first_20_project": project_losses[:20],
         "loss_first_20_anchor": anchor["losses"][:20],

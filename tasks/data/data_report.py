@@ -200,7 +200,7 @@ def build_data_report(ingest: Ingested, data: Conversations, tokenizer: Any | No
         turn_counts[split] = dict(zip(sizes.tolist(), n.tolist()))
     report = {
         "source": ingest.source, "format": ingest.format,
-        "counts": {"files": ingest.files, "read": ingest.records + ingest.skipped_records,
+        "counts": {"files": ingest.input_files, "read": ingest.records + ingest.skipped_records,
                    "skipped": ingest.skipped_records,
                    "duplicates_dropped": data.duplicates_dropped,
                    "train": data.train_records, "dev": data.dev_records},

@@ -36,7 +36,7 @@ class Ingested:
     skipped_json: Path | None
     records: int
     turns: int
-    files: int                              # input files read
+    input_files: int                        # files of the source read
     skipped_records: int
     qa_pairs: int | None                    # = records where every record is one Q/A pair
     skipped_by_kind: Metrics                # "skipped.<kind>"
@@ -94,7 +94,7 @@ def _publish(source: Path, loaded: Loaded, issues: Issues, on_error: OnError,
     return StageResult(stage=StageName.INGEST, path=str(out), digest=digest, out=Ingested(
         records_arrow=out / "records.arrow", qa_json=out / "qa.json" if qa else None,
         skipped_json=out / "skipped.json" if issues.skipped else None,
-        records=table.num_rows, turns=pc.sum(turns).as_py(), files=len(loaded.files),
+        records=table.num_rows, turns=pc.sum(turns).as_py(), input_files=len(loaded.files),
         skipped_records=issues.skipped, qa_pairs=table.num_rows if qa else None,
         skipped_by_kind={f"skipped.{kind}": float(n) for kind, n in issues.counts.items()},
         source=str(source), format=loaded.format, file_names=names,

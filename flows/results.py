@@ -1,9 +1,10 @@
 """Prefect's stage results as plain JSON, never pickles (docs/design.md "Failure modes").
 
-A cache hit needs nothing but the stage's `StageResult` record (paths, digests, the typed output): the
-files themselves stay in outputs/. Prefect persists task results with cloudpickle by default, and
-its result records name their own serializer, so whoever can write to the result storage could
-make every later run unpickle (execute) what they wrote -- whatever serializer the task asks for.
+A cache hit needs nothing but the stage's `StageResult` record (paths, digests, the typed
+output): the files themselves stay in outputs/. Prefect persists task results with cloudpickle
+by default, and its result records name their own serializer, so whoever can write to the
+result storage could make every later run unpickle (execute) what they wrote -- whatever
+serializer the task asks for.
 Here:
 
 * `StageResultSerializer` writes a StageResult as JSON and reads back nothing but a StageResult

@@ -42,13 +42,20 @@ def _executed(tree: ast.AST) -> Iterator[ast.AST]:
     type for the reader and the type checker (e.g. the stage output a core reads) and never
     runs, so it does not make that module part of the code's closure."""
     for node in ast.iter_child_nodes(tree):
-        test = node.test if isinstance(node, ast.If) else None
-        if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
-                isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING":
-            yield from (n for child in node.orelse for n in [child, *_executed(child)])
+        if _type_checking_only(node):
+            for child in node.orelse:           # an `else:` of it does run
+                yield child
+                yield from _executed(child)
             continue
         yield node
         yield from _executed(node)
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """`if TYPE_CHECKING:` or `if typing.TYPE_CHECKING:`."""
+    test = node.test if isinstance(node, ast.If) else None
+    return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING" or \
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
 
 
 @functools.lru_cache(maxsize=512)

@@ -89,7 +89,7 @@ def _text(value: Any, path: str) -> str:
 
 def _prompt(record: dict, fmt: str, field: str) -> list[dict[str, str]]:
     """The prompt of `record` as messages, read by the supervised format `fmt`'s parser
-    (tasks/data/formats.py `prompt_messages`); a problem is reported at `.<field>...`."""
+    (tasks/data/records.py `prompt_messages`); a problem is reported at `.<field>...`."""
     try:
         return prompt_messages(record, fmt)
     except BadRecord as e:

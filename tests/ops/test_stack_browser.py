@@ -208,6 +208,9 @@ def ui_run(stack, api, deployments, browser) -> dict:
         assert time.monotonic() < deadline, f"the UI shows {state!r}, the API {ended!r}"
         page.reload()
         run_link.wait_for()
+        # the rows' state badges render after their links: read the row once they are there
+        # (read at once, a loaded CI machine saw no badge after every reload for 60 s)
+        page.locator("span[class*='bg-state-']").first.wait_for()
         state = prefect_state(run_row(run_link))
         if state != ended:
             page.wait_for_timeout(2000)

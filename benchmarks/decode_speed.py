@@ -1,20 +1,23 @@
 """The decode part of benchmarks/gpu_speed.py: greedy decode tok/s at batch 1 and 8 of HF
 `generate` (eager, the anchor) and of the static loop of tasks/model/decode.py (CUDA graph;
-`+compile`: torch.compile'd, then captured) on the bf16 model, torchao int4 (tinygemm) and
-bitsandbytes nf4; capture/compile time apart; token agreement with eager `generate` and the
-first step's max logit difference. Each model decodes in a process of its own; a model or
-engine that fails is recorded under `decode_errors` with its error, and the others keep their
-figures.
+`compiled`: the whole step torch.compile'd, then captured; `compiled-layers`: each decoder layer
+compiled, then the step captured) on the bf16 model, torchao int4 (tinygemm) and bitsandbytes
+nf4; capture/compile time apart; token agreement with eager `generate` and the first step's max
+logit difference. Each model decodes in a process of its own; a model or engine that fails is
+recorded under `decode_errors` with its error, and the others keep their figures.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from tasks.model.decode import StaticDecoder, left_pad
+from tasks.model.decode import Compile, StaticDecoder, left_pad
 from tasks.model.modeling import generate_ids, load_model, load_tokenizer, prompt_ids, release
 from tasks.runtime import child_process
 
@@ -37,8 +40,9 @@ def weight_bytes(model) -> int:
 
 def decode_variant(model, tok, batches: list[int], new_tokens: int, engine: str) -> dict:
     """tok/s per batch size, peak CUDA MiB, capture/compile seconds and greedy tokens (the
-    compiled engine at batch 1 only: each batch size is a compile of its own, minutes at 6 B)."""
-    if engine == "compiled":
+    compiled engines at batch 1 only: each batch size is a compile of its own, minutes at 6 B).
+    `compiled-layers` compiles the model's layers in place: it must be the model's last engine."""
+    if ENGINES.get(engine, Compile.OFF) is not Compile.OFF:
         batches = batches[:1]
     prompts = [prompt_ids(tok, [{"role": "user", "content": q}]) for q in QUESTIONS]
     out = {"tok_s": {}, "tokens": {}, "capture_s": 0.0}
@@ -58,7 +62,7 @@ def decode_variant(model, tok, batches: list[int], new_tokens: int, engine: str)
             out["tok_s"][batch] = new_tokens / runs[-1]          # prefill included: eager anchor
             out["tokens"][batch] = seq[:, ids.shape[1]:].cpu().tolist()
         else:
-            decoder = StaticDecoder(model, batch_size=batch, compile=engine == "compiled",
+            decoder = StaticDecoder(model, batch_size=batch, compile=ENGINES[engine],
                                     max_len=ids.shape[1] + new_tokens)
             decoder.decode(ids, mask, new_tokens)               # capture (+ compile) + warm-up
             out["capture_s"] += decoder.capture_s
@@ -84,15 +88,28 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     return same / max(total, 1)
 
 
+#: the static loop's engines: what each compiles
+ENGINES = {"graph": Compile.OFF, "compiled": Compile.STEP, "compiled-layers": Compile.LAYERS}
 #: the decode plans: a label and the int4 format (None: the bf16 model itself)
 PLANS = [("bf16", None), ("int4-torchao", "torchao"), ("nf4-bnb", "bnb")]
 
 
-def decode_plan(base_dir: Path, label: str, fmt: str | None, new_tokens: int,
-                compile_too: bool, reference_logits: list[float] | None) -> dict:
-    """One plan (load the model as `label`, every engine of it), in a process of its own: a
-    failed CUDA-graph capture can leave the CUDA context unusable, and must cost only its own
-    rows. An engine that fails is an error row; the plan's other engines still run."""
+def plan_engines(fmt: str | None, compile_too: bool) -> list[list[str]]:
+    """A plan's engines, in groups of one process each. The compiled engines get a process and
+    empty compile caches of their own, so neither finds kernels the other compiled (Inductor and
+    Triton keep them in memory and on disk): each compile time is a cold one."""
+    groups = [(["eager"] if fmt is None else []) + ["graph"]]
+    if compile_too:
+        groups += ([["compiled"]] if fmt != "bnb" else []) + [["compiled-layers"]]
+    return groups
+
+
+def decode_plan(base_dir: Path, label: str, fmt: str | None, engines: list[str],
+                new_tokens: int, reference_logits: list[float] | None) -> dict:
+    """One plan's `engines` (load the model as `label`), in a process of its own: a failed
+    CUDA-graph capture can leave the CUDA context unusable, and must cost only its own rows. An
+    engine that fails is an error row; the others still run. Without `reference_logits` (the
+    bf16 model's first process) it returns its own first-step logits as the reference."""
     from tasks.config import QuantizeConfig
     from tasks.export.quantize import quantization_config
 
@@ -110,8 +127,6 @@ def decode_plan(base_dir: Path, label: str, fmt: str | None, new_tokens: int,
     else:
         out["max_first_logit_diff_vs_bf16"] = (
             logits.cpu() - torch.tensor(reference_logits)).abs().max().item()
-    engines = (["eager"] if fmt is None else []) + ["graph"] + (
-        ["compiled"] if compile_too and fmt != "bnb" else [])
     for engine in engines:
         start = time.perf_counter()
         try:
@@ -128,38 +143,53 @@ def decode_plan(base_dir: Path, label: str, fmt: str | None, new_tokens: int,
     return out
 
 
-def run_decode(base_dir: Path, new_tokens: int, compile_too: bool) -> dict:
-    """Every plan in a fresh process (tasks/runtime/child_process.py); a plan or engine that
-    fails is recorded under `errors` and the others keep their figures."""
+def run_decode(base_dir: Path, new_tokens: int, compile_too: bool,
+               save: Callable[[dict], None] = lambda figures: None) -> dict:
+    """Every plan's engine groups, each in a fresh process (tasks/runtime/child_process.py); a
+    process or engine that fails is recorded under `decode_errors` and the others keep their
+    figures. `save` gets the figures so far after each process: a call killed at its time limit
+    keeps what it finished."""
     results, peaks, compile_s, agree, logit_diff, weights = {}, {}, {}, {}, {}, {}
     graph_errors: dict[str, str] = {}
     errors: dict[str, str] = {}
     reference_tokens = reference_logits = None
+
+    def figures() -> dict:
+        return {"decode": results, "peak_cuda_mib": peaks, "compile_s": compile_s,
+                "token_agreement_with_eager": agree, "max_first_logit_diff_vs_bf16": logit_diff,
+                "weights_gib": weights, "graph_errors": graph_errors, "decode_errors": errors}
+
+    caches = Path(tempfile.mkdtemp(prefix="decode-compile-"))
     for label, fmt in PLANS:
-        try:
-            plan = child_process.call(decode_plan, base_dir, label, fmt, new_tokens,
-                                      compile_too, reference_logits)
-        except Exception as error:
-            errors[label] = f"{type(error).__name__}: {str(error).strip()[:500]}"
-            print(f"[decode] {label}: failed: {errors[label]}", flush=True)
-            continue
-        weights[label] = plan["weights_gib"]
-        if "reference_logits" in plan:
-            reference_logits = plan["reference_logits"]
-        else:
-            logit_diff[label] = plan["max_first_logit_diff_vs_bf16"]
-        errors |= {f"{label} {engine}": e for engine, e in plan["errors"].items()}
-        for engine, r in plan["engines"].items():
-            name = f"{label} {engine}"
-            results[name], peaks[name], compile_s[name] = r["tok_s"], r["peak_cuda_mib"], \
-                r["capture_s"]
-            if r.get("graph_error"):
-                graph_errors[name] = r["graph_error"]
-            if engine == "eager":
-                reference_tokens = r["tokens"]
-            if reference_tokens is not None:
-                agree[name] = {b: agreement(r["tokens"][b], reference_tokens[b])
-                               for b in r["tokens"]}
-    return {"decode": results, "peak_cuda_mib": peaks, "compile_s": compile_s,
-            "token_agreement_with_eager": agree, "max_first_logit_diff_vs_bf16": logit_diff,
-            "weights_gib": weights, "graph_errors": graph_errors, "decode_errors": errors}
+        for engines in plan_engines(fmt, compile_too):
+            group = f"{label} {'+'.join(engines)}"
+            fresh = caches / group.replace(" ", "_")
+            os.environ |= {"TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor"),
+                           "TRITON_CACHE_DIR": str(fresh / "triton")}
+            try:
+                plan = child_process.call(decode_plan, base_dir, label, fmt, engines, new_tokens,
+                                          reference_logits)
+            except Exception as error:
+                errors[group] = f"{type(error).__name__}: {str(error).strip()[:500]}"
+                print(f"[decode] {group}: failed: {errors[group]}", flush=True)
+                save(figures())
+                continue
+            weights[label] = plan["weights_gib"]
+            if "reference_logits" in plan:
+                reference_logits = plan["reference_logits"]
+            elif label != "bf16":
+                logit_diff[label] = plan["max_first_logit_diff_vs_bf16"]
+            errors |= {f"{label} {engine}": e for engine, e in plan["errors"].items()}
+            for engine, r in plan["engines"].items():
+                name = f"{label} {engine}"
+                results[name], peaks[name], compile_s[name] = r["tok_s"], r["peak_cuda_mib"], \
+                    r["capture_s"]
+                if r.get("graph_error"):
+                    graph_errors[name] = r["graph_error"]
+                if engine == "eager":
+                    reference_tokens = r["tokens"]
+                if reference_tokens is not None:
+                    agree[name] = {b: agreement(r["tokens"][b], reference_tokens[b])
+                                   for b in r["tokens"]}
+            save(figures())
+    return figures()

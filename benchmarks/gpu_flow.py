@@ -265,8 +265,8 @@ def main() -> int:
         "flow_seconds": round(flow_seconds, 1), "stages": stage_table(out),
         "benchmark": [{k: b[k] for k in ("variant", "engine", "batch", "decode_tok_s",
                                          "aggregate_tok_s", "ttft_ms", "peak_cuda_mib",
-                                         "peak_rss_mib", "compile_s", "dtype", "quant",
-                                         "repeats")} for b in out["benchmark"]],
+                                         "peak_rss_mib", "compile_s", "compiled", "dtype",
+                                         "quant", "repeats")} for b in out["benchmark"]],
         "benchmark_failed": out.get("benchmark_failed", []),
         "registered": out["registered"], "mlflow_run_id": out["mlflow_run_id"],
         "disk": {**disk.figures(), "home_gb": {

@@ -89,7 +89,8 @@ def main() -> None:
         result |= run_qlora(base_dir, work)
         save()
     if "decode" in args.parts:
-        result |= run_decode(base_dir, args.new_tokens, not args.no_compile)
+        result |= run_decode(base_dir, args.new_tokens, not args.no_compile,
+                             save=lambda figures: (result.update(figures), save()))
         if "copy_tb_s" in result:        # batch-1 roofline: every weight byte read per token
             for label, key in (("bf16", "bf16"), ("int4", "int4-torchao")):
                 if key in result["weights_gib"]:

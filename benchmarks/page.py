@@ -69,6 +69,12 @@ def stage_table(stages: dict) -> list[str]:
                    s["cached"]] for n, s in stages.items()])
 
 
+def engine(row: dict) -> str:
+    """A benchmark row's engine and what it compiled (rows of older runs do not say)."""
+    scope = "step" if row.get("compiled") is True else row.get("compiled")
+    return f"{row['engine']} + compiled {scope}" if scope else row["engine"]
+
+
 def gpu_flow(d: dict) -> list[str]:
     if "killed" in d:              # a run that did not finish: the stages it completed
         return [f"Killed {d['killed']}. Stages completed:", "", *stage_table(d["stages_done"])]
@@ -92,7 +98,7 @@ def gpu_flow(d: dict) -> list[str]:
                 f"{fmt(c['peak_rss_mib'])} MiB, {c['tensors']} tensors, {c['shards']} shards.", ""]
     out += table(["variant", "engine", "batch", "decode tok/s per seq", "aggregate tok/s",
                   "TTFT ms", "peak CUDA MiB", "compile s"],
-                 [[b["variant"], b["engine"], b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
+                 [[b["variant"], engine(b), b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
                    b["ttft_ms"], b.get("peak_cuda_mib") or 0, b.get("compile_s")]
                   for b in d["benchmark"]])
     out += [f"- failed: {f['variant']}: {f.get('error', f)}" for f in d.get("benchmark_failed", [])]

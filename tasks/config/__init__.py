@@ -214,6 +214,11 @@ class QuantizeConfig(_Section):
         return self
 
 
+def _on_is_layers(value: Any) -> Any:
+    """`benchmark.compile: true/false`, as configs wrote it before it named what it compiles."""
+    return ({True: "layers", False: "off"}[value] if isinstance(value, bool) else value)
+
+
 class BenchmarkConfig(_Section):
     device: Device = Field("auto", description="auto: CUDA when present, else CPU.")
     prompts: int = Field(4, ge=1, description="Dev prompts measured per model.")
@@ -226,11 +231,13 @@ class BenchmarkConfig(_Section):
         ["static", "generate"], min_length=1, description="static: the fast decode loop "
         "(static KV cache, CUDA graphs on a GPU). generate: Hugging Face generate, the "
         "reference.")
-    compile: bool | None = Field(None, description="static engine: torch.compile the decode "
-                                 "step before capturing it (fused kernels; the compile time is "
-                                 "reported apart, and paid once per model shape: PyTorch's "
-                                 "compile caches live in the project's .cache/). Empty: on a "
-                                 "GPU.")
+    compile: Annotated[Literal["off", "step", "layers"] | None, BeforeValidator(_on_is_layers)] \
+        = Field(None, description="static engine: torch.compile before capturing the decode "
+                "step (fused kernels; the compile time is reported apart, and paid once per model "
+                "shape: PyTorch's compile caches live in the project's .cache/). layers: each "
+                "decoder layer (one compiles, the others reuse it: seconds at 6 B); step: the "
+                "whole step as one graph (minutes at 6 B on a cold cache); off. true means "
+                "layers. Empty: layers on a GPU, off on a CPU.")
     repeats: int = Field(3, ge=1, description="Measurements per model and batch size, taken in "
                          "turns across the models (each in a fresh process); the table shows the "
                          "median and the min-max.")

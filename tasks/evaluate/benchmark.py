@@ -98,13 +98,19 @@ def _quant_label(spec: ModelSpec) -> str | None:
 
 def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: int, warmup: int,
              device: str, threads: int = 0, batch_sizes: tuple[int, ...] = (1,),
-             engines: tuple[str, ...] = ("static", "generate"), compile: bool = False
+             engines: tuple[str, ...] = ("static", "generate"), compile: str = "off"
              ) -> list[BenchmarkRow]:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
-    from tasks.model.decode import StaticDecoder, left_pad
+    from tasks.model.decode import Compile, StaticDecoder, left_pad
     from tasks.model.modeling import generate_ids, load_tokenizer, prefix_length, prompt_ids
+
+    def eager(fn):
+        def run(*args):
+            with torch.compiler.set_stance("force_eager"):
+                return fn(*args)
+        return run
 
     class Stamps(BaseStreamer):
         """Records the wall time of every `put` (the prompt first, then each new token)."""
@@ -156,14 +162,14 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
                 torch.cuda.reset_peak_memory_stats()
             capture = 0.0
             if engine == "static":
-                decoder = StaticDecoder(model, batch_size=batch, compile=compile,
+                decoder = StaticDecoder(model, batch_size=batch, compile=Compile(compile),
                                         max_len=max(len(i) for i in all_ids) + new_tokens)
 
                 def run(ids, mask):
                     out = decoder.decode(ids, mask, new_tokens)
                     return out.first_token_s, out.decode_s
             else:
-                run = run_generate
+                run = eager(run_generate)       # not the layers a static engine compiled
             for i in range(warmup):
                 run(*groups[i % len(groups)])
             graph = None
@@ -181,7 +187,7 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
                 threads=torch.get_num_threads(), decode_tok_s=per_seq,
                 aggregate_tok_s=per_seq * batch, e2e_tok_s=batch * new_tokens / (first + rest),
                 ttft_ms=1000 * first, compile_s=capture, cuda_graph=graph,
-                compiled=engine == "static" and compile,
+                compiled=compile if engine == "static" and compile != "off" else None,
                 peak_cuda_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
                 footprint_mib=model.get_memory_footprint() / 2**20, load_seconds=load_seconds,
                 rss_before_load_mib=rss0))
@@ -207,7 +213,7 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
     specs = {name: spec.check(f"benchmark variant {name!r}") for name, spec in variants.items()}
     device = pick_device(cfg.device)
     sizes = cfg.batch_sizes or ([1, 8] if device.startswith("cuda") else [1])
-    compiled = device.startswith("cuda") if cfg.compile is None else cfg.compile
+    compiled = cfg.compile or ("layers" if device.startswith("cuda") else "off")
     measured: list[list[BenchmarkRow]] = []
     failed: list[FailedVariant] = []
     with Progress("benchmark runs (a fresh process each)", cfg.repeats * len(specs)) as progress:
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="a batch size (repeatable; default: 1 on a CPU, 1 and 8 on a GPU)")
     ap.add_argument("--engine", action="append", dest="engines", choices=["static", "generate"],
                     help="static (fast loop) and/or generate (HF reference); default: both")
-    ap.add_argument("--compile", action="store_true", help="compile the static decode step")
+    ap.add_argument("--compile", choices=["off", "step", "layers"], default="off",
+                    help="static engine: compile each decoder layer or the whole decode step")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1,

@@ -50,7 +50,8 @@ class BenchmarkRow:
     rss_before_load_mib: float
     peak_rss_mib: float
     repeats: int = 1
-    compiled: bool = False            # static engine: the decode step was torch.compile'd
+    compiled: str | None = None       # static engine: what torch.compile compiled ("layers",
+                                      # "step"; True in rows of older runs: the step)
     spread: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -143,7 +144,11 @@ def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -
     head = ("| variant | engine | batch | dtype | quant | decode tok/s per seq | aggregate tok/s "
             "| TTFT ms | peak CUDA MiB | peak RSS MiB | load s | capture s |")
     rule = "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    body = [f"| {r.variant} | {r.engine}{' + compile' if r.compiled else ''} | {r.batch} | "
+    def engine(r: BenchmarkRow) -> str:
+        scope = "step" if r.compiled is True else r.compiled
+        return f"{r.engine} + compiled {scope}" if scope else r.engine
+
+    body = [f"| {r.variant} | {engine(r)} | {r.batch} | "
             f"{r.dtype} | {r.quant or '–'} | "
             f"{spread(r, 'decode_tok_s')} | {num(r.aggregate_tok_s)} | {spread(r, 'ttft_ms')} | "
             f"{num(r.peak_cuda_mib)} | {num(r.peak_rss_mib)} | {num(r.load_seconds)} | "
@@ -155,5 +160,6 @@ def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -
     return "\n".join([head, rule, *body, "", f"{n.prompts} prompts x {n.new_tokens} new tokens "
                       f"(greedy, no early stop) on {n.device}; median (min–max) of {n.repeats} "
                       "runs, each variant in a fresh process per run; static: static KV cache"
-                      f"{graph}, + compile: torch.compile'd first; generate: HF generate."]
+                      f"{graph}, + compiled layers/step: each decoder layer or the whole step "
+                      "torch.compile'd first; generate: HF generate."]
                      ) + "\n"

@@ -6,8 +6,17 @@ hundreds of kernels takes as long as running them (docs/gpu.md "At 6 B on one GP
 inputs live in fixed buffers (token, position, attention mask, transformers' `StaticCache`), so the
 whole step -- forward, argmax, advancing the position -- is captured once with
 `torch.cuda.CUDAGraph` and replayed per token (the recipe of PyTorch's "CUDA Graphs" notes and of
-gpt-fast). `compile=True` first runs the step through `torch.compile` (Inductor's fused kernels, no
-cudagraph trees of its own) and captures that. On a CPU the same loop runs eagerly.
+gpt-fast). With `compile`, Inductor's fused kernels (no cudagraph trees of their own) are what
+gets captured:
+
+* `Compile.STEP`: the whole step is one `torch.compile` graph. Inductor lowers every layer of it,
+  which at 6 B takes minutes on a cold cache.
+* `Compile.LAYERS`: each decoder layer is compiled on its own (PyTorch's "regional compilation"
+  recipe). The layers share one code, so Inductor compiles the first and finds the others in its
+  FX graph cache; Dynamo still traces each layer once (they differ in their cache index). The
+  embedding, the final norm, the head and the argmax stay eager, inside the same CUDA graph.
+
+On a CPU the same loop runs without a graph.
 
 This is a measuring and answering loop, not a serving engine: greedy only, left-padded batches, a
 fixed number of new tokens for the benchmark, or until every row has produced an EOS for answers
@@ -20,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from transformers import PreTrainedModel, StaticCache
@@ -30,6 +40,37 @@ log = logging.getLogger(__name__)
 #: with stop ids, `decode` checks every this many steps whether every row has ended (on a GPU a
 #: check is a host sync, which would stall the replayed graphs if done at every step)
 STOP_CHECK_STEPS = 8
+
+
+class Compile(StrEnum):
+    """What of the decode step `torch.compile` compiles (the module docstring says how)."""
+
+    OFF = "off"
+    STEP = "step"
+    LAYERS = "layers"
+
+
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the modules whose class transformers keeps whole when it
+    splits a model over devices (`_no_split_modules`, the decoder layer of every native family)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    return [module for module in base.modules() if type(module).__name__ in kinds]
+
+
+def compile_layers(model: PreTrainedModel) -> int:
+    """Compile each decoder layer of `model` in place (`nn.Module.compile`); the number compiled.
+    Dynamo keeps one entry per layer and input shape, so its recompile limit is raised to hold
+    them all instead of falling back to eager after the default eight."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers to compile "
+                         "(its class lists no `_no_split_modules`)")
+    limit = 2 * len(layers) + 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for layer in layers:
+        layer.compile(fullgraph=True, dynamic=False)
+    return len(layers)
 
 
 @dataclass(frozen=True)
@@ -47,7 +88,7 @@ class StaticDecoder:
     the captured graph for every call."""
 
     def __init__(self, model: PreTrainedModel, *, batch_size: int, max_len: int,
-                 graph: bool | None = None, compile: bool = False):
+                 graph: bool | None = None, compile: Compile | bool = Compile.OFF):
         self.model, self.batch, self.max_len = model, batch_size, max_len
         self.device = next(model.parameters()).device
         self.use_graph = self.device.type == "cuda" if graph is None else graph
@@ -61,8 +102,12 @@ class StaticDecoder:
         self.position = torch.zeros(batch_size, 1, **new)
         self.slot = torch.zeros(1, **new)                      # cache slot the step writes
         self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=self.device)
-        self.step = torch.compile(self._step, fullgraph=True, dynamic=False) if compile \
-            else self._step
+        self.compile = Compile.STEP if compile is True else Compile(compile or Compile.OFF)
+        self.step = self._step
+        if self.compile is Compile.STEP:
+            self.step = torch.compile(self._step, fullgraph=True, dynamic=False)
+        elif self.compile is Compile.LAYERS:
+            compile_layers(model)        # the prefill runs them eagerly: see `_prefill`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_error: str | None = None          # why capture failed, if it did
         self.capture_s = 0.0
@@ -77,6 +122,16 @@ class StaticDecoder:
                 ~keep, torch.finfo(dtype).min)
         return self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
                           use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache}).logits
+
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
+        """The prompt's forward, eager: compiled layers would compile again for every prompt
+        length (`dynamic=False`) for a pass that runs once per answer."""
+        with torch.compiler.set_stance("force_eager"):
+            return self._forward(ids, positions, keep)
+
+    def _eager_step(self) -> None:
+        with torch.compiler.set_stance("force_eager"):
+            self._step()
 
     def _step(self) -> None:
         self.mask.index_fill_(1, self.slot, True)              # attend to the slot written now
@@ -95,7 +150,7 @@ class StaticDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for step in (self._step, self.step, self.step, self.step):
+            for step in (self._eager_step, self.step, self.step, self.step):
                 self.slot.fill_(self.max_len - 1)              # warm up on the last slot; the
                 step()                                         # eager one allocates the cache
         torch.cuda.current_stream(self.device).wait_stream(stream)
@@ -149,7 +204,7 @@ class StaticDecoder:
         # a pad row attends to itself only: no fully masked row (NaN) reaches the cache
         prefill = (causal & self.mask[:, None, :]) | torch.eye(
             length, self.max_len, dtype=torch.bool, device=self.device)
-        logits = self._forward(ids, positions, prefill[:, None])
+        logits = self._prefill(ids, positions, prefill[:, None])
         self.token.copy_(logits[:, -1].argmax(-1, keepdim=True))
         self.position.copy_(positions[:, -1:] + 1)
         self.slot.fill_(length)

@@ -2,14 +2,18 @@
 model the static-cache loop must produce the same greedy tokens, alone and in a left-padded batch,
 for a plain model and for a base + LoRA adapter (the benchmark's "base+adapter" variant); with stop
 ids it ends early and loses nothing before them; answers in batches are the answers one at a
-time, in the prompts' order."""
+time, in the prompts' order; with its layers compiled it gives the same tokens and compiles one
+layer for all."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
-from tasks.model.decode import STOP_CHECK_STEPS, StaticDecoder, cut_at_eos, left_pad
+from tasks.model.decode import STOP_CHECK_STEPS, Compile, StaticDecoder, cut_at_eos, \
+    decoder_layers, left_pad
 from tasks.model.modeling import answer, generate_ids, load_model, load_tokenizer, prompt_ids
 from tests._tiny_model import make_all
 
@@ -48,6 +52,30 @@ def test_static_loop_gives_generates_greedy_tokens(tiny, adapter):
     assert out.tokens.shape == (3, n) and out.first_token_s > 0 and out.decode_s > 0
     for row, expected in zip(out.tokens.tolist(), want):
         assert row[:len(expected)] == expected
+
+
+@pytest.mark.slow                    # Inductor compiles C++ kernels for the CPU: ~30 s
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="Inductor compiles CPU kernels with a C++ compiler")
+def test_compiled_layers_give_the_same_tokens_and_inductor_compiles_one_layer(
+        tiny, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))   # a cold cache
+    model = load_model(tiny["base"], adapter=tiny["adapter"])      # base + LoRA: the slowest
+    ids, mask = left_pad(tiny["prompts"], pad_id=0)
+    want = StaticDecoder(model, batch_size=4, max_len=64).decode(ids, mask, 12).tokens
+    counters.clear()
+    decoder = StaticDecoder(model, batch_size=4, max_len=64, compile=Compile.LAYERS)
+    assert torch.equal(decoder.decode(ids, mask, 12).tokens, want)
+    inductor, layers = counters["inductor"], len(decoder_layers(model))
+    # Dynamo traces each layer; Inductor compiles the first and finds the rest in its cache
+    assert layers == 2 and counters["stats"]["unique_graphs"] == layers
+    assert (inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_hit"]) == (1, layers - 1)
+    # a prompt of another length: its prefill runs eagerly, so nothing compiles again
+    one = left_pad([tiny["prompts"][1]], pad_id=0)
+    assert decoder.decode(*one, 12).tokens[0].tolist() == want[1].tolist()
+    assert counters["stats"]["unique_graphs"] == layers and inductor["fxgraph_cache_miss"] == 1
 
 
 def test_stop_ids_end_the_loop_once_every_row_has_stopped(tiny):

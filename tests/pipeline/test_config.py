@@ -60,6 +60,14 @@ def test_preference_tuning_needs_a_merged_supervised_model():
     assert cfg.preference.for_base(embedded=False).learning_rate == 5e-6
 
 
+@pytest.mark.parametrize("value, scope", [("true", "layers"), ("false", "off"), ("step", "step"),
+                                          ("layers", "layers")])
+def test_benchmark_compile_names_what_it_compiles_and_reads_older_booleans(value, scope):
+    assert load_config(None, [f"benchmark.compile={value}"]).benchmark.compile == scope
+    with pytest.raises(ConfigError, match="benchmark.compile: Input should be 'off', 'step' or"):
+        load_config(None, ["benchmark.compile=model"])
+
+
 def test_the_model_itself_still_refuses_bad_values():
     with pytest.raises(ValidationError):
         PipelineConfig.model_validate({"train": {"method": "sgd"}})

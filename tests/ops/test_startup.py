@@ -85,3 +85,22 @@ def test_every_flow_command_line_has_the_command_prepare_cli_checks():
     from flows.ops.startup import CLI_FLOWS
 
     assert set(COMMANDS) == CLI_FLOWS
+
+
+def test_a_cores_log_line_outside_a_flow_reaches_the_terminal_without_a_prefect_warning(tmp_path):
+    # a stage's command line or a notebook: the `tasks.*` loggers are Prefect's extra loggers
+    # (a flow's task-run log), and outside a run Prefect warned on every line that it had no run
+    got = python("""
+import json, logging, warnings
+from flows.ops.startup import prepare
+prepare()
+from prefect.logging.configuration import setup_logging
+setup_logging()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    logging.getLogger("tasks.data.ingest").warning("skipped 2 malformed records")
+handlers = [type(h).__name__ for h in logging.getLogger("tasks").handlers]
+print(json.dumps({"warnings": [str(w.message) for w in caught], "handlers": handlers}))
+""", bare_env(tmp_path))
+    assert "APILogHandler" in got["handlers"], got      # still sent to a flow's run log
+    assert got["warnings"] == [], got

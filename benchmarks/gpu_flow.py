@@ -15,7 +15,9 @@ QLoRA-DPO (README "Preference tuning") before it quantizes.
 Writes benchmarks/results/gpu_flow_[<original>_|<preference>_]<size>.json (per stage: seconds and
 where they went by phase, device, peak CUDA and host memory, cache hit; the benchmark rows; the
 disk: free space at the start, the peak used by the run, what the project home holds at the end
-and what each stage wrote) and prints the table docs/benchmarks.md shows.
+and what each stage wrote) and prints the table docs/benchmarks.md shows. While the flow runs,
+that file holds the run so far, as a killed run's record (`Record`): a device call's time limit
+ends the process with SIGKILL, and the stages it completed keep their figures.
 """
 
 from __future__ import annotations
@@ -104,6 +106,82 @@ class DiskWatch:
                 "peak_used_gb": round((self.start - self.least) / 1e9, 2)}
 
 
+def completed_stages(parent_id: str) -> dict[str, dict]:
+    """The stages pipeline run `parent_id` has completed so far, as its MLflow child runs say
+    (seconds, peaks, phases, cache hit), in the order they ran."""
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_run(parent_id).info.experiment_id
+    out = {}
+    for run in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_id}' and "
+                                  "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time ASC"]):
+        if "stage_seconds" not in run.data.metrics:      # a step (register), not a stage
+            continue
+        fig = logged_figures(run.data.metrics)
+        out[run.info.run_name] = {
+            "seconds": round(fig["seconds"], 2),
+            "device": "cuda" if fig["peak_cuda_mib"] else "cpu",
+            "peak_cuda_mib": round(fig["peak_cuda_mib"], 1),
+            "peak_rss_mib": round(fig["peak_rss_mib"], 1),
+            "cached": run.data.tags.get("pipeline.cache") == "hit",
+            "phases": where_the_time_went(fig["seconds"], fig["phases"])}
+    return out
+
+
+def latest_parent(since: float, kind: str = "pipeline") -> str | None:
+    """The run of flow `kind` started in this project home since `since` (a time.time()), if
+    any: the one in progress, or the one an error has just ended."""
+    from mlflow import MlflowClient
+
+    from flows.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`pipeline.kind` = '{kind}' and "
+                              f"attributes.start_time >= {int(since * 1000)}", max_results=1,
+                              order_by=["attributes.start_time DESC"]) if experiments else []
+    return runs[0].info.run_id if runs else None
+
+
+class Record(threading.Thread):
+    """Every `every` seconds while the flow runs, `target` holds the run so far as a killed
+    run's record (`base`, the stages completed, the disk so far): what is left if the process
+    is killed before it writes the finished run's figures over it."""
+
+    def __init__(self, target: Path, base: dict, disk: DiskWatch, every: float = 5.0,
+                 kind: str = "pipeline"):
+        super().__init__(daemon=True)
+        self.target, self.base, self.disk, self.every = target, base, disk, every
+        self.kind = kind
+        self._done = threading.Event()
+        self.since = time.time()
+
+    def run(self) -> None:
+        while not self._done.wait(self.every):
+            self.write("while the flow ran (the record of a run that did not finish)")
+
+    def write(self, killed: str) -> None:
+        try:
+            parent = latest_parent(self.since, self.kind)
+            stages = completed_stages(parent) if parent else {}
+        except Exception as error:                 # the store is busy: the next tick tries again
+            print(f"[gpu_flow] record not updated: {type(error).__name__}: {error}", flush=True)
+            return
+        record = {**self.base, "killed": killed, "stages_done": stages,
+                  "disk": self.disk.figures()}
+        tmp = self.target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        tmp.replace(self.target)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join()
+
+
 def allocated_gb(folder: Path) -> float:
     """Bytes allocated under `folder` (a hard-linked file counted once, as `du` does), GB."""
     seen, total = set(), 0
@@ -128,11 +206,18 @@ def computed_figures(row: dict) -> dict:
     from flows.tracking import tracking_uri
 
     m = MlflowClient(tracking_uri()).get_run(row["from_run"]).data.metrics
+    return {**logged_figures(m), "computed_in_run": row["from_run"],
+            "hit_seconds": round(row["seconds"], 2)}
+
+
+def logged_figures(metrics: dict[str, float]) -> dict:
+    """A stage's seconds, peaks and phases, as its MLflow child run's metrics hold them
+    (flows/running.py `PipelineRun.stage`)."""
     prefix = "stage_phase_seconds."
-    return {"seconds": m["stage_seconds"], "peak_cuda_mib": m.get("stage_peak_cuda_mib", 0.0),
-            "peak_rss_mib": m.get("stage_peak_rss_mib", 0.0), "computed_in_run": row["from_run"],
-            "hit_seconds": round(row["seconds"], 2),
-            "phases": {k[len(prefix):]: v for k, v in m.items() if k.startswith(prefix)}}
+    return {"seconds": metrics["stage_seconds"],
+            "peak_cuda_mib": metrics.get("stage_peak_cuda_mib", 0.0),
+            "peak_rss_mib": metrics.get("stage_peak_rss_mib", 0.0),
+            "phases": {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}}
 
 
 def where_the_time_went(seconds: float, phases: dict[str, float]) -> dict[str, float]:
@@ -227,11 +312,13 @@ def main() -> int:
     args = ap.parse_args()
     home = args.home or Path(tempfile.mkdtemp(prefix="gpu-flow-"))
     os.environ["PIPELINE_HOME"] = str(home)
-    from flows.ops.startup import prepare
+    from flows.ops import startup
 
-    prepare()                                         # before Prefect is imported
+    startup.prepare()                                 # before Prefect is imported
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("PREFECT_API_URL", None)
+    # the command line's temporary server, in a session of its own: a SIGTERM to the run's
+    # process group (`timeout`) leaves it up while the flow reports its end
+    os.environ["PREFECT_API_URL"] = startup.launch_temporary_server()
 
     import torch
 
@@ -253,16 +340,28 @@ def main() -> int:
 
     cfg = PipelineConfig.model_validate(config(base_dir, gpu, args.epochs, args.repeats,
                                                args.preference))
+    args.out.mkdir(parents=True, exist_ok=True)
+    target = args.out / f"gpu_flow_{args.preference + '_' if args.preference else ''}{name}.json"
+    base = {"gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)",
+            "params": params, "date": datetime.date.today().isoformat(),
+            "command": "PYTHONPATH=. python " + " ".join(map(shlex.quote, sys.argv)),
+            "versions": versions(), "build_model_seconds": round(build_seconds, 1)}
+    startup.ready()                                   # the server answers
     start = time.perf_counter()
     with DiskWatch(home) as disk:
-        out = pipeline(cfg)
+        record = Record(target, base, disk)
+        record.start()
+        try:
+            out = pipeline(cfg)
+        except BaseException as error:      # an error (a SIGTERM kills before this runs)
+            record.stop()
+            record.write(f"by {type(error).__name__}: {str(error).strip()[:300]} after "
+                         f"{time.perf_counter() - start:.0f} s of the flow")
+            raise
+        record.stop()
     flow_seconds = time.perf_counter() - start
     result = {
-        "gpu": torch.cuda.get_device_name(0) if gpu else "none (CPU)",
-        "params": params, "date": datetime.date.today().isoformat(),
-        "command": "PYTHONPATH=. python " + " ".join(map(shlex.quote, sys.argv)),
-        "versions": versions(), "build_model_seconds": round(build_seconds, 1),
-        "flow_seconds": round(flow_seconds, 1), "stages": stage_table(out),
+        **base, "flow_seconds": round(flow_seconds, 1), "stages": stage_table(out),
         "benchmark": [{k: b[k] for k in ("variant", "engine", "batch", "decode_tok_s",
                                          "aggregate_tok_s", "ttft_ms", "peak_cuda_mib",
                                          "peak_rss_mib", "compile_s", "compiled", "dtype",
@@ -281,8 +380,6 @@ def main() -> int:
         result["conversion"] = conversion_figures(base)
     if args.preference:
         result["preference"] = preference_figures(out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    target = args.out / f"gpu_flow_{args.preference + '_' if args.preference else ''}{name}.json"
     target.write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
     print("\n".join(page.gpu_flow(result)))     # as docs/benchmarks.md shows it
     print(f"[gpu_flow] flow {flow_seconds:.1f} s; wrote {target}")

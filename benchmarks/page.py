@@ -77,7 +77,11 @@ def engine(row: dict) -> str:
 
 def gpu_flow(d: dict) -> list[str]:
     if "killed" in d:              # a run that did not finish: the stages it completed
-        return [f"Killed {d['killed']}. Stages completed:", "", *stage_table(d["stages_done"])]
+        disk = d.get("disk")
+        return [f"Killed {d['killed']}. Stages completed:", "", *stage_table(d["stages_done"]),
+                *([f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
+                   f"{fmt(disk['peak_used_gb'])} GB used by the flow at its peak so far.", ""]
+                  if disk else [])]
     out = [f"Whole flow: **{fmt(d['flow_seconds'])} s**, {d['params'] / 1e9:.2f} B parameters "
            f"(base built in {fmt(d.get('build_model_seconds'))} s, outside the flow).", ""]
     out += stage_table(d["stages"])

@@ -16,8 +16,9 @@ Writes benchmarks/results/gpu_flow_[<original>_|<preference>_]<size>.json (per s
 where they went by phase, device, peak CUDA and host memory, cache hit; the benchmark rows; the
 disk: free space at the start, the peak used by the run, what the project home holds at the end
 and what each stage wrote) and prints the table docs/benchmarks.md shows. While the flow runs,
-that file holds the run so far, as a killed run's record (`Record`): a device call's time limit
-ends the process with SIGKILL, and the stages it completed keep their figures.
+gpu_flow_..._killed.json beside it holds the run so far, as a killed run's record (`Record`): a
+device call's time limit ends the process with SIGKILL, and the stages it completed keep their
+figures. A finished run removes it.
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ def main() -> int:
     startup.ready()                                   # the server answers
     start = time.perf_counter()
     with DiskWatch(home) as disk:
-        record = Record(target, base, disk)
+        record = Record(target.with_name(f"{target.stem}_killed.json"), base, disk)
         record.start()
         try:
             out = pipeline(cfg)
@@ -359,6 +360,7 @@ def main() -> int:
                          f"{time.perf_counter() - start:.0f} s of the flow")
             raise
         record.stop()
+    record.target.unlink(missing_ok=True)
     flow_seconds = time.perf_counter() - start
     result = {
         **base, "flow_seconds": round(flow_seconds, 1), "stages": stage_table(out),

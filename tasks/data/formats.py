@@ -147,8 +147,7 @@ def _read_json_file(path: Path, raw: bytes, file_no: int, fmt: str, origin: str,
             turns = FORMATS[fmt].convert(rec)
             check_turns(turns, max_chars)
         except BadRecord as bad:
-            issues.report(bad.kind, DataError(path, bad.reason, json_path=prefix + bad.where,
-                                              **here.fields()))
+            issues.report(bad.kind, bad.error(path, record=index, line=line, lines=array))
             continue
         out.ignored_fields.update(k for k in rec if k not in FORMATS[fmt].known)
         out.roles += [t[0] for t in turns]

@@ -147,10 +147,8 @@ def read_pairs(source: Path, fmt: PreferenceFormat = "auto", on_error: str = "fa
                     found = detect(record)
                 pairs.append(to_pair(record, found))
             except BadRecord as e:
-                error = DataError(path, e.reason, line=line or lines.line_of(index),
-                                  record=index, json_path="$" + e.where if e.where else None,
-                                  hint=SKIP_HINT if on_error == "fail" else None)
-                issues.report(e.kind, error)
+                issues.report(e.kind, e.error(path, record=index, line=line, lines=lines,
+                                              hint=SKIP_HINT if on_error == "fail" else None))
     if not pairs:
         raise DataError(source, "holds no preference pair" + (
             f" ({issues.skipped} skipped)" if issues.skipped else ""))

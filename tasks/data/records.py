@@ -7,9 +7,15 @@ their prompts with the same parsers (`prompt_messages`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
+
+from tasks.runtime.errors import DataError
+
+if TYPE_CHECKING:
+    from tasks.data.sources import ArrayLines
 
 Turn = tuple[str, str, str, str]     # role, text, JSON paths (in the record) of text and role
 
@@ -25,6 +31,15 @@ class BadRecord(Exception):
     def __init__(self, kind: str, where: str, reason: str):
         super().__init__(reason)
         self.kind, self.where, self.reason = kind, where, reason
+
+    def error(self, path: Path, *, record: int, line: int | None, lines: ArrayLines,
+              hint: str | None = None) -> DataError:
+        """This problem as the one line a user reads: the file, the line, the record and the
+        JSON path of the field. `line`: the record's line in JSON Lines; None for an element of
+        a JSON array, whose path starts at `$[record]` and whose line `lines` looks up."""
+        root = "$" if line is not None else f"$[{record}]"
+        return DataError(path, self.reason, record=record, json_path=root + self.where,
+                         line=lines.line_of(record) if line is None else line, hint=hint)
 
 
 def an(word: str) -> str:

@@ -119,9 +119,22 @@ def test_a_refusal_leaves_no_output_behind(tmp_path, monkeypatch):
     assert not out.exists() or not [p for p in out.iterdir() if not p.name.startswith(".")]
 
 
+def test_a_bad_pair_in_a_json_array_is_named_by_line_and_path_as_a_data_record_is(tmp_path):
+    # the same line as tasks/data/formats.py gives a bad conversation record: the line the array
+    # element starts on, and its JSON path from `$[record]`
+    src = tmp_path / "pairs.json"
+    src.write_text(json.dumps([trl(0), trl(1, chosen=3)], ensure_ascii=False, indent=1),
+                   encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        read_pairs(src)
+    assert str(caught.value).startswith(
+        f"{src}:7 record #1 at $[1].chosen: is a number, expected a text")
+    assert (caught.value.line, caught.value.record, caught.value.json_path) == (7, 1, "$[1].chosen")
+
+
 def test_a_file_without_pairs_is_refused(tmp_path):
     src = jsonl(tmp_path / "pairs.jsonl", [{"question": "x", "answer": "y"}])
-    with pytest.raises(DataError, match=r"pairs.jsonl:1 record #0: has the fields \['answer', "
+    with pytest.raises(DataError, match=r"pairs.jsonl:1 record #0 at \$: has the fields \['answer', "
                                         r"'question'\], which match no preference format"):
         read_pairs(src)
     with pytest.raises(DataError, match=r"pairs.jsonl: holds no preference pair \(1 skipped\)"):

@@ -36,6 +36,7 @@ from tests._ops_config import PIPELINE_STAGES, tiny
 pytestmark = pytest.mark.browser
 
 CHANGED_EPOCHS = 2.0                              # the parameter changed in the Run form
+STATE_BADGE = "span[class*='bg-state-']"          # a flow run's state in the Prefect UI
 #: the first screen of the Run form (tasks/config/run_form.py): each field's description
 FIRST_SCREEN = {"data_file": "Your data:", "base_model": "Folder of the model to fine-tune",
                 "method": "lora: the full-precision model", "epochs": "Passes over your",
@@ -125,7 +126,7 @@ def page(browser):
 def prefect_state(where) -> str:
     """The first state badge in `where`: the header of a Prefect flow-run page, or a row of the
     Runs list."""
-    badge = where.locator("span[class*='bg-state-']").first
+    badge = where.locator(STATE_BADGE).first
     return badge.inner_text().strip() if badge.count() else ""
 
 
@@ -208,9 +209,8 @@ def ui_run(stack, api, deployments, browser) -> dict:
         assert time.monotonic() < deadline, f"the UI shows {state!r}, the API {ended!r}"
         page.reload()
         run_link.wait_for()
-        # the rows' state badges render after their links: read the row once they are there
-        # (read at once, a loaded CI machine saw no badge after every reload for 60 s)
-        page.locator("span[class*='bg-state-']").first.wait_for()
+        # badges render after the links (read at once, a loaded CI machine saw none for 60 s)
+        page.locator(STATE_BADGE).first.wait_for()
         state = prefect_state(run_row(run_link))
         if state != ended:
             page.wait_for_timeout(2000)
@@ -348,9 +348,8 @@ def test_nightly_deployment_shows_its_schedule(stack, deployments, page):
     page.wait_for_url(re.compile(r"/deployments/deployment/"))
     page.get_by_text(re.compile(r"At 02:00 AM", re.I)).first.wait_for()   # the schedule card
     shot(page, "prefect-4-nightly-schedule")
-    # its menu -> Edit shows the cron expression and the time zone it is evaluated in. The
-    # card's own menu: the page header has one too (its Edit opens the deployment's edit page),
-    # and the card's may render after the card's text
+    # the card's menu -> Edit shows the cron expression and its time zone (the page header has
+    # a menu too, whose Edit opens the deployment's edit page; the card's may render later)
     card = page.locator("div").filter(has_text=re.compile(r"^\s*At 02:00 AM", re.I)) \
         .filter(has=page.get_by_role("button", name="Open menu"))
     card.first.get_by_role("button", name="Open menu").click()

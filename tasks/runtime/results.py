@@ -216,9 +216,6 @@ class StageResult:
         """The output's other details."""
         return self._of_kind("info")
 
-    def file(self, name: str) -> Path:
-        return Path(self.files[name])
-
     def problem(self) -> str | None:
         """None if the outputs this result points at are there as published (docs/design.md
         "Failure modes"), else what is wrong with them."""

@@ -122,15 +122,15 @@ def test_group_split_needs_two_questions():
 # ---------------------------------------------------------------------------------------------
 def test_ingest_and_conversations_write_valid_files():
     qa = ingest(SAMPLE)
-    assert validate_file(qa.file("qa_json"), "qa") == qa.metrics["qa_pairs"] == 342
-    assert json.loads(qa.file("qa_json").read_text(encoding="utf-8")) == read_qa_text(SAMPLE)
-    conv_ = build_conversations(qa.file("records_arrow"), system_prompt="你是园艺助手。")
-    train = json.loads(conv_.file("train_json").read_text(encoding="utf-8"))
+    assert validate_file(qa.out.qa_json, "qa") == qa.metrics["qa_pairs"] == 342
+    assert json.loads(qa.out.qa_json.read_text(encoding="utf-8")) == read_qa_text(SAMPLE)
+    conv_ = build_conversations(qa.out.records_arrow, system_prompt="你是园艺助手。")
+    train = json.loads(conv_.out.train_json.read_text(encoding="utf-8"))
     assert train[0]["conversations"][0] == {"role": "system", "content": "你是园艺助手。"}
     assert [t["role"] for t in train[0]["conversations"]] == ["system", "user", "assistant"]
-    assert validate_file(conv_.file("dev_json"), "conversation") == conv_.metrics["dev_records"]
+    assert validate_file(conv_.out.dev_json, "conversation") == conv_.metrics["dev_records"]
     assert (conv_.metrics["train_records"], conv_.metrics["dev_records"]) == (239, 103)
-    assert pa.parquet.read_table(conv_.file("train_parquet")).to_pylist() == train
+    assert pa.parquet.read_table(conv_.out.train_parquet).to_pylist() == train
     again = ingest(SAMPLE)                          # same content -> same content address
     assert (again.path, again.digest) == (qa.path, qa.digest)
 
@@ -139,8 +139,8 @@ def test_parquet_copies_load_with_datasets():
     import datasets
 
     qa = ingest(SAMPLE)
-    out = build_conversations(qa.file("records_arrow"))
-    ds = datasets.load_dataset("parquet", data_files={"train": str(out.file("train_parquet"))},
+    out = build_conversations(qa.out.records_arrow)
+    ds = datasets.load_dataset("parquet", data_files={"train": str(out.out.train_parquet)},
                                split="train")
     assert len(ds) == 239 and ds[0]["conversations"][0]["role"] == "user"
 
@@ -148,11 +148,11 @@ def test_parquet_copies_load_with_datasets():
 def test_duplicates_dropped_kept_or_refused(tmp_path):
     src = tmp_path / "dup.txt"
     src.write_text("Q1\nA1\n\nQ2\nA2\n\nQ1\nA1\n\nQ1\nA1 other\n\nQ3\nA3\n", encoding="utf-8")
-    records = ingest(src).file("records_arrow")
+    records = ingest(src).out.records_arrow
     dropped = build_conversations(records)
     assert dropped.metrics["duplicates_dropped"] == 1
     assert dropped.metrics["train_records"] + dropped.metrics["dev_records"] == 4
-    example = json.loads(dropped.file("duplicates_json").read_text())["examples"][0]
+    example = json.loads(dropped.out.duplicates_json.read_text())["examples"][0]
     assert example == {"record": "dup.txt:7", "duplicate_of": "dup.txt:1"}
     kept = build_conversations(records, duplicates="keep")
     assert kept.metrics["train_records"] + kept.metrics["dev_records"] == 5
@@ -166,7 +166,7 @@ def test_same_text_cut_differently_is_not_a_duplicate(tmp_path):
     rows = [conv(("user", "ab"), ("assistant", "c")), conv(("user", "a"), ("assistant", "bc")),
             conv(("user", "ab"), ("assistant", "c")), conv(("user", "x"), ("assistant", "y"))]
     src.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    out = build_conversations(ingest(src).file("records_arrow"))
+    out = build_conversations(ingest(src).out.records_arrow)
     assert out.metrics["duplicates_dropped"] == 1
 
 
@@ -174,10 +174,10 @@ def test_split_by_question_keeps_repeated_questions_together(tmp_path):
     src = tmp_path / "q.txt"
     blocks = [f"Q{i % 7}\nanswer {i}\n" for i in range(30)]   # 7 questions, repeated
     src.write_text("\n".join(blocks), encoding="utf-8")
-    out = build_conversations(ingest(src).file("records_arrow"), split_by="question",
+    out = build_conversations(ingest(src).out.records_arrow, split_by="question",
                               shuffle_seed=1)
     questions = {s: {r["conversations"][0]["content"] for r in json.loads(
-        out.file(f"{s}_json").read_text())} for s in ("train", "dev")}
+        getattr(out.out, f"{s}_json").read_text())} for s in ("train", "dev")}
     assert questions["train"] and questions["dev"]
     assert not questions["train"] & questions["dev"]
     assert out.metrics["question_groups"] == 7
@@ -196,9 +196,9 @@ def test_data_report_counts_histograms_and_sample(tmp_path):
     src = tmp_path / "r.txt"
     src.write_text(SAMPLE.read_text(encoding="utf-8") + "\n孤零零的问题？\n", encoding="utf-8")
     qa = ingest(src, on_error="skip")
-    data = build_conversations(qa.file("records_arrow"))
+    data = build_conversations(qa.out.records_arrow)
     report = build_data_report(qa.out, data.out)
-    body = json.loads(report.file("data_report_json").read_text(encoding="utf-8"))
+    body = json.loads(report.out.data_report_json.read_text(encoding="utf-8"))
     assert body["counts"] == {"files": 1, "read": 343, "skipped": 1, "duplicates_dropped": 0,
                               "train": 239, "dev": 103}
     assert body["skipped"] == {"no-answer": 1}
@@ -206,8 +206,8 @@ def test_data_report_counts_histograms_and_sample(tmp_path):
     assert body["tokens"]["train"]["assistant"]["n"] == 239
     assert body["turns"]["train"] == {"2": 239}
     for png in ("chars_hist_png", "tokens_hist_png", "turns_hist_png"):
-        assert report.file(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = report.file("data_report_md").read_text(encoding="utf-8")
+        assert getattr(report.out, png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = report.out.data_report_md.read_text(encoding="utf-8")
     assert "孤零零的问题" in md and "no-answer" in md and "![" in md
 
 
@@ -329,11 +329,11 @@ def test_data_report_counts_tokens_with_a_configured_tokenizer(tmp_path):
     folder = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
     qa = ingest(SAMPLE)
-    data = build_conversations(qa.file("records_arrow"))
+    data = build_conversations(qa.out.records_arrow)
     report = build_data_report(qa.out, data.out, data_tokenizer(folder), str(folder))
-    body = json.loads(report.file("data_report_json").read_text(encoding="utf-8"))
+    body = json.loads(report.out.data_report_json.read_text(encoding="utf-8"))
     assert body["token_unit"].startswith("tokens of ") and str(folder) in body["token_unit"]
-    train = json.loads(data.file("train_json").read_text(encoding="utf-8"))
+    train = json.loads(data.out.train_json.read_text(encoding="utf-8"))
     counts = [len(tok.encode(r["conversations"][1]["content"]).ids) for r in train]
     stats = body["tokens"]["train"]["assistant"]
     assert (stats["n"], stats["max"], stats["mean"]) == (

@@ -14,7 +14,7 @@ from tasks.runtime.errors import DataError
 from tasks.runtime.results import stage_root
 from tasks.data.conversations import build_conversations
 from tasks.data.ingest import ingest
-from tasks.data.validate import validate
+from tasks.data.validate import validate_data
 
 BAD = Path(__file__).parents[1] / "data" / "bad"
 
@@ -91,12 +91,8 @@ def run(source: Path, on_error: str = "fail", max_chars: int = 100_000,
         duplicates: str = "drop"):
     """The data stage cores, in pipeline order."""
     qa = ingest(source, "auto", on_error, max_chars)
-    data = build_conversations(qa.file("records_arrow"), duplicates=duplicates)
-    files = {"train": (data.file("train_json"), "conversation"),
-             "dev": (data.file("dev_json"), "conversation")}
-    checked = validate({**({"qa": (qa.file("qa_json"), "qa")} if "qa_json" in qa.files
-                           else {}), **files})
-    return qa, data, checked
+    data = build_conversations(qa.out.records_arrow, duplicates=duplicates)
+    return qa, data, validate_data(qa.out, data.out)
 
 
 def published(stage: str) -> list[str]:
@@ -185,7 +181,7 @@ def test_too_few_records_name_the_file_and_say_what_to_do(name, tmp_path):
     source.write_text(text, encoding="utf-8")
     with pytest.raises(DataError) as caught:
         qa = ingest(source, "auto", on_error)
-        build_conversations(qa.file("records_arrow"), source=source,
+        build_conversations(qa.out.records_arrow, source=source,
                             skipped=int(qa.metrics.get("skipped_records", 0)))
     error = caught.value
     assert str(error).startswith(str(tmp_path / where)), str(error)

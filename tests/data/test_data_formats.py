@@ -28,15 +28,15 @@ def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
 def run_stages(source: Path, fmt: str = "auto") -> tuple[dict, list[list[dict]]]:
     """ingest -> conversations -> validate; returns (ingest info, all conversations)."""
     qa = ingest(source, fmt)
-    data = build_conversations(qa.file("records_arrow"), duplicates="keep")
-    files = {"train": (data.file("train_json"), "conversation"),
-             "dev": (data.file("dev_json"), "conversation")}
+    data = build_conversations(qa.out.records_arrow, duplicates="keep")
+    files = {"train": (data.out.train_json, "conversation"),
+             "dev": (data.out.dev_json, "conversation")}
     if "qa_json" in qa.files:
-        files["qa"] = (qa.file("qa_json"), "qa")
+        files["qa"] = (qa.out.qa_json, "qa")
     checked = validate(files)
     assert checked.metrics["train_valid_records"] == data.metrics["train_records"]
     records = [r["conversations"] for s in ("train", "dev")
-               for r in json.loads(data.file(f"{s}_json").read_text(encoding="utf-8"))]
+               for r in json.loads(getattr(data.out, f"{s}_json").read_text(encoding="utf-8"))]
     return {**qa.info, "files_out": qa.files, "metrics": qa.metrics}, records
 
 

@@ -100,11 +100,11 @@ def test_skip_counts_and_lists_what_it_skipped(tmp_path, monkeypatch):
     src = jsonl(tmp_path / "pairs.jsonl",
                 [trl(i) for i in range(10)] + [trl(10, chosen=""), trl(0)])   # bad + duplicate
     result = build_preferences(src, on_error="skip", train_ratio=0.7)
-    report = read_json(Path(result.file("preference_report_json")))
+    report = read_json(Path(result.out.preference_report_json))
     assert report["counts"] == {"read": 11, "skipped": 1, "duplicates": 1, "train": 7, "dev": 3}
     assert "record #10" in report["skipped_examples"][0]["message"]
     assert report["skipped_by_kind"] == {"empty": 1}      # the records' kinds (BadRecord)
-    train, dev = (read_json(Path(result.file(f"{n}_pairs_json"))) for n in ("train", "dev"))
+    train, dev = (read_json(getattr(result.out, f"{n}_pairs_json")) for n in ("train", "dev"))
     assert len(train) == 7 and len(dev) == 3
     assert {p["chosen"] for p in train} | {p["chosen"] for p in dev} == \
         {f"好的回答{i}。" for i in range(10)}                    # an exact, disjoint split

@@ -71,8 +71,8 @@ def test_benchmark_two_variants(tmp_path):
     res = run_benchmark({"base": ModelSpec(base), "base+adapter": ModelSpec(base,
                                                                           adapter=adapter)},
                         PROMPTS, cfg)
-    rows = read_json(res.file("benchmark_json"))
-    typed = read_rows(res.file("benchmark_json"))
+    rows = read_json(res.out.benchmark_json)
+    typed = read_rows(res.out.benchmark_json)
     assert [r.to_json() for r in typed] == rows and all(r.repeats == 2 for r in typed)
     assert all(isinstance(r, BenchmarkRow) for r in typed)
     # one row per variant, engine and batch size, each the median of 2 measurements
@@ -88,7 +88,7 @@ def test_benchmark_two_variants(tmp_path):
         assert r["peak_rss_mib"] >= r["rss_before_load_mib"] > 0
         assert r["footprint_mib"] > 0 and r["load_seconds"] > 0
         assert r["adapter"] == (r["variant"] == "base+adapter")
-    md = res.file("benchmark_md").read_text(encoding="utf-8")
+    md = res.out.benchmark_md.read_text(encoding="utf-8")
     assert md == res.summary and "| base+adapter | static | 2 |" in md
     assert "decode tok/s per seq" in md and "median (min–max) of 2 runs" in md
     assert {"base_static_b1_decode_tok_s", "base_plus_adapter_generate_b2_aggregate_tok_s",
@@ -123,11 +123,11 @@ def test_a_variant_that_fails_is_a_row_and_the_others_are_measured(tmp_path):
     cfg = BenchmarkConfig(device="cpu", prompts=1, new_tokens=2, warmup=0, cpu_threads=1,
                           batch_sizes=[1], engines=["static"], repeats=1)
     res = run_benchmark({"base": ModelSpec(base), "broken": ModelSpec(broken)}, PROMPTS, cfg)
-    assert [r.variant for r in read_rows(res.file("benchmark_json"))] == ["base"]
-    [failed] = read_json(res.file("failed_json"))
+    assert [r.variant for r in read_rows(res.out.benchmark_json)] == ["base"]
+    [failed] = read_json(res.out.failed_json)
     assert failed["variant"] == "broken" and failed["round"] == 0
     assert "Error" in failed["error"].split(":")[0], failed
-    md = res.file("benchmark_md").read_text(encoding="utf-8")
+    md = res.out.benchmark_md.read_text(encoding="utf-8")
     assert "| broken | failed (round 1): " in md and "| base | static | 1 |" in md
     assert res.metrics["failed_variant_runs"] == 1.0 and "base_static_b1_decode_tok_s" in \
         res.metrics

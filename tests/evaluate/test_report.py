@@ -105,7 +105,7 @@ def test_report_builds(inputs, home):
                            inputs["probes"], cfg)
     assert res.stage == "generations" and res.problem() is None
     assert Path(res.path).parent == home / "outputs" / "generations"
-    report = render_report(res.file("generations_json"), extra, title="Tiny report")
+    report = render_report(res.out.generations_json, extra, title="Tiny report")
     assert report.stage == "report" and report.problem() is None
     assert Path(report.path).parent == home / "outputs" / "report"
     md = Path(report.files["report_md"]).read_text(encoding="utf-8")
@@ -132,7 +132,7 @@ def test_report_builds(inputs, home):
     assert "[system] 你是一个植物养护助手。\n[user] 多肉植物多久浇一次水？" in md
 
     # another section re-renders from the same file: a new report, the same answers
-    again = render_report(res.file("generations_json"), {"Benchmark": "other"})
+    again = render_report(res.out.generations_json, {"Benchmark": "other"})
     assert again.digest != report.digest
     assert Path(again.files["report_md"]).read_text(encoding="utf-8").rstrip().endswith("other")
 
@@ -159,14 +159,14 @@ def test_after_preference_tuning_the_report_has_a_supervised_column(inputs):
     for ex in gens["dev"][:cfg.dev_examples] + gens["probes"]:
         assert len({ex["before"], ex["supervised"], ex["after"]}) == 3
     assert 0 <= res.metrics["supervised_rouge_l"] <= 100
-    md = Path(render_report(res.file("generations_json")).files["report_md"]).read_text(
+    md = Path(render_report(res.out.generations_json).files["report_md"]).read_text(
         encoding="utf-8")
     m = res.metrics
     assert "| metric | before | supervised | after | Δ |" in md
     assert f"| ROUGE-L | {m['base_rouge_l']:.2f} | {m['supervised_rouge_l']:.2f} | " \
            f"{m['tuned_rouge_l']:.2f} |" in md
     assert md.count("**Supervised (before preference tuning)**") == cfg.dev_examples + 2
-    page = Path(render_report(res.file("generations_json")).files["report_html"]).read_text(
+    page = Path(render_report(res.out.generations_json).files["report_html"]).read_text(
         encoding="utf-8")
     assert page.count('class="text supervised"') == cfg.dev_examples + 2
     assert "<th>supervised</th>" in page

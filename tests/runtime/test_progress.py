@@ -60,9 +60,9 @@ def test_the_data_stages_report_their_steps_on_a_large_input(tmp_path, monkeypat
     generate(source, 200_000)
     with caplog.at_level(logging.INFO, logger="tasks.runtime.progress"):
         qa = ingest(source)
-        data = build_conversations(qa.file("records_arrow"), shuffle_seed=0)
-        validate({"train": (data.file("train_json"), "conversation"),
-                  "dev": (data.file("dev_json"), "conversation")})
+        data = build_conversations(qa.out.records_arrow, shuffle_seed=0)
+        validate({"train": (data.out.train_json, "conversation"),
+                  "dev": (data.out.dev_json, "conversation")})
     lines = [r.getMessage() for r in caplog.records]
     step = r"(\d)/(\d) \((.+)\), \d+ s elapsed, about \d+ s left"
     got = [(m[1], m[2], m[3], m[4]) for m in (re.fullmatch(rf"(.+?): {step}", x) for x in lines)

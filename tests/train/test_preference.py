@@ -130,8 +130,8 @@ def pairs(tmp_path, monkeypatch, tiny_base) -> dict[str, Path]:
     few.write_text("".join(SAMPLE.read_text(encoding="utf-8").splitlines(True)[:64]),
                    encoding="utf-8")
     result = build_preferences(few, train_ratio=0.75)
-    return {"model": tiny_base["base"], "train": Path(result.file("train_pairs_json")),
-            "dev": Path(result.file("dev_pairs_json"))}
+    return {"model": tiny_base["base"], "train": Path(result.out.train_pairs_json),
+            "dev": Path(result.out.dev_pairs_json)}
 
 
 def test_orpo_needs_no_reference_and_learns(pairs):

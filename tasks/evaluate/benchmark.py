@@ -106,12 +106,6 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
     from tasks.model.decode import Compile, StaticDecoder, left_pad
     from tasks.model.modeling import generate_ids, load_tokenizer, prefix_length, prompt_ids
 
-    def eager(fn):
-        def run(*args):
-            with torch.compiler.set_stance("force_eager"):
-                return fn(*args)
-        return run
-
     class Stamps(BaseStreamer):
         """Records the wall time of every `put` (the prompt first, then each new token)."""
 
@@ -169,7 +163,8 @@ def _measure(name: str, spec: ModelSpec, prompts: list[list[dict]], new_tokens: 
                     out = decoder.decode(ids, mask, new_tokens)
                     return out.first_token_s, out.decode_s
             else:
-                run = eager(run_generate)       # not the layers a static engine compiled
+                # not the layers a static engine compiled
+                run = torch.compiler.set_stance("force_eager")(run_generate)
             for i in range(warmup):
                 run(*groups[i % len(groups)])
             graph = None

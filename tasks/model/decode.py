@@ -123,15 +123,11 @@ class StaticDecoder:
         return self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
                           use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache}).logits
 
+    @torch.compiler.set_stance("force_eager")
     def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor):
         """The prompt's forward, eager: compiled layers would compile again for every prompt
         length (`dynamic=False`) for a pass that runs once per answer."""
-        with torch.compiler.set_stance("force_eager"):
-            return self._forward(ids, positions, keep)
-
-    def _eager_step(self) -> None:
-        with torch.compiler.set_stance("force_eager"):
-            self._step()
+        return self._forward(ids, positions, keep)
 
     def _step(self) -> None:
         self.mask.index_fill_(1, self.slot, True)              # attend to the slot written now
@@ -150,7 +146,8 @@ class StaticDecoder:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for step in (self._eager_step, self.step, self.step, self.step):
+            for step in (torch.compiler.set_stance("force_eager")(self._step), self.step,
+                         self.step, self.step):
                 self.slot.fill_(self.max_len - 1)              # warm up on the last slot; the
                 step()                                         # eager one allocates the cache
         torch.cuda.current_stream(self.device).wait_stream(stream)

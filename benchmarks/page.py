@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from tasks.evaluate.benchmark_rows import engine_label
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PAGE = REPO / "docs" / "benchmarks.md"
@@ -69,26 +71,23 @@ def stage_table(stages: dict) -> list[str]:
                    s["cached"]] for n, s in stages.items()])
 
 
-def engine(row: dict) -> str:
-    """A benchmark row's engine and what it compiled (rows of older runs do not say)."""
-    scope = "step" if row.get("compiled") is True else row.get("compiled")
-    return f"{row['engine']} + compiled {scope}" if scope else row["engine"]
+def disk_peak(disk: dict) -> str:
+    """The free space a flow started with and the most it used (benchmarks/gpu_flow.py)."""
+    return (f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
+            f"**{fmt(disk['peak_used_gb'])} GB** used by the flow at its peak")
 
 
 def gpu_flow(d: dict) -> list[str]:
     if "killed" in d:              # a run that did not finish: the stages it completed
         disk = d.get("disk")
         return [f"Killed {d['killed']}. Stages completed:", "", *stage_table(d["stages_done"]),
-                *([f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
-                   f"{fmt(disk['peak_used_gb'])} GB used by the flow at its peak so far.", ""]
-                  if disk else [])]
+                *([disk_peak(disk) + " so far.", ""] if disk else [])]
     out = [f"Whole flow: **{fmt(d['flow_seconds'])} s**, {d['params'] / 1e9:.2f} B parameters "
            f"(base built in {fmt(d.get('build_model_seconds'))} s, outside the flow).", ""]
     out += stage_table(d["stages"])
     if "disk" in d:
         disk = d["disk"]
-        out += [f"Disk: {fmt(disk['start_free_gb'])} GB free at the start, "
-                f"**{fmt(disk['peak_used_gb'])} GB** used by the flow at its peak; the home holds "
+        out += [disk_peak(disk) + "; the home holds "
                 f"{fmt(disk['home_total_gb'])} GB at the end (hard links counted once): "
                 + ", ".join(f"{k} {fmt(v)}" for k, v in disk["home_gb"].items() if v) + "."
                 + (" Written by each stage: " + ", ".join(written) + " GB."
@@ -102,7 +101,7 @@ def gpu_flow(d: dict) -> list[str]:
                 f"{fmt(c['peak_rss_mib'])} MiB, {c['tensors']} tensors, {c['shards']} shards.", ""]
     out += table(["variant", "engine", "batch", "decode tok/s per seq", "aggregate tok/s",
                   "TTFT ms", "peak CUDA MiB", "compile s"],
-                 [[b["variant"], engine(b), b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
+                 [[b["variant"], engine_label(b["engine"], b.get("compiled")), b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
                    b["ttft_ms"], b.get("peak_cuda_mib") or 0, b.get("compile_s")]
                   for b in d["benchmark"]])
     out += [f"- failed: {f['variant']}: {f.get('error', f)}" for f in d.get("benchmark_failed", [])]

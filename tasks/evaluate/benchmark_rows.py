@@ -129,6 +129,13 @@ def metrics(rows: list[BenchmarkRow]) -> dict[str, float]:
     return out
 
 
+def engine_label(engine: str, compiled: str | bool | None) -> str:
+    """A row's engine and what torch.compile compiled of it ("static + compiled layers"); rows
+    of older runs say `compiled: true` for the whole step, or nothing."""
+    scope = "step" if compiled is True else compiled
+    return f"{engine} + compiled {scope}" if scope else engine
+
+
 def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -> str:
     """benchmark.md: one line per row, the median and (min–max) where there were repeats; a
     line per failed variant and round with its error."""
@@ -144,11 +151,7 @@ def markdown_table(rows: list[BenchmarkRow], failed: list[FailedVariant] = ()) -
     head = ("| variant | engine | batch | dtype | quant | decode tok/s per seq | aggregate tok/s "
             "| TTFT ms | peak CUDA MiB | peak RSS MiB | load s | capture s |")
     rule = "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"
-    def engine(r: BenchmarkRow) -> str:
-        scope = "step" if r.compiled is True else r.compiled
-        return f"{r.engine} + compiled {scope}" if scope else r.engine
-
-    body = [f"| {r.variant} | {engine(r)} | {r.batch} | "
+    body = [f"| {r.variant} | {engine_label(r.engine, r.compiled)} | {r.batch} | "
             f"{r.dtype} | {r.quant or '–'} | "
             f"{spread(r, 'decode_tok_s')} | {num(r.aggregate_tok_s)} | {spread(r, 'ttft_ms')} | "
             f"{num(r.peak_cuda_mib)} | {num(r.peak_rss_mib)} | {num(r.load_seconds)} | "

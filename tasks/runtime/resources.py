@@ -44,20 +44,27 @@ _children: list[Peaks] = []
 #: block is open (an enclosing block counts what its inner ones did)
 _phase_log: list[tuple[str, float]] = []
 _open_blocks = 0
+#: this process reports every phase when it ends (a child process, `report_phases`)
+_reporting = False
+
+
+def _kept() -> bool:
+    """Whether someone will read the phases timed now."""
+    return bool(_open_blocks) or _reporting
 
 
 def add_phase(phase: str, seconds: float) -> None:
     """Count `seconds` of `phase` in every open `peak_memory()` block (and, in a child process,
     in what it reports back, `report_phases`); with none open nobody reads it."""
-    if _open_blocks:
+    if _kept():
         _phase_log.append((phase, seconds))
 
 
 def report_phases() -> None:
     """This process reports its phases when it ends (a child process): keep every one from now
     on, whatever blocks open and close inside it."""
-    global _open_blocks
-    _open_blocks += 1
+    global _reporting
+    _reporting = True
 
 
 def phases_since(first: int = 0) -> dict[str, float]:
@@ -145,7 +152,7 @@ def peak_memory() -> Iterator[Peaks]:
                 peaks.cuda_mib = max(peaks.cuda_mib or 0.0, child.cuda_mib)
         del _children[first_child:]
         _open_blocks -= 1
-        if not _open_blocks:
+        if not _kept():
             _phase_log.clear()
 
 

@@ -4,13 +4,13 @@ processes it forks.
 
     bash benchmarks/on_device.sh python3 benchmarks/child_start.py --out "$OUT"
 
-On a GPU the fork server preloads torch and transformers only (`child_process.PRELOAD`): a module
-that initialises CUDA in the server (bitsandbytes asks torch for the device at import; triton's
-driver check calls the driver) leaves every forked child without a usable GPU. Each child then
-imports the model code itself, which is most of the 5.3 s a stage process took to start at 6 B
-(`gpu_flow_6b_h100_layers_cold.json`). For each preload set, a fresh caller starts a fork server
-with it and runs the same job in two children: import every model stage's module, then a
-matmul on the GPU. A set is usable when both children answer. Writes child_start_<gpu>.json.
+On a GPU the fork server preloads `child_process.PRELOAD` only, not the model code it preloads
+elsewhere (`PRELOAD_WITHOUT_GPU`): a module that initialises CUDA in the server leaves every
+forked child without a usable GPU. Each child then imports the model code itself; how much of
+the 5.3 s a stage process took to start at 6 B (`gpu_flow_6b_h100_layers_cold.json`) that is,
+is what this measures. For each preload set, a fresh caller starts a fork server with it and
+runs the same job in two children: import every model stage's module, then a matmul on the GPU.
+A set is usable when both children answer. Writes child_start_<gpu>.json.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from tasks.runtime import child_process
+
 #: the modules a model stage's child imports, beyond the fork server's preload
 STAGE_MODULES = ["tasks.model.modeling", "tasks.model.decode", "tasks.export.merge",
                  "tasks.export.quantize", "tasks.train.train", "tasks.evaluate.generations"]
@@ -33,6 +35,7 @@ CANDIDATES = {
     "bitsandbytes": ["bitsandbytes"],
     "torchao": ["torchao"],
     "model code": ["tasks.model.modeling", "tasks.model.decode"],
+    "what a CPU machine preloads": child_process.PRELOAD_WITHOUT_GPU,
     "every stage module": ["peft", "bitsandbytes", "torchao", *STAGE_MODULES],
 }
 
@@ -55,7 +58,6 @@ def job() -> dict:
 def one_caller(extra: list[str]) -> dict:
     """In this (fresh) process: a fork server with `extra` preloaded too, two children."""
     from benchmarks.child_start import job as stage_job     # by module name, not __main__
-    from tasks.runtime import child_process
     from tasks.runtime.resources import peak_memory
 
     child_process.PRELOAD = child_process.PRELOAD + extra

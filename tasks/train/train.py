@@ -307,8 +307,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         plot_loss_curve(log, tmp / "loss_curve.png", f"{cfg.method}: train / dev loss")
         write_sanity(tmp, tok, train, cfg.sanity_examples)
         out, digest = publish_dir(tmp, stage_root(StageName.TRAIN))
-    metrics = {
-        "eval_loss_before": eval_before, "eval_loss_after": eval_after,
+    metrics = {                # eval_loss_before/after are fields of their own (Adapter)
         "perplexity_before": math.exp(min(eval_before, 50.0)),
         "perplexity_after": math.exp(min(eval_after, 50.0)),
         "train_loss": float(result.training_loss), "trainable_params": float(trainable),
@@ -335,8 +334,7 @@ def _train(base_dir: str, train_json: Path, dev_json: Path, cfg: TrainConfig, ck
         sanity_check_md=out / "sanity_check.md" if sanity else None,
         sanity_check_tsv=out / "sanity_check.tsv" if sanity else None,
         eval_loss_before=eval_before, eval_loss_after=eval_after,
-        measured={k: float(v) for k, v in metrics.items()
-                  if k not in ("eval_loss_before", "eval_loss_after")},
+        measured={k: float(v) for k, v in metrics.items()},
         method=cfg.method, base_dir=str(base_dir), gradient_checkpointing=checkpointing,
         learning_rate=learning_rate(cfg), checkpoint_dir=str(ckpt), checkpoints=checkpoints,
         resumed_from=last,

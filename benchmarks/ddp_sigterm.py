@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.model.base_model import build_base_model
+from tasks.train.base_model import build_base_model
 from tasks.runtime.paths import DATA_DIR, REPO_DIR
 from tasks.runtime.files import atomic_write_json, read_json
 from tasks.config import BaseModelConfig, TrainConfig

@@ -77,7 +77,7 @@ def one(fields: dict, train_json: Path, dev_json: Path) -> dict:
     """Build one candidate base, train every method on it, score: the child process's work."""
     import torch
 
-    from tasks.model.base_model import build_base_model
+    from tasks.train.base_model import build_base_model
     from tasks.config import PipelineConfig
     from tasks.config.methods import METHODS
     from tasks.model.model_spec import ModelSpec

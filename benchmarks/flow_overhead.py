@@ -16,7 +16,7 @@ One process tree, one temporary project home per part (removed after):
    start`: the run uses the stack's Prefect server, so no server start is in it): a first run
    and a cached re-run. `flow_first_s` / `flow_cached_s` are the wall times of those commands,
    from the process's start to its exit; `stages` are each stage's seconds including its
-   MLflow logging, read from the run's MLflow metrics (flows/stages.py `PipelineRun.timings`);
+   MLflow logging, read from the run's MLflow metrics (flows/running.py `PipelineRun.timings`);
 5. the same two commands without the stack: each starts its own temporary server
    (`temporary_server`: wall, time before the first stage, how long the run waited for the
    server).

@@ -16,7 +16,7 @@ import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast
 
-from tasks.model.base_model import make_tokenizer, train_sentencepiece
+from tasks.train.base_model import make_tokenizer, train_sentencepiece
 from tasks.runtime.paths import DATA_DIR
 from tasks.model.modeling import save_model
 from tasks.data.qa_text import read_qa_text

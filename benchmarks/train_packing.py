@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-from tasks.model.base_model import build_base_model
+from tasks.train.base_model import build_base_model
 from tasks.runtime.paths import DATA_DIR
 from tasks.runtime.files import atomic_write_json
 from tasks.config import BaseModelConfig, TrainConfig

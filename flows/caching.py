@@ -9,8 +9,7 @@ function's own source. Our key covers what really determines a stage's output:
 * the code of the stage module **and every `tasks.*` module it imports, transitively**, read
   from disk as a syntax tree (so editing a helper module recomputes the stages that use it, and
   only those; a comment or formatting change recomputes nothing);
-* the source of the Prefect task that wraps the core (flows/stages.py), docstrings excepted:
-  what it passes to the core is part of the stage;
+* the stage's name (its entry, declared in that module, is covered by the module's code);
 * the versions of the libraries that shape model outputs.
 """
 
@@ -19,20 +18,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.metadata
-import inspect
 import json
-import textwrap
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import Task, task
 from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from pydantic import BaseModel
 
-from flows.results import StageResultSerializer, cache_key_storage
-from tasks.runtime.code_version import code_digest, code_text
-from tasks.runtime.results import StageName, StageResult
+from flows.results import cache_key_storage
+from tasks.runtime.code_version import code_digest
+from tasks.runtime.results import Declared, StageResult
 from tasks.runtime.files import file_lock
 from tasks.runtime.digest_memo import memo_digest_path
 
@@ -95,75 +91,27 @@ def inputs_lock(stage: str, parameters: dict[str, Any]):
     return file_lock(f"stage-{stage}-{hashlib.blake2b(blob.encode()).hexdigest()[:2]}")
 
 
-def stage_key(module: str, parameters: dict[str, Any], *, model_libs: bool = False,
-              extra_libs: tuple[str, ...] = (), wrapper: str = "") -> str:
-    """The cache key of the stage whose core is `module`, on these task parameters; the
-    versions of MODEL_LIBS (`model_libs`) and of `extra_libs`; `wrapper`: the digest of the task
-    function's code (`wrapper_digest`)."""
+def stage_key(module: str, parameters: dict[str, Any], *, stage: str = "",
+              model_libs: bool = False, extra_libs: tuple[str, ...] = ()) -> str:
+    """The cache key of stage `stage`, whose entry is in `module`, on these task parameters;
+    the versions of MODEL_LIBS (`model_libs`) and of `extra_libs`. The stage's name is part
+    of it: two stages of one module (quantize and quantize_torchao) never share a key."""
     payload = {"code": code_digest(module), "inputs": fingerprint(parameters)}
     libs = (MODEL_LIBS if model_libs else ()) + extra_libs
     if libs:
         payload["libs"] = _lib_versions(libs)
-    if wrapper:
-        payload["wrapper"] = wrapper
+    if stage:
+        payload["stage"] = stage
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
     return f"{module.rsplit('.', 1)[-1]}-{hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()}"
 
 
-def wrapper_digest(fn: Callable) -> str:
-    """Digest of a task function's source (its decorator line included, docstrings not)."""
-    text = code_text(textwrap.dedent(inspect.getsource(fn)))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def stage_cache_policy(module: str, *, model_libs: bool = False, extra_libs: tuple[str, ...] = (),
-                       ignore: tuple[str, ...] = (), wrapper: str = "") -> CachePolicy:
-    """Cache policy for a task wrapping the core of `module` (e.g. "tasks.data.ingest"), its
-    records kept where only plain-JSON stage results are read back (flows/results.py).
-    `ignore`: parameters that do not shape the output (e.g. a name shown in errors)."""
+def stage_cache_policy(module: str, how: Declared) -> CachePolicy:
+    """Cache policy for the task of a stage entry in `module` (e.g. "tasks.data.ingest"),
+    declared as `how`, its records kept where only plain-JSON stage results are read back
+    (flows/results.py). `how.ignore`: parameters that do not shape the output."""
     return CacheKeyFnPolicy(
         cache_key_fn=lambda _ctx, parameters: stage_key(
-            module, {k: v for k, v in parameters.items() if k not in ignore},
-            model_libs=model_libs, extra_libs=extra_libs, wrapper=wrapper)
+            module, {k: v for k, v in parameters.items() if k not in how.ignore},
+            stage=how.name.value, model_libs=how.model_libs, extra_libs=how.extra_libs)
     ).configure(key_storage=cache_key_storage())
-
-
-def cached_stage(stage: StageName, module: str, *, model_libs: bool = False,
-                 extra_libs: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
-                 log_prints: bool | None = None,
-                 logged_as: str | None = None) -> Callable[[Callable], Task]:
-    """Decorator: a cached Prefect task named `stage` over the stage core in `module`, keyed as
-    this module's docstring says, its result persisted as JSON. `log_prints=False`: the core's
-    libraries print where no one should read it (the flows' `log_prints` otherwise).
-    `logged_as`: see `log_folder`."""
-    def make(fn: Callable) -> Task:
-        policy = stage_cache_policy(module, model_libs=model_libs, extra_libs=extra_libs,
-                                    ignore=ignore, wrapper=wrapper_digest(fn))
-        made = task(fn, name=stage.value, persist_result=True, log_prints=log_prints,
-                    result_serializer=StageResultSerializer(), cache_policy=policy)
-        return made if logged_as is None else log_folder(made, logged_as)
-    return make
-
-
-#: stage name -> the folder its MLflow child run holds (`log_folder`); by name, so that a copy
-#: of the task made by `Task.with_options` (same name) holds the same folder
-_LOGGED_AS: dict[str, str] = {}
-
-
-def log_folder(stage_task: Task, folder: str) -> Task:
-    """`stage_task`, whose MLflow child run holds its output folder whole under `folder` (a
-    model, an adapter: what the registry points at) rather than its result's files."""
-    _LOGGED_AS[stage_task.name] = folder
-    return stage_task
-
-
-def logged_folder(stage_task: Task) -> str | None:
-    """The folder `stage_task`'s child run holds its output under, if it declares one."""
-    return _LOGGED_AS.get(stage_task.name)
-
-
-def child_run_artifacts(stage_task: Task, result: StageResult) -> dict[str, str]:
-    """What the MLflow child run of `stage_task` holds: its output folder under the name the
-    stage declares (`log_folder`), else its result's files."""
-    folder = logged_folder(stage_task)
-    return {folder: result.path} if folder else dict(result.files)

@@ -20,10 +20,10 @@ from prefect import flow, get_run_logger
 
 from flows.mlflow_files import DatasetFile
 from flows.running import PipelineRun, parent_run
-from flows.stages import conversations_task, data_report_task, ingest_task, validate_task
 from tasks.runtime.paths import SCHEMA_DIR
 from tasks.runtime.results import StageResult
 from tasks.config import DataConfig
+from tasks.data import conversations, data_report, ingest, validate
 from tasks.data.dataset_io import QA
 
 #: inputs bigger than this are not copied into MLflow (their digest is logged instead)
@@ -43,7 +43,7 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
     """ingest -> conversations -> validate -> data report; returns (ingest result, conversations
     result: its output holds train_json and dev_json)."""
     source = Path(cfg.source)
-    qa = run.stage(ingest_task, source=source, fmt=cfg.format, on_error=cfg.on_error,
+    qa = run.stage(ingest.ingest, source=source, fmt=cfg.format, on_error=cfg.on_error,
                    max_chars=cfg.max_chars,
                    artifacts=lambda r: _with_raw(source, r),
                    datasets=lambda r: {"qa": DatasetFile(r.out.qa_json, QA, r.out.qa_pairs)}
@@ -52,13 +52,13 @@ def data_stages(run: PipelineRun, cfg: DataConfig) -> tuple[StageResult, StageRe
         get_run_logger().warning(
             "skipped %d malformed record(s) of %s (%s); see skipped.json and the data report",
             qa.out.skipped_records, source, qa.out.skipped)
-    data = run.stage(conversations_task, qa=qa, system_prompt=cfg.system_prompt,
+    data = run.stage(conversations.stage, qa=qa, system_prompt=cfg.system_prompt,
                      train_ratio=cfg.train_ratio, shuffle_seed=cfg.shuffle_seed,
                      split_by=cfg.split_by, duplicates=cfg.duplicates, source=str(source),
                      datasets=lambda r: {"training": r.out.train_parquet,
                                          "evaluation": r.out.dev_parquet})
-    run.stage(validate_task, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
-    run.stage(data_report_task, qa=qa, data=data,
+    run.stage(validate.stage, qa=qa, data=data, artifacts=lambda r: {"schemas": str(SCHEMA_DIR)})
+    run.stage(data_report.stage, qa=qa, data=data,
               tokenizer=Path(cfg.tokenizer) if cfg.tokenizer else None)
     run.tracker.client.set_tag(run.parent_id, "data_digest", data.digest)
     return qa, data

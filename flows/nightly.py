@@ -37,14 +37,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.ops import cli, commands
-from flows.caching import cached_stage
-from flows.stages import model_core
 from flows.pipeline import Built, build, finish, register
 from flows.running import PipelineRun, parent_run
 from flows.tracking import Tracker
-from tasks.runtime.results import StageName, StageResult, StepName, stage_root
+from tasks.runtime.results import StageName, StepName, stage_root
 from tasks.runtime.paths import project_dir
-from tasks.config import PipelineConfig, ReportConfig
+from tasks.config import PipelineConfig
 from tasks.config.methods import METHODS
 from tasks.model.model_spec import ModelSpec
 from flows.registry import RegisteredVersion, champion_version
@@ -53,29 +51,10 @@ from tasks.evaluate.gate import (
     GateConfig,
     GateDecision,
     decide,
+    evaluate_champion_stage,
     ood_retention,
     probe_answers,
 )
-
-
-@cached_stage(StageName.EVALUATE_CHAMPION, "tasks.evaluate.gate", model_libs=True)
-def evaluate_champion_task(spec: ModelSpec, data: StageResult, probes_file: Path,
-                           cfg: ReportConfig) -> StageResult:
-    """The champion's answers and dev scores, as the generations stage's models'."""
-    from tasks.evaluate.gate import evaluate_champion
-
-    return model_core(evaluate_champion, spec, data.out.dev_json, probes_file, cfg)
-
-
-@cached_stage(StageName.EVALUATE_CHAMPION_PREFERENCE, "tasks.evaluate.preference_eval",
-              model_libs=True)
-def evaluate_preference_task(spec: ModelSpec, pairs: StageResult) -> StageResult:
-    """The champion's preference accuracy on the run's dev pairs (the challenger's is the
-    pipeline's preference_eval stage)."""
-    from tasks.evaluate.preference_eval import evaluate_preferences
-
-    return model_core(evaluate_preferences, {"champion": spec}, pairs.out.dev_pairs_json,
-                      stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,11 +120,13 @@ def evaluate_candidates(run: PipelineRun, cfg: PipelineConfig, gate: GateConfig,
         return challenger, None
     digest, folder = champ.tags.get("model_digest", ""), local_model(champ, run.tracker.uri)
     spec = ModelSpec(folder, built.dtype, digest=digest)     # as the challenger was compared
-    cp = run.stage(evaluate_champion_task, spec=spec, data=built.data,
+    cp = run.stage(evaluate_champion_stage, spec=spec, data=built.data,
                    probes_file=Path(cfg.report.probes_file), cfg=cfg.report)
     cp_preference = None
     if preference is not None:
-        pref = run.stage(evaluate_preference_task, pairs=preference.pairs, spec=spec)
+        from tasks.evaluate.preference_eval import champion_preference_stage
+
+        pref = run.stage(champion_preference_stage, pairs=preference.pairs, spec=spec)
         cp_preference = 100 * pref.out.scores["champion_preference_accuracy"]
     return challenger, Candidate(str(champ.version), digest, cp.out.scores[gate.metric],
                                  ood_retention(probe_answers(cp.out.evaluation_json)["answer"],

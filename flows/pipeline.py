@@ -25,17 +25,13 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from flows.caching import logged_folder
 from flows.ops import cli, commands
 from flows.data import data_stages
 from flows.headline import generations_table, headline_metrics, log_headline
 from flows.running import PipelineRun, parent_run
-from flows.stages import base_model_task, benchmark_task, convert_base_task, \
-    generations_task, merge_preference_task, merge_task, preference_data_task, \
-    preference_eval_task, preference_task, quantize_task, quantize_torchao_task, report_task, \
-    resolve_base_task, train_task
+from flows.stages import Entry, logged_folder
 from tasks.runtime.errors import ConfigError
-from tasks.runtime.results import StageResult, StepName
+from tasks.runtime.results import StageResult, StepName, declared
 from tasks.runtime.paths import is_local_model_path
 from tasks.runtime.files import read_json
 from tasks.config import BaseModelConfig, PipelineConfig, PreferenceConfig
@@ -122,7 +118,10 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     """Every stage up to the report, inside an open parent run; the parent run gets the
     headline metrics and the generations table. Nothing is registered."""
     # torch loads here, not at import: a mistake on the command line is reported in seconds
+    from tasks.evaluate import benchmark, generations, preference_eval, report
+    from tasks.export import merge, quantize
     from tasks.model.modeling import pick_device, resolve_dtype
+    from tasks.train import base_model, preference, train
     refuse_foreign_code(cfg.base)
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
@@ -132,8 +131,8 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     if cfg.base.path:
         base = user_base(run, cfg.base)
     else:
-        base = run.stage(base_model_task, data=data, cfg=cfg.base)
-    adapter = run.stage(train_task, base=base, data=data, cfg=cfg.train)
+        base = run.stage(base_model.stage, data=data, cfg=cfg.base)
+    adapter = run.stage(train.stage, base=base, data=data, cfg=cfg.train)
     device = pick_device(cfg.benchmark.device)
     merged = int4 = fast_int4 = supervised = tuned_adapter = None
     method = METHODS[cfg.train.method]
@@ -142,18 +141,17 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
               "merge and int4 are skipped, base + prefix adapter is benchmarked, reported and "
               "registered (the adapter folder; load it with peft on the base).")
     else:
-        merged = run.stage(merge_task, base=base, adapter=adapter, cfg=cfg.merge)
+        merged = run.stage(merge.stage, base=base, adapter=adapter, cfg=cfg.merge)
         if pairs is not None:               # a preference adapter on the merged model, merged
             supervised = merged
-            tuned_adapter = run.stage(preference_task, supervised=supervised, pairs=pairs,
+            tuned_adapter = run.stage(preference.stage, supervised=supervised, pairs=pairs,
                                       cfg=cfg.preference.for_base(embedded=not cfg.base.path))
-            merged = run.stage(merge_preference_task, supervised=supervised,
+            merged = run.stage(merge.preference_stage, supervised=supervised,
                                adapter=tuned_adapter, cfg=cfg.merge)
-        int4 = run.stage(quantize_task, merged=merged, cfg=cfg.quantize, device=device,
-                         fmt="bnb")
+        int4 = run.stage(quantize.stage, merged=merged, cfg=cfg.quantize, device=device)
         if torchao_int4(cfg, device):
-            fast_int4 = run.stage(quantize_torchao_task, merged=merged, cfg=cfg.quantize,
-                                  device=device, fmt="torchao")
+            fast_int4 = run.stage(quantize.torchao_stage, merged=merged, cfg=cfg.quantize,
+                                  device=device)
 
     dtype = resolve_dtype(cfg.merge.dtype, device)
     base_spec = ModelSpec(base.path, dtype, digest=base.digest)
@@ -163,38 +161,40 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     for name, result in (("merged", merged), ("int4", int4), ("int4-torchao", fast_int4)):
         if result is not None:
             variants[name] = ModelSpec(result.path, result.dtype, digest=result.digest)
-    bench = run.stage(benchmark_task, variants=variants,
+    bench = run.stage(benchmark.stage, variants=variants,
                       prompts=[p for p, _ in read_dev_prompts(data.out.dev_json)
                                [:cfg.benchmark.prompts]],
                       cfg=cfg.benchmark, device=device)
     supervised_spec = supervised and ModelSpec(supervised.path, dtype, digest=supervised.digest)
-    generations = run.stage(generations_task, base=base_spec,
-                            tuned=variants.get("merged", adapted), data=data,
-                            probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
-                            supervised=supervised_spec)
-    sections, preference = {"Benchmark": bench.summary}, None
+    answers = run.stage(generations.stage, base=base_spec,
+                        tuned=variants.get("merged", adapted), data=data,
+                        probes_file=Path(cfg.report.probes_file), cfg=cfg.report,
+                        supervised=supervised_spec)
+    sections, tuned_preference = {"Benchmark": bench.summary}, None
     if supervised is not None:              # each model's preference accuracy on dev pairs
-        scores = run.stage(preference_eval_task, models={
+        scores = run.stage(preference_eval.stage, models={
             "base": base_spec, "supervised": supervised_spec, "tuned": variants["merged"]},
             pairs=pairs)
-        preference = Preference(pairs, tuned_adapter, supervised, scores)
+        tuned_preference = Preference(pairs, tuned_adapter, supervised, scores)
         sections["Preference"] = scores.summary
-    report = run.stage(report_task, generations=generations, extra_sections=sections)
-    create_markdown_artifact(key="finetune-report", markdown=report.summary,
+    rendered = run.stage(report.stage, generations=answers, extra_sections=sections)
+    create_markdown_artifact(key="finetune-report", markdown=rendered.summary,
                              description=f"Before/after report, MLflow run {run.parent_id}")
     log_headline(run.tracker.client, run.parent_id,
-                 headline_metrics(data, adapter, generations, bench, int4,
-                                  preference.scores if preference else None),
-                 generations_table(generations))
-    return Built(data, base, adapter, merged, int4, fast_int4, bench, generations, report,
-                 dtype, preference)
+                 headline_metrics(data, adapter, answers, bench, int4,
+                                  tuned_preference.scores if tuned_preference else None),
+                 generations_table(answers))
+    return Built(data, base, adapter, merged, int4, fast_int4, bench, answers, rendered,
+                 dtype, tuned_preference)
 
 
 def preference_pairs(run: PipelineRun, cfg: PreferenceConfig) -> StageResult | None:
     """The preference pairs, read, checked and split with the data (`preference.method`)."""
     if cfg.method == "none":
         return None
-    return run.stage(preference_data_task, source=Path(cfg.source), fmt=cfg.format,
+    from tasks.data import preferences
+
+    return run.stage(preferences.build_preferences, source=Path(cfg.source), fmt=cfg.format,
                      on_error=cfg.on_error, train_ratio=cfg.train_ratio,
                      shuffle_seed=cfg.shuffle_seed)
 
@@ -210,10 +210,14 @@ def refuse_foreign_code(cfg: BaseModelConfig) -> None:
 def user_base(run: PipelineRun, cfg: BaseModelConfig) -> StageResult:
     """The user's base model: a ChatGLM2/3 or original GLM-4 folder converted once (cached by
     content), any other used where it is."""
+    from tasks.model import chatglm
+    from tasks.train import base_model
+
     if is_local_model_path(cfg.path) and Path(cfg.path).is_dir() and \
             classify(cfg.path).kind == "convert":
-        return run.stage(convert_base_task, source=Path(cfg.path), params={"path": cfg.path})
-    return run.stage(resolve_base_task, cfg=cfg, params={"path": cfg.path},
+        return run.stage(chatglm.convert_folder, folder=Path(cfg.path),
+                         params={"path": cfg.path})
+    return run.stage(base_model.resolve_base_model, cfg=cfg, params={"path": cfg.path},
                      artifacts=lambda _: {})     # the user's folder: nothing to copy
 
 
@@ -253,11 +257,11 @@ def torchao_int4(cfg: PipelineConfig, device: str) -> bool:
     return device.startswith("cuda")
 
 
-#: the stages whose registered models are logged as MLflow models (flows/registry.py)
-MLFLOW_MODELS = (merge_task, merge_preference_task, quantize_task)
-
-
 def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[RegisteredVersion]:
+    from tasks.export import merge, quantize
+    from tasks.train import train
+
+    mlflow_models = (merge.stage, merge.preference_stage, quantize.stage)  # flows/registry.py
     data, adapter, merged, scored = built.data, built.adapter, built.merged, built.generations
     client = run.tracker.client
     preference = built.preference
@@ -270,20 +274,20 @@ def _register(run: PipelineRun, cfg: PipelineConfig, built: Built) -> list[Regis
         tags |= {"preference_method": cfg.preference.method,
                  "preference_data_digest": preference.pairs.digest}
     versions = []
-    entries = [(cfg.registry.model_name, merged,
-                merge_preference_task if preference else merge_task),
-               (f"{cfg.registry.model_name}-int4", built.int4, quantize_task)]
+    entries: list[tuple[str, StageResult, Entry]] = [
+        (cfg.registry.model_name, merged, merge.preference_stage if preference else merge.stage),
+        (f"{cfg.registry.model_name}-int4", built.int4, quantize.stage)]
     if built.fast_int4 is not None:
         entries.append((f"{cfg.registry.model_name}-int4-torchao", built.fast_int4,
-                        quantize_torchao_task))
+                        quantize.torchao_stage))
     if merged is None:                      # ptuning: the prefix adapter (needs the base)
-        entries = [(f"{cfg.registry.model_name}-prefix", adapter, train_task)]
-    for name, result, stage in entries:
-        origin, folder = run.origins[stage.name], logged_folder(stage)
+        entries = [(f"{cfg.registry.model_name}-prefix", adapter, train.stage)]
+    for name, result, entry in entries:
+        origin, folder = run.origins[declared(entry).name], logged_folder(entry)
         source = f"{client.get_run(origin).info.artifact_uri}/{folder}"
-        if stage in MLFLOW_MODELS:          # an MLflow model, logged in the stage's run
+        if entry in mlflow_models:          # an MLflow model, logged in the stage's run
             source = partial(log_chat_model, result.path, origin,
-                             quantized=stage is quantize_task)
+                             quantized=entry is quantize.stage)
         versions.append(register_version(
             client, name, source=source, run_id=origin, digest=result.digest,
             tags={**tags, "variant": folder},

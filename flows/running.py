@@ -1,6 +1,7 @@
 """Running the stages: each under its inputs lock, a cache hit verified against its outputs,
 logged as an MLflow child run of one parent run per flow run, with a summary row (README
-"Where to look"). The stages themselves are in flows/stages.py."""
+"Where to look"). Each stage is its entry, declared in its module of `tasks/`; its Prefect
+task is made in flows/stages.py."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from mlflow.entities import Metric
 from prefect import Task, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.caching import child_run_artifacts, inputs_lock
+from flows.caching import inputs_lock
 from flows.mlflow_files import DatasetFile
 from flows.ops import hygiene, startup
 from flows.ops.signals import as_raised_by_signal
+from flows.stages import Entry, child_run_artifacts, stage_task
 from flows.tracking import Tracker
 from tasks.runtime.errors import DataError
 from tasks.runtime.results import StageResult
@@ -39,20 +41,20 @@ class StageRun:
     invalidated: str | None = None
 
 
-def run_cached(stage_task: Task, *, distrust: str | None = None, **kwargs: Any) -> StageRun:
+def run_cached(stage: Task, *, distrust: str | None = None, **kwargs: Any) -> StageRun:
     """Run a stage task under its inputs lock. A cache hit is verified against the manifests of
     its outputs; a hit that fails (or any hit, when `distrust` gives a reason) is recomputed."""
     start = time.perf_counter()
-    with _waiting_for(inputs_lock(stage_task.name, kwargs), stage_task.name):
-        runner = stage_task.with_options(refresh_cache=True) if distrust else stage_task
+    with _waiting_for(inputs_lock(stage.name, kwargs), stage.name):
+        runner = stage.with_options(refresh_cache=True) if distrust else stage
         state = runner(**kwargs, return_state=True)
         result: StageResult = state.result()
         cached = state.name == "Cached"
         problem = result.problem() if cached else None
         if problem:
             get_run_logger().warning("stage %s: the cached result is not trusted, recomputing: "
-                                     "%s", stage_task.name, problem)
-            state = stage_task.with_options(refresh_cache=True)(**kwargs, return_state=True)
+                                     "%s", stage.name, problem)
+            state = stage.with_options(refresh_cache=True)(**kwargs, return_state=True)
             result, cached = state.result(), False
     return StageRun(result, cached, time.perf_counter() - start, problem or distrust)
 
@@ -98,15 +100,17 @@ class PipelineRun:
     #: every stage fed by one of them is recomputed too
     recomputed: dict[str, str] = field(default_factory=dict)
 
-    def stage(self, stage_task: Task, *,
+    def stage(self, entry: Entry, *,
               artifacts: Callable[[StageResult], dict[str, str]] | None = None,
               datasets: Callable[[StageResult], dict[str, Path | DatasetFile]] = lambda r: {},
               params: dict[str, Any] | None = None,
               **kwargs: Any) -> StageResult:
-        """Run `stage_task` on `kwargs` (cached), log it as an MLflow child run with its
-        artifacts (`child_run_artifacts`, unless `artifacts` says), datasets and params."""
-        name, start = stage_task.name, time.perf_counter()
-        artifacts = artifacts or partial(child_run_artifacts, stage_task)
+        """Run the stage whose entry is `entry` on `kwargs` (cached), log it as an MLflow child
+        run with its artifacts (`child_run_artifacts`, unless `artifacts` says), datasets and
+        params."""
+        made = stage_task(entry)
+        name, start = made.name, time.perf_counter()
+        artifacts = artifacts or partial(child_run_artifacts, entry)
         self.first_stage_at = self.first_stage_at or start
         upstream = next((stage for mark, stage in self.recomputed.items()
                          if _mentions(kwargs, mark)), None)
@@ -114,7 +118,7 @@ class PipelineRun:
                                 "invalidated)"
         try:
             with peak_memory() as peaks:
-                run = run_cached(stage_task, distrust=distrust, **kwargs)
+                run = run_cached(made, distrust=distrust, **kwargs)
         except BaseException as error:
             if isinstance(error, DataError) and error.stage is None:
                 error.stage = name

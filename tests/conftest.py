@@ -71,7 +71,7 @@ def tiny_base(tmp_path_factory):
 def _build_tiny_base(root: Path, train_json: Path, dev_json: Path) -> Path:
     import json
 
-    from tasks.model.base_model import build_base_model
+    from tasks.train.base_model import build_base_model
     from tasks.runtime.paths import DATA_DIR
     from tasks.config import BaseModelConfig
     from tasks.data.conversations import qa_to_conversation, split_train_dev

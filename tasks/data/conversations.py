@@ -25,7 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.data.dataset_io import (
     CONVERSATIONS,
@@ -268,3 +269,14 @@ def build_conversations(records_arrow: Path, system_prompt: str | None = None,
         train_ratio=train_ratio, shuffle_seed=shuffle_seed, split_by=split_by,
         duplicates_policy=duplicates, system_prompt=system_prompt,
         duplicate_examples=examples[:20]))
+
+
+@stage_entry(StageName.CONVERSATIONS, ignore=("source",))
+def stage(qa: StageResult, system_prompt: str | None, train_ratio: float,
+          shuffle_seed: int | None, split_by: str = "record", duplicates: str = "drop",
+          source: str | None = None) -> StageResult:
+    """The stage over the ingest stage's records; `source`: the user's input, named in errors
+    (not part of the cache key)."""
+    return build_conversations(qa.out.records_arrow, system_prompt, train_ratio, shuffle_seed,
+                               split_by, duplicates, source=source,
+                               skipped=qa.out.skipped_records)

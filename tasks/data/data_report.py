@@ -21,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -237,3 +238,14 @@ def build_data_report(ingest: Ingested, data: Conversations, tokenizer: Any | No
         chars_hist_png=out / "chars_hist.png", tokens_hist_png=out / "tokens_hist.png",
         turns_hist_png=out / "turns_hist.png", figures=figures, token_unit=unit,
         counts=report["counts"]))
+
+
+@stage_entry(StageName.DATA_REPORT)
+def stage(qa: StageResult, data: StageResult, tokenizer: Path | None = None) -> StageResult:
+    """The stage over the ingest and conversations stages' results. `tokenizer`: a model
+    folder whose tokens the lengths are counted in (loaded here, not where the data stages
+    are imported, so that they never import the model's code)."""
+    from tasks.model.tokenizer import data_tokenizer
+
+    tok = data_tokenizer(tokenizer) if tokenizer else None
+    return build_data_report(qa.out, data.out, tok, str(tokenizer) if tokenizer else None)

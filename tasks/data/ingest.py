@@ -16,7 +16,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.data.dataset_io import is_qa, qa_json, single, write_arrow, write_json_records
 from tasks.data.formats import Format, Loaded, read_source
@@ -58,6 +59,7 @@ def _relative_names(loaded: Loaded, source: Path) -> list[str]:
     return [Path(f).name for f in loaded.files]
 
 
+@stage_entry(StageName.INGEST)
 def ingest(source: Path, fmt: Format = "auto", on_error: OnError = "fail",
            max_chars: int = 100_000) -> StageResult:
     """Read `source` (a file, or a directory of one format) into records.arrow (+ qa.json)."""

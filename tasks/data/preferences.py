@@ -35,7 +35,8 @@ from tasks.runtime.errors import DataError
 from tasks.runtime.files import atomic_write_json, atomic_write_text, publish_dir, \
     staging_dir
 from tasks.runtime.paths import DATA_DIR
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 
 PreferenceFormat = Literal["auto", "trl", "alpaca_ranking", "sharegpt_ranking"]
 KEYS = {"trl": {"prompt", "chosen", "rejected"},
@@ -176,6 +177,7 @@ def _markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@stage_entry(StageName.PREFERENCE_DATA)
 def build_preferences(source: Path, fmt: PreferenceFormat = "auto", on_error: str = "fail",
                       train_ratio: float = 0.7, shuffle_seed: int | None = None) -> StageResult:
     """Read, deduplicate, split, validate and describe the preference pairs of `source`."""

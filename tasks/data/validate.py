@@ -30,7 +30,7 @@ from jsonschema import Draft202012Validator
 
 from tasks.runtime.paths import SCHEMA_DIR
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output
 from tasks.runtime.files import read_json
 from tasks.data.dataset_io import arrow_schema_of, scan_json_records
 from tasks.runtime.progress import Progress
@@ -271,6 +271,12 @@ def validate_data(ingested: Ingested, data: Conversations) -> StageResult:
     qa = {"qa": (ingested.qa_json, "qa")} if ingested.qa_json else {}
     return validate({**qa, "train": (data.train_json, "conversation"),
                      "dev": (data.dev_json, "conversation")})
+
+
+@stage_entry(StageName.VALIDATE)
+def stage(qa: StageResult, data: StageResult) -> StageResult:
+    """The stage over the ingest and conversations stages' results."""
+    return validate_data(qa.out, data.out)
 
 
 def read_conversations(path: Path) -> list[list[dict[str, str]]]:

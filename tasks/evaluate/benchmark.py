@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 from tasks.runtime import child_process
 from tasks.evaluate.benchmark_rows import BenchmarkRow, FailedVariant, markdown_table, metrics, \
     summarise
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     atomic_write_text,
@@ -242,6 +243,13 @@ def run_benchmark(variants: dict[str, ModelSpec], prompts: list[list[dict]],
         benchmark_md=out / "benchmark.md", figures=metrics(rows),
         failed_variant_runs=len(failed),
         variants={name: spec.describe() for name, spec in specs.items()}, prompts=prompts))
+
+
+@stage_entry(StageName.BENCHMARK, model_libs=True)
+def stage(variants: dict[str, ModelSpec], prompts: list, cfg: BenchmarkConfig, device: str
+          ) -> StageResult:
+    """The stage: each variant measured in a process of its own (`run_benchmark`)."""
+    return run_benchmark(variants, prompts, cfg.model_copy(update={"device": device}))
 
 
 def main(argv: list[str] | None = None) -> None:

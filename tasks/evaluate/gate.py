@@ -23,7 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
 from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
@@ -88,6 +89,14 @@ def evaluate_champion(spec: ModelSpec, dev_json: Path, probes_file: Path, cfg: R
     return StageResult(stage=StageName.EVALUATE_CHAMPION, path=str(out), digest=digest,
                        out=ChampionEvaluation(evaluation_json=out / "evaluation.json",
                                               eval_examples=prompts.n_eval, scores=scores))
+
+
+@stage_entry(StageName.EVALUATE_CHAMPION, model_libs=True, own_process=True)
+def evaluate_champion_stage(spec: ModelSpec, data: StageResult, probes_file: Path,
+                            cfg: ReportConfig) -> StageResult:
+    """The nightly gate's stage: the champion's answers and dev scores, as the generations
+    stage's models'."""
+    return evaluate_champion(spec, data.out.dev_json, probes_file, cfg)
 
 
 def probe_answers(path: Path) -> dict[str, list[str]]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, staging_dir
 from tasks.config import ReportConfig
 from tasks.model.model_spec import ModelSpec
@@ -165,3 +166,9 @@ def generate_answers(base: ModelSpec, tuned: ModelSpec, dev_json: Path, probes_f
         generations_json=out / "generations.json", dev_examples=prompts.n_show,
         eval_examples=prompts.n_eval, probe_count=len(prompts.probes), scores=scores))
 
+
+@stage_entry(StageName.GENERATIONS, model_libs=True, own_process=True)
+def stage(base: ModelSpec, tuned: ModelSpec, data: StageResult, probes_file: Path,
+          cfg: ReportConfig, supervised: ModelSpec | None = None) -> StageResult:
+    """The stage: the models' answers on the conversations stage's dev split and the probes."""
+    return generate_answers(base, tuned, data.out.dev_json, probes_file, cfg, supervised)

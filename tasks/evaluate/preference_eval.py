@@ -22,7 +22,8 @@ from transformers import DataCollatorForSeq2Seq
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import load_tokenizer, pick_device, release
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.train.train_data import IGNORE, encode_conversation
 
 MAX_LENGTH = 1024
@@ -99,6 +100,20 @@ def evaluate_preferences(models: dict[str, ModelSpec], dev_pairs: Path, batch_si
     return StageResult(stage=stage, path=str(out), digest=digest, device=pick_device("auto"),
                        summary=summary(scores, len(pairs)), out=PreferenceScores(
         preference_eval_json=out / "preference_eval.json", scores=metrics))
+
+
+@stage_entry(StageName.PREFERENCE_EVAL, model_libs=True, own_process=True)
+def stage(models: dict[str, ModelSpec], pairs: StageResult) -> StageResult:
+    """The stage: each model's preference accuracy on the preference_data stage's dev pairs."""
+    return evaluate_preferences(models, pairs.out.dev_pairs_json)
+
+
+@stage_entry(StageName.EVALUATE_CHAMPION_PREFERENCE, model_libs=True, own_process=True)
+def champion_preference_stage(spec: ModelSpec, pairs: StageResult) -> StageResult:
+    """The nightly gate's stage: the champion's preference accuracy on the run's dev pairs
+    (the challenger's is the preference_eval stage's)."""
+    return evaluate_preferences({"champion": spec}, pairs.out.dev_pairs_json,
+                                stage=StageName.EVALUATE_CHAMPION_PREFERENCE)
 
 
 def summary(scores: dict[str, dict[str, Any]], pairs: int) -> str:

@@ -13,7 +13,7 @@ from jinja2 import Environment
 from markdown_it import MarkdownIt
 from markupsafe import Markup
 
-from tasks.runtime.results import StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import StageName, StageResult, stage_entry, stage_output, stage_root
 from tasks.runtime.files import atomic_write_text, publish_dir, read_json, staging_dir
 from tasks.evaluate.scoring import COLUMNS, SCORES
 from tasks.model.modeling import Message
@@ -220,3 +220,10 @@ section.item { border: 1px solid #d0d7de; border-radius: 8px; padding: .6rem 1re
 </body>
 </html>
 """
+
+
+@stage_entry(StageName.REPORT)
+def stage(generations: StageResult, extra_sections: dict[str, str]) -> StageResult:
+    """The stage: the generations stage's answers and `extra_sections` (the benchmark
+    table, ...), rendered."""
+    return render_report(generations.out.generations_json, extra_sections)

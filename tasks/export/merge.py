@@ -11,11 +11,13 @@ model is checked against base+adapter on a short input.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import publish_dir, read_json, require_free_space, staging_dir
 from tasks.model.model_spec import ModelSpec
 from tasks.model.modeling import (
@@ -28,6 +30,9 @@ from tasks.model.modeling import (
     resolve_dtype,
     save_model,
 )
+
+if TYPE_CHECKING:        # not imported at run time: the GPU box may lack pydantic
+    from tasks.config import MergeConfig
 
 
 @stage_output
@@ -134,3 +139,18 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, dtype: str = "a
         merge_relative_logit_error=relative, merge_top1_agreement=agree, size_mb=size,
         params=params, base=str(base_dir), adapter=str(adapter_dir), probe_tokens=ids.shape[1],
         tokenizer_from="adapter" if tokenizer_dir == str(adapter_dir) else "base"))
+
+
+@stage_entry(StageName.MERGE, model_libs=True, own_process=True, logged_as="merged_model")
+def stage(base: StageResult, adapter: StageResult, cfg: MergeConfig) -> StageResult:
+    """The stage: the train stage's adapter merged into the base stage's model."""
+    return merge_adapter(base.path, adapter.path, cfg.dtype, cfg.device)
+
+
+@stage_entry(StageName.MERGE_PREFERENCE, model_libs=True, own_process=True,
+             logged_as="merged_model")
+def preference_stage(supervised: StageResult, adapter: StageResult, cfg: MergeConfig
+                     ) -> StageResult:
+    """The stage: the preference adapter merged into the supervised model it was tuned on."""
+    return merge_adapter(supervised.path, adapter.path, cfg.dtype, cfg.device,
+                         StageName.MERGE_PREFERENCE)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import publish_dir, require_free_space, staging_dir
 from tasks.export.merge import PROBE, probe_ids, weights_mib
 from tasks.model.modeling import (
@@ -156,3 +157,16 @@ def quantize_int4(merged_dir: str | Path, cfg: QuantizeConfig, device: str = "cp
         sample_prompt=sample_prompt or SAMPLE_PROMPT, sample=sample, merged=str(merged_dir),
         quant_type=cfg.quant_type if fmt == "bnb" else "int4", double_quant=cfg.double_quant,
         group_size=cfg.group_size))
+
+
+@stage_entry(StageName.QUANTIZE, model_libs=True, own_process=True, logged_as="int4_model")
+def stage(merged: StageResult, cfg: QuantizeConfig, device: str) -> StageResult:
+    """The stage: the merged model in bitsandbytes nf4."""
+    return quantize_int4(merged.path, cfg, device, "bnb")
+
+
+@stage_entry(StageName.QUANTIZE_TORCHAO, model_libs=True, own_process=True,
+             logged_as="int4_torchao_model")
+def torchao_stage(merged: StageResult, cfg: QuantizeConfig, device: str) -> StageResult:
+    """The stage: the merged model in torchao's int4 (on a GPU; `quantize.torchao`)."""
+    return quantize_int4(merged.path, cfg, device, "torchao")

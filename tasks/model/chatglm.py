@@ -34,7 +34,7 @@ import torch
 
 from tasks.model.chatglm_tokenizer import save_tokenizer
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import StageName, StageResult, stage_entry, stage_output, stage_root
 from tasks.runtime.files import atomic_write_json, publish_dir, require_free_space, staging_dir
 from tasks.model.mapped_weights import mapped_state_dict
 from tasks.config.model_folder import classify, read_config
@@ -200,6 +200,7 @@ def convert_weights(folder: Path, out: Path, shape: Shape) -> dict[str, int]:
     return written
 
 
+@stage_entry(StageName.BASE, model_libs=True, own_process=True)
 def convert_folder(folder: Path) -> StageResult:
     """Stage "base" for a ChatGLM2/3 or original GLM-4 folder: the native folder (weights,
     config, generation config, fast tokenizer with the family's chat template) under

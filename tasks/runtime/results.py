@@ -1,6 +1,8 @@
-"""What a stage is called and what it returns: a `StageResult` (small, JSON-able, cached by
-Prefect; the files stay on disk) holding the stage's typed output (`stage_output`). Part of the
-runtime: no stage's cache key covers it, so adding a stage re-keys no other stage."""
+"""What a stage is called, how it runs and what it returns. A stage's entry -- the function of
+its module that the flows call, with upstream `StageResult`s -- is declared with `stage_entry`;
+it returns a `StageResult` (small, JSON-able, cached by Prefect; the files stay on disk)
+holding the stage's typed output (`stage_output`). Part of the runtime: no stage's cache key
+covers it, so adding a stage re-keys no other stage."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Callable, TypeVar
 
 from tasks.runtime.files import verify_outputs
 from tasks.runtime.paths import project_dir
@@ -56,6 +58,50 @@ class StepName(StrEnum):
 
     REGISTER = "register"          # the pipeline: registry versions of what build made
     GATE = "gate"                  # the nightly: champion against challenger
+
+
+@dataclass(frozen=True)
+class Declared:
+    """How a stage runs, declared on its entry (`stage_entry`); flows/stages.py makes the
+    cached Prefect task from it. `model_libs`: the versions of the model libraries are part of
+    its cache key (flows/caching.py), with `extra_libs`; `ignore`: parameters that do not shape
+    the output (a name shown in errors); `own_process`: on a GPU, the entry runs in a fresh
+    process (tasks/runtime/child_process.py), so that the flow never holds a model;
+    `logged_as`: its MLflow child run holds its output folder whole under this name (a model,
+    an adapter: what the registry points at) rather than its result's files; `log_prints`:
+    False where the core's libraries print what no one should read; `cached`: False for a
+    stage that computes nothing (the user's own base model, used where it is)."""
+
+    name: StageName
+    model_libs: bool = False
+    extra_libs: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    own_process: bool = False
+    logged_as: str | None = None
+    log_prints: bool | None = None
+    cached: bool = True
+
+
+F = TypeVar("F", bound=Callable[..., "StageResult"])
+
+
+def stage_entry(name: StageName, **how: Any) -> Callable[[F], F]:
+    """Decorator: `fn` is the entry of stage `name`, run as `Declared` says (its fields are
+    the keyword arguments). `fn` itself is returned unchanged: a plain function of its module,
+    callable without Prefect and picklable by name for a child process."""
+    def declare(fn: F) -> F:
+        fn.__stage__ = Declared(StageName(name), **how)
+        return fn
+    return declare
+
+
+def declared(entry: Callable[..., Any]) -> Declared:
+    """The declaration of a stage entry."""
+    found = getattr(entry, "__stage__", None)
+    if not isinstance(found, Declared):
+        raise TypeError(f"{getattr(entry, '__qualname__', entry)!r} is not a stage entry "
+                        "(declare it with tasks.runtime.results.stage_entry)")
+    return found
 
 
 def stage_root(stage: StageName) -> Path:

@@ -27,7 +27,8 @@ import torch
 from tasks.config import PreferenceConfig
 from tasks.model.modeling import load_tokenizer, pick_device, resolve_dtype
 from tasks.runtime.files import atomic_write_json, publish_dir, read_json, staging_dir
-from tasks.runtime.results import Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Metrics, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.train.train_control import DeferredSigterm, checkpoint_folder, control_callbacks, \
     in_loop_eval_seconds, last_checkpoint, list_checkpoints, load_trainable, resumed_step, \
     rounded, train_and_evaluate
@@ -187,3 +188,16 @@ def tune_preferences(model_dir: str | Path, train_pairs: Path, dev_pairs: Path,
         preference_log_json=out / "preference_log.json", measured=metrics, method=cfg.method,
         model_dir=str(model_dir), quantized=cfg.quantized, checkpoint_dir=str(ckpt),
         checkpoints=list_checkpoints(ckpt), resumed_from=last))
+
+
+#: TRL tokenizes the pairs with `datasets.map`, whose fingerprint asks dill for a function's
+#: globals, and dill reads them from `dis.dis` printed into a captured sys.stdout (dill
+#: detect.nestedglobals); under a flow's `log_prints` Prefect's print patch sends each line of
+#: that bytecode listing to the run log instead (prefect/logging/loggers.py print_as_log).
+@stage_entry(StageName.PREFERENCE, model_libs=True, extra_libs=("trl",), own_process=True,
+             log_prints=False, logged_as="preference_adapter")
+def stage(supervised: StageResult, pairs: StageResult, cfg: PreferenceConfig) -> StageResult:
+    """The stage: a preference adapter on the merged supervised model, from the
+    preference_data stage's pairs."""
+    return tune_preferences(supervised.path, pairs.out.train_pairs_json,
+                            pairs.out.dev_pairs_json, cfg)

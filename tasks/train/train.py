@@ -41,7 +41,8 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, Tra
     TrainingArguments
 
 from tasks.runtime.paths import REPO_DIR, project_dir
-from tasks.runtime.results import Info, Metrics, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Info, Metrics, StageName, StageResult, stage_entry, \
+    stage_output, stage_root
 from tasks.runtime.files import (
     atomic_write_json,
     publish_dir,
@@ -200,6 +201,12 @@ def _num_gpus(cfg: TrainConfig) -> int:
     if cfg.num_gpus > have:
         raise RuntimeError(f"train.num_gpus={cfg.num_gpus} but torch sees {have} CUDA devices")
     return cfg.num_gpus or have
+
+
+@stage_entry(StageName.TRAIN, model_libs=True, own_process=True, logged_as="adapter")
+def stage(base: StageResult, data: StageResult, cfg: TrainConfig) -> StageResult:
+    """The stage: an adapter on the base stage's model, from the conversations stage's split."""
+    return train_adapter(base.path, data.out.train_json, data.out.dev_json, cfg)
 
 
 def train_adapter(base_dir: str | Path, train_json: Path, dev_json: Path,

@@ -25,9 +25,11 @@ def test_code_closure_follows_helper_modules():
         "ingest.py", "formats.py", "records.py", "qa_text.py", "sources.py", "dataset_io.py"}
     assert "formats.py" not in {p.name for p in code_closure("tasks.data.validate")}
     # the data report reads ingest's and conversations' outputs: their classes are imported
-    # for the type checker only (`if TYPE_CHECKING:`), so their code is not the report's
+    # for the type checker only (`if TYPE_CHECKING:`), so their code is not the report's; the
+    # tokenizer its lengths are counted in is loaded by its entry: that loader's code is
     assert {p.name for p in code_closure("tasks.data.data_report")} == {
-        "data_report.py", "dataset_io.py"}
+        "data_report.py", "dataset_io.py", "tokenizer.py", "chatglm_tokenizer.py",
+        "model_folder.py"}
 
 
 def test_key_follows_file_content_not_path_or_mtime(tmp_path):
@@ -121,14 +123,14 @@ MODEL_STAGES = ("tasks.train.train", "tasks.export.merge", "tasks.export.quantiz
 
 
 def test_training_a_users_model_does_not_depend_on_the_tiny_model_builder(repo_copy):
-    """The embedded default's builder (tasks/model/base_model.py) is no helper of any other
+    """The embedded default's builder (tasks/train/base_model.py) is no helper of any other
     stage."""
     assert all("base_model.py" not in {p.name for p in code_closure(m)} for m in MODEL_STAGES)
-    before = {m: stage_key(m, {}) for m in (*MODEL_STAGES, "tasks.model.base_model")}
-    builder = repo_copy / "tasks" / "model" / "base_model.py"
+    before = {m: stage_key(m, {}) for m in (*MODEL_STAGES, "tasks.train.base_model")}
+    builder = repo_copy / "tasks" / "train" / "base_model.py"
     builder.write_text(builder.read_text(encoding="utf-8").replace("PRETRAIN_BATCH = 4",
                                                                    "PRETRAIN_BATCH = 5"))
-    assert stage_key("tasks.model.base_model", {}) != before["tasks.model.base_model"]
+    assert stage_key("tasks.train.base_model", {}) != before["tasks.train.base_model"]
     assert all(stage_key(m, {}) == before[m] for m in MODEL_STAGES)
 
 
@@ -169,27 +171,18 @@ def test_docstrings_and_comments_change_no_key_code_does(repo_copy):
     assert stage_key("tasks.data.ingest", {}) != before
 
 
-def test_the_task_wrapper_is_part_of_the_key(tmp_path):
-    """What the Prefect task passes to its core is part of the stage (flows/stages.py); its
-    docstring is not."""
-    import importlib.util
+def test_two_stages_of_one_module_never_share_a_key():
+    """quantize and quantize_torchao are entries of one module, on the same inputs: the stage
+    name keeps their results apart."""
+    from flows.stages import stage_task
+    from tasks.export import quantize
 
-    from flows.caching import wrapper_digest
-
-    def wrapper_of(name: str, doc: str, body: str):
-        path = tmp_path / f"{name}.py"
-        path.write_text(f'def train_task(base, cfg):\n    """{doc}"""\n    return {body}\n')
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return wrapper_digest(module.train_task)
-
-    plain = wrapper_of("a", "Train.", "core(base, cfg)")
-    assert wrapper_of("b", "Fine-tune an adapter on the base.", "core(base, cfg)") == plain
-    changed = wrapper_of("c", "Train.", "core(base, cfg, 'bfloat16')")
-    assert changed != plain
-    assert stage_key("tasks.train.train", {}, wrapper=plain) != \
-        stage_key("tasks.train.train", {}, wrapper=changed)
+    inputs = {"merged": StageResult("merge", "/x/m", "m"), "cfg": {}, "device": "cuda"}
+    bnb, torchao = (stage_task(entry).cache_policy.compute_key(None, inputs, {})
+                    for entry in (quantize.stage, quantize.torchao_stage))
+    assert bnb != torchao
+    assert stage_key("tasks.export.quantize", {}, stage="quantize") != \
+        stage_key("tasks.export.quantize", {}, stage="quantize_torchao")
 
 
 def test_the_benchmark_table_is_an_input_of_the_report_render_only():
@@ -198,17 +191,18 @@ def test_the_benchmark_table_is_an_input_of_the_report_render_only():
     benchmark re-renders the report and generates nothing again."""
     import inspect
 
-    from flows.stages import generations_task, report_task
+    from flows.stages import stage_task
+    from tasks.evaluate import generations, report
 
-    def key(stage_task, **inputs) -> str:
-        return stage_task.cache_policy.compute_key(None, inputs, {})
+    def key(entry, **inputs) -> str:
+        return stage_task(entry).cache_policy.compute_key(None, inputs, {})
 
     gens = StageResult("generations", "/x/g", "g1")
-    assert key(report_task, generations=gens, extra_sections={"Benchmark": "| a |"}) != \
-        key(report_task, generations=gens, extra_sections={"Benchmark": "| b |"})
-    assert key(report_task, generations=StageResult("generations", "/x/g", "g2"),
-               extra_sections={}) != key(report_task, generations=gens, extra_sections={})
-    generating = set(inspect.signature(generations_task.fn).parameters)
+    assert key(report.stage, generations=gens, extra_sections={"Benchmark": "| a |"}) != \
+        key(report.stage, generations=gens, extra_sections={"Benchmark": "| b |"})
+    assert key(report.stage, generations=StageResult("generations", "/x/g", "g2"),
+               extra_sections={}) != key(report.stage, generations=gens, extra_sections={})
+    generating = set(inspect.signature(generations.stage).parameters)
     assert generating == {"base", "tuned", "data", "probes_file", "cfg", "supervised"}
     assert "tasks/evaluate/benchmark.py" not in {
         p.relative_to(code_version.REPO_DIR).as_posix()

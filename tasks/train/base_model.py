@@ -23,7 +23,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, \
     PreTrainedTokenizerFast, get_cosine_schedule_with_warmup
 
 from tasks.runtime.errors import DataError
-from tasks.runtime.results import Info, StageName, StageResult, stage_output, stage_root
+from tasks.runtime.results import Info, StageName, StageResult, stage_entry, stage_output, \
+    stage_root
 from tasks.runtime.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -194,6 +195,12 @@ def pretrain(model: LlamaForCausalLM, blocks: torch.Tensor, cfg: BaseModelConfig
     return curve
 
 
+@stage_entry(StageName.BASE, model_libs=True, logged_as="base_model")
+def stage(data: StageResult, cfg: BaseModelConfig) -> StageResult:
+    """The embedded default, built from the conversations stage's train split."""
+    return build_base_model(data.out.train_json, cfg)
+
+
 def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
     """Build the embedded default base model from the train split (never dev) -> an HF folder
     (safetensors, tokenizer with chat template) under outputs/base/<digest>/."""
@@ -231,9 +238,11 @@ def build_base_model(train_json: Path, cfg: BaseModelConfig) -> StageResult:
         documents=len(docs), blocks=list(blocks.shape)))
 
 
+@stage_entry(StageName.BASE, cached=False)
 def resolve_base_model(cfg: BaseModelConfig) -> StageResult | None:
     """The user's base model when `cfg.path` is set (a local HF folder, digested by content, or
-    a hub id, digested by name); None when it is empty (build the embedded default instead)."""
+    a hub id, digested by name), used where it is: nothing computed, nothing cached; None when
+    it is empty (build the embedded default instead)."""
     if not cfg.path or not cfg.path.strip():
         return None
     raw = cfg.path.strip()

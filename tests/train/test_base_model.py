@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.model.base_model import (
+from tasks.train.base_model import (
     CHAT_TEMPLATE,
     ROLE_TOKENS,
     build_base_model,

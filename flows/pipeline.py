@@ -121,8 +121,10 @@ def build(run: PipelineRun, cfg: PipelineConfig) -> Built:
     from tasks.evaluate import benchmark, generations, preference_eval, report
     from tasks.export import merge, quantize
     from tasks.model.modeling import pick_device, resolve_dtype
+    from tasks.runtime import child_process
     from tasks.train import base_model, preference, train
     refuse_foreign_code(cfg.base)
+    child_process.prepare()     # on a GPU: the first stage process imports during the data stages
     data_cfg = cfg.data
     if cfg.base.path and data_cfg.tokenizer is None and Path(cfg.base.path).is_dir():
         data_cfg = data_cfg.model_copy(update={"tokenizer": Path(cfg.base.path)})

@@ -51,3 +51,10 @@ def load_then_save_in_a_block() -> None:
     with peak_memory():
         with step("a save", phase="save"):
             pass
+
+
+def imported(module: str) -> tuple[bool, int]:
+    """Whether this process had imported `module` before its job, and its pid."""
+    import sys
+
+    return module in sys.modules, os.getpid()

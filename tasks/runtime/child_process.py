@@ -6,12 +6,19 @@ At 6 B, a process that has loaded a model keeps gigabytes of host memory after r
 (the CUDA context, allocator arenas, pinned staging buffers), and the next stage's peak
 starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on one GPU").
 
-* Children are forked from a fork server (Python's `multiprocessing` "forkserver"): one clean
-  interpreter per caller, started at the first call, that has imported torch, transformers and,
-  on a machine without a GPU, this project's model code, peft and bitsandbytes (`PRELOAD`). A
-  child then starts in well under a second instead of the ~10 s those imports take on 2 cores.
-  The server never initialises CUDA, so each child does so afresh. A child runs in the
-  caller's current environment variables and working directory.
+* Without a GPU, children are forked from a fork server (Python's `multiprocessing`
+  "forkserver"): one clean interpreter per caller, started at the first call, that has
+  imported torch, transformers, this project's model code, peft and bitsandbytes (`PRELOAD`,
+  `PRELOAD_WITHOUT_GPU`). A child then starts in well under a second instead of the ~10 s
+  those imports take on 2 cores.
+* With a GPU a fork server cannot import the model code: peft, bitsandbytes and torchao
+  initialise CUDA when they are imported, and a process forked from one that has cannot use
+  the GPU (benchmarks/results/child_start_h100.json). There each child is a spare: a process
+  spawned ahead of its job, which imports `SPARE_PRELOAD` and then waits. Each call takes the
+  waiting spare and starts the next one, which imports while this job runs; `prepare()`
+  starts the first one before the first job. A spare left at exit is told to end.
+* Either way a child runs in the caller's current environment variables and working
+  directory, and initialises CUDA itself.
 * The job (function, arguments) and the answer (result or exception) travel as pickles in
   files of a temporary folder: a function is pickled by its module and name, so it must be a
   module-level function of an importable module.
@@ -29,6 +36,7 @@ starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
 import multiprocessing
@@ -37,14 +45,17 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
 from contextlib import contextmanager
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, Literal, TypeVar
 
 from tasks.runtime.resources import Peaks, add_child_peaks, add_phase, own_peak_rss_mib, \
     phases_since, report_phases
@@ -56,6 +67,12 @@ PRELOAD = ["torch", "transformers", "tasks.runtime.child_process", "tasks.model.
 #: server, and no forked child could use it then: transformers' model code imports torchao, whose
 #: triton check reads the GPU's properties, and bitsandbytes (imported by peft) does at import.
 PRELOAD_WITHOUT_GPU = ["tasks.model.modeling", "tasks.model.decode", "peft", "bitsandbytes"]
+#: with a GPU: what a spare imports before its job (an absent one is left to the job to report)
+SPARE_PRELOAD = [*PRELOAD, *PRELOAD_WITHOUT_GPU, "torchao", "tasks.train.train",
+                 "tasks.export.merge", "tasks.export.quantize", "tasks.evaluate.generations"]
+#: how children start: "auto" (spares where there is a GPU, else the fork server), "spare" or
+#: "fork server"
+START: Literal["auto", "spare", "fork server"] = "auto"
 
 T = TypeVar("T")
 
@@ -82,14 +99,11 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     with tempfile.TemporaryDirectory(prefix="child-") as tmp:
         job, answer = Path(tmp) / "job.pkl", Path(tmp) / "answer.pkl"
         job.write_bytes(pickle.dumps((fn, args, kwargs)))
-        records, write_end = multiprocessing.Pipe(duplex=False)
-        proc = fork_server().Process(target=_child, name=what, args=(
-            str(job), str(answer), write_end, dict(os.environ), os.getcwd()))
-        try:
-            with _main_module_left_out():
-                proc.start()
-        finally:
-            write_end.close()                         # the child holds the only write end
+        given = (str(job), str(answer), dict(os.environ), os.getcwd())
+        if _spares():
+            proc, records = _give_spare(given)
+        else:
+            proc, records = _fork(what, given)
         try:
             with records:
                 while True:                           # until the child closes its end
@@ -115,6 +129,122 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     if not ok:
         raise value
     return value
+
+
+def _fork(what: str, given: tuple) -> tuple[BaseProcess, Connection]:
+    """A child forked from the fork server, given its job at once."""
+    records, write_end = multiprocessing.Pipe(duplex=False)
+    job, answer, environ, cwd = given
+    proc = fork_server().Process(target=_child, name=what,
+                                 args=(job, answer, write_end, environ, cwd))
+    try:
+        with _main_module_left_out():
+            proc.start()
+    finally:
+        write_end.close()                         # the child holds the only write end
+    return proc, records
+
+
+def _spares() -> bool:
+    if START != "auto":
+        return START == "spare"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class _Spare:
+    """A spawned child waiting for its job (`_wait_for_job`)."""
+
+    process: BaseProcess
+    jobs: Connection                  # where its job goes
+    records: Connection               # where its log records come back
+
+
+_spare: _Spare | None = None
+_spare_lock = threading.Lock()
+
+
+def prepare() -> None:
+    """Where children are spares (a GPU), start the first one now, so that it imports while
+    the caller does other work (the data stages) rather than when the first job comes."""
+    global _spare
+    with _spare_lock:
+        if _spares() and _spare is None:
+            _spare = _start_spare()
+
+
+def _start_spare() -> _Spare:
+    context = multiprocessing.get_context("spawn")
+    jobs_read, jobs = context.Pipe(duplex=False)
+    records, records_write = context.Pipe(duplex=False)
+    proc = context.Process(target=_wait_for_job, name="spare child",
+                           args=(jobs_read, records_write, SPARE_PRELOAD))
+    with _main_module_left_out():
+        proc.start()
+    jobs_read.close()
+    records_write.close()                     # the spare holds the only write end
+    _end_spare_at_exit()
+    return _Spare(proc, jobs, records)
+
+
+def _give_spare(given: tuple) -> tuple[BaseProcess, Connection]:
+    """The waiting spare (one started now if there is none), given the job; the next spare
+    starts importing while it runs."""
+    global _spare
+    with _spare_lock:
+        spare = _spare if _spare is not None and _spare.process.is_alive() else _start_spare()
+        _spare = None
+        try:
+            spare.jobs.send(given)
+        finally:
+            spare.jobs.close()
+        _spare = _start_spare()
+    return spare.process, spare.records
+
+
+@functools.cache
+def _end_spare_at_exit() -> None:
+    """At exit, the waiting spare is told to end (its job pipe closes) and is waited for:
+    before multiprocessing's own exit handler, which would wait for it forever (registered
+    later, this runs first)."""
+    atexit.register(_end_spare)
+
+
+def _end_spare() -> None:
+    global _spare
+    spare, _spare = _spare, None
+    if spare is not None:
+        spare.jobs.close()
+        spare.process.join(timeout=30)
+        if spare.process.is_alive():
+            spare.process.terminate()
+            spare.process.join()
+
+
+def _wait_for_job(jobs: Connection, records: Connection, preload: list[str]) -> None:
+    """A spare: import `preload`, then run the job it is given (`_child`); without one (the
+    caller ended), end."""
+    import importlib
+
+    for module in preload:
+        try:
+            importlib.import_module(module)
+        except Exception:     # noqa: BLE001 -- not installed here: the job's own import says so
+            pass
+    try:
+        given = jobs.recv()
+    except EOFError:
+        return
+    job, answer, environ, cwd = given
+    _child(job, answer, records, environ, cwd)
+    # its answer is written: end as a forked child does, without the interpreter's teardown
+    # (a second or more with torch loaded, which the caller would wait for)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @functools.cache

@@ -198,7 +198,20 @@ def generic(d: dict) -> list[str]:
     return table(["field", "value"], rows[:20])
 
 
+def child_start(d: dict) -> list[str]:
+    """How each way of starting a stage's process did (benchmarks/child_start.py)."""
+    rows = []
+    for name, r in d["preload_sets"].items():
+        children = r.get("children", [])
+        rows.append([name, "no: " + r["error"][:90] if "error" in r else "yes",
+                     " / ".join(fmt(c["process_start_s"]) for c in children) or "–",
+                     " / ".join(fmt(c["imports_s"]) for c in children) or "–"])
+    return table(["children started", "both answered", "process start s (1st / 2nd)",
+                  "imports left s"], rows)
+
+
 RENDERERS: list[tuple[str, Callable[[dict], list[str]]]] = [
+    ("child_start_", child_start),
     ("gpu_flow_", gpu_flow), ("gpu_speed_", gpu_speed), ("embedded_size", embedded_size),
     ("make_", command_run), ("preference_cpu", preference_cpu), ("dpo_speed_", dpo_speed)]
 

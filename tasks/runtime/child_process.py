@@ -11,9 +11,10 @@ starts from there; a child that exits returns all of it (docs/gpu.md "At 6 B on 
   imported torch, transformers, this project's model code, peft and bitsandbytes (`PRELOAD`,
   `PRELOAD_WITHOUT_GPU`). A child then starts in well under a second instead of the ~10 s
   those imports take on 2 cores.
-* With a GPU a fork server cannot import the model code: peft, bitsandbytes and torchao
-  initialise CUDA when they are imported, and a process forked from one that has cannot use
-  the GPU (benchmarks/results/child_start_h100.json). There each child is a spare: a process
+* With a GPU a fork server cannot import the model code: peft (through bitsandbytes) and
+  torchao initialise CUDA when they are imported, and a process forked from one that has
+  cannot use the GPU; with bitsandbytes preloaded alone, transformers' imports fail in the
+  children (benchmarks/results/child_start_h100.json). There each child is a spare: a process
   spawned ahead of its job, which imports `SPARE_PRELOAD` and then waits. Each call takes the
   waiting spare and starts the next one, which imports while this job runs; `prepare()`
   starts the first one before the first job. A spare left at exit is told to end.

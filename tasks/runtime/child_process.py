@@ -207,21 +207,20 @@ def _give_spare(given: tuple) -> tuple[BaseProcess, Connection]:
 
 @functools.cache
 def _end_spare_at_exit() -> None:
-    """At exit, the waiting spare is told to end (its job pipe closes) and is waited for:
-    before multiprocessing's own exit handler, which would wait for it forever (registered
-    later, this runs first)."""
+    """At exit, the waiting spare is ended: before multiprocessing's own exit handler, which
+    would wait for it forever (registered later, this runs first)."""
     atexit.register(_end_spare)
 
 
 def _end_spare() -> None:
+    """End the waiting spare. It has no job, so it is terminated rather than left to finish
+    its imports (seconds) before it would see its job pipe closed."""
     global _spare
     spare, _spare = _spare, None
     if spare is not None:
         spare.jobs.close()
-        spare.process.join(timeout=30)
-        if spare.process.is_alive():
-            spare.process.terminate()
-            spare.process.join()
+        spare.process.terminate()
+        spare.process.join()
 
 
 def _wait_for_job(jobs: Connection, records: Connection, preload: list[str]) -> None:

@@ -78,3 +78,21 @@ def test_a_waiting_spare_ends_with_its_caller(tmp_path):
     assert preloaded == "True"
     with pytest.raises(ProcessLookupError):
         os.kill(int(spare), 0)
+
+
+def test_a_caller_that_ends_while_its_spare_still_imports_does_not_wait_for_it(tmp_path):
+    """A run that ends early (a bad input) after `prepare()`: the spare, still importing (here
+    for two minutes), is ended; the caller does not wait for its imports."""
+    (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(120)\n")
+    script = tmp_path / "caller.py"
+    script.write_text("from tasks.runtime import child_process\n"
+                      "child_process.START = 'spare'\n"
+                      "child_process.SPARE_PRELOAD = ['slow_import']\n"
+                      "if __name__ == '__main__':\n"
+                      "    child_process.prepare()\n"
+                      "    print(child_process._spare.process.pid)\n", encoding="utf-8")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=20, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
+    assert out.returncode == 0, out.stderr          # (waiting would raise TimeoutExpired)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(out.stdout.strip()), 0)

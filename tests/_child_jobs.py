@@ -58,3 +58,19 @@ def imported(module: str) -> tuple[bool, int]:
     import sys
 
     return module in sys.modules, os.getpid()
+
+
+def run_script(path, text: str, timeout: float = 120) -> str:
+    """Write `text` to the script `path`, run it with this project importable, and return its
+    stdout once it exits 0 (`subprocess.TimeoutExpired` past `timeout` seconds)."""
+    import subprocess
+    import sys
+
+    from tasks.runtime.paths import REPO_DIR
+
+    path.write_text(text, encoding="utf-8")
+    out = subprocess.run([sys.executable, str(path)], cwd=path.parent, capture_output=True,
+                         text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 
 from tasks.runtime import child_process
-from tasks.runtime.paths import REPO_DIR
 from tasks.runtime.errors import DataError
 from tasks.export.merge import merge_adapter
 from tasks.data.qa_text import read_qa_text
@@ -84,30 +81,25 @@ def test_a_killed_child_is_a_clear_error_and_leaves_no_answer():
 def test_a_script_without_a_main_guard_is_not_run_again_in_the_child(tmp_path):
     """multiprocessing re-imports the caller's __main__ in each child unless it is left out:
     this script would call its child again from inside it, without end."""
-    script = tmp_path / "no_guard.py"
-    script.write_text("import os\n"
-                      "from tasks.runtime import child_process\n"
-                      "child_process.PRELOAD[:] = []     # what the server imports: nothing\n"
-                      "child_process.PRELOAD_WITHOUT_GPU[:] = []   # matters here (faster)\n"
-                      "print('child pid differs:', child_process.call(os.getpid) != os.getpid())\n",
-                      encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["child pid differs: True"], out.stdout
+    out = _child_jobs.run_script(
+        tmp_path / "no_guard.py",
+        "import os\n"
+        "from tasks.runtime import child_process\n"
+        "child_process.PRELOAD[:] = []     # what the server imports: nothing\n"
+        "child_process.PRELOAD_WITHOUT_GPU[:] = []   # matters here (faster)\n"
+        "print('child pid differs:', child_process.call(os.getpid) != os.getpid())\n")
+    assert out.splitlines() == ["child pid differs: True"], out
 
 
 def test_a_function_of_the_script_being_run_is_refused_at_once_naming_it(tmp_path):
     """The child starts without the caller's __main__, so it could not load such a function:
     one clear line before any process starts, not a child that dies unable to unpickle it."""
-    script = tmp_path / "job_in_main.py"
-    script.write_text("from tasks.runtime import child_process\n"
-                      "def job():\n    return 1\n"
-                      "if __name__ == '__main__':\n"
-                      "    try:\n        child_process.call(job)\n"
-                      "    except TypeError as e:\n        print(e)\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("__main__.job: a job for a child process must be a function of "
-                                 "an importable module"), out.stdout
+    out = _child_jobs.run_script(
+        tmp_path / "job_in_main.py",
+        "from tasks.runtime import child_process\n"
+        "def job():\n    return 1\n"
+        "if __name__ == '__main__':\n"
+        "    try:\n        child_process.call(job)\n"
+        "    except TypeError as e:\n        print(e)\n")
+    assert out.startswith("__main__.job: a job for a child process must be a function of "
+                          "an importable module"), out

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tasks.runtime import child_process
 from tasks.runtime.errors import DataError
-from tasks.runtime.paths import REPO_DIR
 from tasks.runtime.resources import peak_memory
 from tests import _child_jobs
 
@@ -63,18 +61,16 @@ def test_errors_and_deaths_come_back_from_a_spare_as_from_a_forked_child(spares,
 
 def test_a_waiting_spare_ends_with_its_caller(tmp_path):
     """The caller exits with a spare waiting: it ends too, and the caller does not hang."""
-    script = tmp_path / "caller.py"
-    script.write_text("from tasks.runtime import child_process\n"
-                      "from tests import _child_jobs\n"
-                      "child_process.START = 'spare'\n"
-                      f"child_process.SPARE_PRELOAD = [{MARK!r}]\n"
-                      "if __name__ == '__main__':\n"
-                      f"    print(child_process.call(_child_jobs.imported, {MARK!r})[0])\n"
-                      "    print(child_process._spare.process.pid)\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
-    assert out.returncode == 0, out.stderr
-    preloaded, spare = out.stdout.split()
+    out = _child_jobs.run_script(
+        tmp_path / "caller.py",
+        "from tasks.runtime import child_process\n"
+        "from tests import _child_jobs\n"
+        "child_process.START = 'spare'\n"
+        f"child_process.SPARE_PRELOAD = [{MARK!r}]\n"
+        "if __name__ == '__main__':\n"
+        f"    print(child_process.call(_child_jobs.imported, {MARK!r})[0])\n"
+        "    print(child_process._spare.process.pid)\n")
+    preloaded, spare = out.split()
     assert preloaded == "True"
     with pytest.raises(ProcessLookupError):
         os.kill(int(spare), 0)
@@ -84,15 +80,13 @@ def test_a_caller_that_ends_while_its_spare_still_imports_does_not_wait_for_it(t
     """A run that ends early (a bad input) after `prepare()`: the spare, still importing (here
     for two minutes), is ended; the caller does not wait for its imports."""
     (tmp_path / "slow_import.py").write_text("import time\ntime.sleep(120)\n")
-    script = tmp_path / "caller.py"
-    script.write_text("from tasks.runtime import child_process\n"
-                      "child_process.START = 'spare'\n"
-                      "child_process.SPARE_PRELOAD = ['slow_import']\n"
-                      "if __name__ == '__main__':\n"
-                      "    child_process.prepare()\n"
-                      "    print(child_process._spare.process.pid)\n", encoding="utf-8")
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=20, env={**os.environ, "PYTHONPATH": str(REPO_DIR)})
-    assert out.returncode == 0, out.stderr          # (waiting would raise TimeoutExpired)
+    out = _child_jobs.run_script(                   # waiting would raise TimeoutExpired
+        tmp_path / "caller.py",
+        "from tasks.runtime import child_process\n"
+        "child_process.START = 'spare'\n"
+        "child_process.SPARE_PRELOAD = ['slow_import']\n"
+        "if __name__ == '__main__':\n"
+        "    child_process.prepare()\n"
+        "    print(child_process._spare.process.pid)\n", timeout=20)
     with pytest.raises(ProcessLookupError):
-        os.kill(int(out.stdout.strip()), 0)
+        os.kill(int(out.strip()), 0)

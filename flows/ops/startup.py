@@ -20,7 +20,10 @@ factory, UI and background services off) is launched by `prepare_cli`, before Pr
 so it boots while this process imports the rest and opens the MLflow store
 (`ready`). The temporary server's start is then the only fixed cost a run waits for. The server
 is stopped at exit and, on Linux, is signalled when this process dies in any way (SIGKILL
-included: `PR_SET_PDEATHSIG`), so it never outlives the run.
+included: `PR_SET_PDEATHSIG`), so it never outlives the run. Its own output goes to
+`$PREFECT_HOME/temporary-server.log`, not the terminal: what it logs while it is stopped (a
+database connection cancelled mid-reset) is nothing a user can act on, and an error that stops
+it from starting is quoted from there.
 
 Python's cyclic garbage collector is a fixed cost too, with the ~2,500 modules Prefect and MLflow
 bring: it runs over and over while they are imported (~0.7 s here) and walks every object once
@@ -109,6 +112,7 @@ def prepare_cli() -> None:
 class TemporaryServer:
     process: subprocess.Popen
     url: str                          # the API URL (".../api")
+    log: Path                         # where its stdout and stderr go
     launched: float                   # time.perf_counter() at launch
     ready_seconds: float | None = None    # launch -> healthy
     waited_seconds: float = 0.0           # how long the run was blocked waiting for it
@@ -193,18 +197,22 @@ def launch_temporary_server() -> str:
     port = free_port()
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error",
-         "--lifespan", "on"],
-        env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        # a session of its own: a Ctrl-C in the terminal (SIGINT to the whole foreground process
-        # group) or a SIGTERM to the run's group must not stop the server while the run still
-        # reports its end to it; the run stops it at exit (atexit), its death stops it
-        # (PR_SET_PDEATHSIG)
-        start_new_session=True)
-    _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", time.perf_counter(),
-                              creating_database=creating)
+    log = Path(os.environ["PREFECT_HOME"]) / "temporary-server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as output:           # appended to: runs may share a home
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            stdout=output, stderr=subprocess.STDOUT,
+            # a session of its own: a Ctrl-C in the terminal (SIGINT to the whole foreground
+            # process group) or a SIGTERM to the run's group must not stop the server while the
+            # run still reports its end to it; the run stops it at exit (atexit), its death
+            # stops it (PR_SET_PDEATHSIG)
+            start_new_session=True)
+    _server = TemporaryServer(process, f"http://127.0.0.1:{port}/api", log,
+                              time.perf_counter(), creating_database=creating)
     atexit.register(stop_temporary_server)
     return _server.url
 
@@ -228,7 +236,7 @@ def wait_for_server() -> None:
                   f"({said - _server.launched:.0f} s since it was started)", flush=True)
         if (code := _server.process.poll()) is not None:
             raise RuntimeError(f"the temporary Prefect server ({_server.url}) exited with "
-                               f"code {code} before it answered")
+                               f"code {code} before it answered; {_last_lines(_server.log)}")
         try:
             with urllib.request.urlopen(f"{_server.url}/health", timeout=2) as r:
                 if r.status == 200:
@@ -237,13 +245,23 @@ def wait_for_server() -> None:
             pass
         if time.perf_counter() - start > limit:
             raise RuntimeError(f"the temporary Prefect server ({_server.url}) did not answer "
-                               f"within {limit:.0f} s")
+                               f"within {limit:.0f} s; {_last_lines(_server.log)}")
         time.sleep(0.05)
     now = time.perf_counter()
     _server.ready_seconds, _server.waited_seconds = now - _server.launched, now - start
     if _server.creating_database is not None:          # the database exists now
         _server.creating_database.release()
         _server.creating_database = None
+
+
+def _last_lines(log: Path, n: int = 5) -> str:
+    """The end of the server's log, for an error that says why it did not start."""
+    try:
+        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace")
+                 .splitlines() if line.strip()][-n:]
+    except OSError:
+        lines = []
+    return f"its log {log} ends: " + " | ".join(lines) if lines else f"its log {log} is empty"
 
 
 def ready() -> None:

@@ -104,3 +104,30 @@ print(json.dumps({"warnings": [str(w.message) for w in caught], "handlers": hand
 """, bare_env(tmp_path))
     assert "APILogHandler" in got["handlers"], got      # still sent to a flow's run log
     assert got["warnings"] == [], got
+
+
+def test_the_temporary_servers_output_goes_to_its_log_which_a_failed_start_quotes(tmp_path):
+    """What the command line's Prefect server prints never reaches the terminal (at exit it may
+    log a database connection cancelled mid-reset, which once turned a clean run's stderr
+    red); when it cannot start, the error quotes the end of its log."""
+    code = """
+import json, os
+from flows.ops.startup import launch_temporary_server, prepare, wait_for_server
+prepare()
+os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = "sqlite+aiosqlite:////nonexistent/x.db"
+launch_temporary_server()
+try:
+    wait_for_server()
+    print(json.dumps({"error": None}))
+except RuntimeError as e:
+    print(json.dumps({"error": str(e)}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=bare_env(tmp_path), cwd=REPO_DIR,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    log = tmp_path / ".prefect" / "temporary-server.log"
+    assert error.startswith("the temporary Prefect server (http://127.0.0.1:")
+    assert f"exited with code 3 before it answered; its log {log} ends: " in error
+    assert "unable to open database file" in error and "Application startup failed" in error
+    assert "unable to open database file" in log.read_text(encoding="utf-8")

@@ -160,6 +160,7 @@ class Record(threading.Thread):
         self.kind = kind
         self._done = threading.Event()
         self.since = time.time()
+        self.parent: str | None = None        # the flow's MLflow run, once it has one
 
     def run(self) -> None:
         while not self._done.wait(self.every):
@@ -167,8 +168,8 @@ class Record(threading.Thread):
 
     def write(self, killed: str) -> None:
         try:
-            parent = latest_parent(self.since, self.kind)
-            stages = completed_stages(parent) if parent else {}
+            self.parent = self.parent or latest_parent(self.since, self.kind)
+            stages = completed_stages(self.parent) if self.parent else {}
         except Exception as error:                 # the store is busy: the next tick tries again
             print(f"[gpu_flow] record not updated: {type(error).__name__}: {error}", flush=True)
             return

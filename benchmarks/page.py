@@ -101,8 +101,9 @@ def gpu_flow(d: dict) -> list[str]:
                 f"{fmt(c['peak_rss_mib'])} MiB, {c['tensors']} tensors, {c['shards']} shards.", ""]
     out += table(["variant", "engine", "batch", "decode tok/s per seq", "aggregate tok/s",
                   "TTFT ms", "peak CUDA MiB", "compile s"],
-                 [[b["variant"], engine_label(b["engine"], b.get("compiled")), b["batch"], b["decode_tok_s"], b["aggregate_tok_s"],
-                   b["ttft_ms"], b.get("peak_cuda_mib") or 0, b.get("compile_s")]
+                 [[b["variant"], engine_label(b["engine"], b.get("compiled")), b["batch"],
+                   b["decode_tok_s"], b["aggregate_tok_s"], b["ttft_ms"],
+                   b.get("peak_cuda_mib") or 0, b.get("compile_s")]
                   for b in d["benchmark"]])
     out += [f"- failed: {f['variant']}: {f.get('error', f)}" for f in d.get("benchmark_failed", [])]
     return out

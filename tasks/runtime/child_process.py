@@ -56,7 +56,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, Literal, NamedTuple, TypeVar
 
 from tasks.runtime.resources import Peaks, add_child_peaks, add_phase, own_peak_rss_mib, \
     phases_since, report_phases
@@ -76,6 +76,16 @@ SPARE_PRELOAD = [*PRELOAD, *PRELOAD_WITHOUT_GPU, "torchao", "tasks.train.train",
 START: Literal["auto", "spare", "fork server"] = "auto"
 
 T = TypeVar("T")
+
+
+class _Job(NamedTuple):
+    """What a child is given: where its job's pickle is and its answer goes, and the caller's
+    environment variables and working directory."""
+
+    job: str
+    answer: str
+    environ: dict[str, str]
+    cwd: str
 
 
 class ChildDied(ChildProcessError):
@@ -100,7 +110,7 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     with tempfile.TemporaryDirectory(prefix="child-") as tmp:
         job, answer = Path(tmp) / "job.pkl", Path(tmp) / "answer.pkl"
         job.write_bytes(pickle.dumps((fn, args, kwargs)))
-        given = (str(job), str(answer), dict(os.environ), os.getcwd())
+        given = _Job(str(job), str(answer), dict(os.environ), os.getcwd())
         if _spares():
             proc, records = _give_spare(given)
         else:
@@ -132,12 +142,10 @@ def call(fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
     return value
 
 
-def _fork(what: str, given: tuple) -> tuple[BaseProcess, Connection]:
+def _fork(what: str, given: _Job) -> tuple[BaseProcess, Connection]:
     """A child forked from the fork server, given its job at once."""
     records, write_end = multiprocessing.Pipe(duplex=False)
-    job, answer, environ, cwd = given
-    proc = fork_server().Process(target=_child, name=what,
-                                 args=(job, answer, write_end, environ, cwd))
+    proc = fork_server().Process(target=_child, name=what, args=(given, write_end))
     try:
         with _main_module_left_out():
             proc.start()
@@ -190,13 +198,16 @@ def _start_spare() -> _Spare:
     return _Spare(proc, jobs, records)
 
 
-def _give_spare(given: tuple) -> tuple[BaseProcess, Connection]:
-    """The waiting spare (one started now if there is none), given the job; the next spare
-    starts importing while it runs."""
+def _give_spare(given: _Job) -> tuple[BaseProcess, Connection]:
+    """The waiting spare (one started now if there is none, or if it died waiting), given the
+    job; the next spare starts importing while it runs."""
     global _spare
     with _spare_lock:
-        spare = _spare if _spare is not None and _spare.process.is_alive() else _start_spare()
-        _spare = None
+        spare, _spare = _spare, None
+        if spare is not None and not spare.process.is_alive():
+            _drop(spare)
+            spare = None
+        spare = spare or _start_spare()
         try:
             spare.jobs.send(given)
         finally:
@@ -218,9 +229,15 @@ def _end_spare() -> None:
     global _spare
     spare, _spare = _spare, None
     if spare is not None:
-        spare.jobs.close()
-        spare.process.terminate()
-        spare.process.join()
+        _drop(spare)
+
+
+def _drop(spare: _Spare) -> None:
+    """A spare without a job: ended, its pipes closed."""
+    spare.jobs.close()
+    spare.records.close()
+    spare.process.terminate()
+    spare.process.join()
 
 
 def _wait_for_job(jobs: Connection, records: Connection, preload: list[str]) -> None:
@@ -237,8 +254,7 @@ def _wait_for_job(jobs: Connection, records: Connection, preload: list[str]) -> 
         given = jobs.recv()
     except EOFError:
         return
-    job, answer, environ, cwd = given
-    _child(job, answer, records, environ, cwd)
+    _child(given, records)
     # its answer is written: end as a forked child does, without the interpreter's teardown
     # (a second or more with torch loaded, which the caller would wait for)
     logging.shutdown()
@@ -299,17 +315,16 @@ def _answer_of(error: BaseException) -> BaseException:
         return RuntimeError(f"{type(error).__name__}: {error}\n(in a child process)\n{text}")
 
 
-def _child(job: str, answer: str, records: Connection, environ: dict[str, str], cwd: str
-           ) -> None:
+def _child(given: _Job, records: Connection) -> None:
     os.environ.clear()                            # the caller's, as a fresh process would have
-    os.environ.update(environ)
-    os.chdir(cwd)
+    os.environ.update(given.environ)
+    os.chdir(given.cwd)
     handler = _PipeHandler(records)
     for name in ("tasks", "flows"):
         logging.getLogger(name).addHandler(handler)
         logging.getLogger(name).setLevel(logging.INFO)
     report_phases()
-    fn, args, kwargs = pickle.loads(Path(job).read_bytes())     # imports fn's module
+    fn, args, kwargs = pickle.loads(Path(given.job).read_bytes())     # imports fn's module
     started = time.monotonic()
     try:
         ok, value = True, fn(*args, **kwargs)
@@ -319,7 +334,7 @@ def _child(job: str, answer: str, records: Connection, environ: dict[str, str], 
     cuda = torch.cuda.max_memory_allocated() / 2**20 \
         if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() \
         else None
-    tmp = Path(answer + ".tmp")
+    tmp = Path(given.answer + ".tmp")
     peaks = Peaks(rss_mib=own_peak_rss_mib(), cuda_mib=cuda, phases=phases_since())
     tmp.write_bytes(pickle.dumps((ok, value, peaks, started)))
-    os.replace(tmp, answer)                       # no answer file: the child did not finish
+    os.replace(tmp, given.answer)                 # no answer file: the child did not finish

@@ -18,10 +18,12 @@ from tasks.runtime.paths import REPO_DIR
 pytestmark = pytest.mark.long        # fresh interpreters that import the flows
 
 
-def python(code: str, env: dict[str, str]) -> dict:
-    """Run `code` in a fresh interpreter of this venv; it prints one JSON line."""
+def python(code: str, env: dict[str, str], *, quiet: bool = False) -> dict:
+    """Run `code` in a fresh interpreter of this venv; it prints one JSON line. `quiet`: it
+    must write nothing to stderr."""
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_DIR, check=True,
                          capture_output=True, text=True, timeout=300)
+    assert not quiet or out.stderr == "", out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -122,10 +124,7 @@ try:
 except RuntimeError as e:
     print(json.dumps({"error": str(e)}))
 """
-    out = subprocess.run([sys.executable, "-c", code], env=bare_env(tmp_path), cwd=REPO_DIR,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0 and out.stderr == "", out.stderr
-    error = json.loads(out.stdout.strip().splitlines()[-1])["error"]
+    error = python(code, bare_env(tmp_path), quiet=True)["error"]
     log = tmp_path / ".prefect" / "temporary-server.log"
     assert error.startswith("the temporary Prefect server (http://127.0.0.1:")
     assert f"exited with code 3 before it answered; its log {log} ends: " in error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import pytest
@@ -90,3 +91,13 @@ def test_a_caller_that_ends_while_its_spare_still_imports_does_not_wait_for_it(t
         "    print(child_process._spare.process.pid)\n", timeout=20)
     with pytest.raises(ProcessLookupError):
         os.kill(int(out.strip()), 0)
+
+
+def test_a_spare_that_died_waiting_is_replaced_and_its_pipes_closed(spares):
+    child_process.prepare()
+    dead = child_process._spare
+    os.kill(dead.process.pid, signal.SIGKILL)
+    dead.process.join()
+    preloaded, pid = child_process.call(_child_jobs.imported, MARK)
+    assert preloaded and pid != dead.process.pid
+    assert dead.jobs.closed and dead.records.closed
